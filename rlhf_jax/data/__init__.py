@@ -1,0 +1,1 @@
+"""Tokenizer, dataset builders, loaders and the synthetic testbed."""

@@ -1,0 +1,1 @@
+"""Flax Linen networks: the only package that imports flax.linen."""

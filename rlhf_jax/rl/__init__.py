@@ -1,0 +1,1 @@
+"""Pure functions for RL on language models: sampling, losses, advantages, KL."""

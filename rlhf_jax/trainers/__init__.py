@@ -1,0 +1,1 @@
+"""One flat train(config, workdir) per algorithm."""
