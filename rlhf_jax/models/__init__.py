@@ -1,1 +1,31 @@
 """Flax Linen networks: the only package that imports flax.linen."""
+
+from rlhf_jax.models.config import PRESETS, ModelConfig, get_model_config
+from rlhf_jax.models.transformer import (
+  CACHE_AXES,
+  LanguageModel,
+  ScalarModel,
+  Transformer,
+  causal_attention_mask,
+  init_cache,
+  init_params,
+  positions_from_mask,
+  reward_model,
+  value_model,
+)
+
+__all__ = [
+  "CACHE_AXES",
+  "PRESETS",
+  "LanguageModel",
+  "ModelConfig",
+  "ScalarModel",
+  "Transformer",
+  "causal_attention_mask",
+  "get_model_config",
+  "init_cache",
+  "init_params",
+  "positions_from_mask",
+  "reward_model",
+  "value_model",
+]

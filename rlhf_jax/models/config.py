@@ -1,0 +1,228 @@
+"""Model configuration: one dataclass covers GPT-2 and Llama/Gemma/Qwen-style decoders.
+
+Presets are looked up by name (`get_model_config("gpt2-small")`), so configs,
+benchmarks and checkpoint importers agree on the architecture of a named model.
+Analytic parameter and FLOP counts live here because MFU needs them and they
+depend only on the architecture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+_CHOICES = {
+  "position": ("learned", "rope"),
+  "norm": ("layernorm", "rmsnorm"),
+  "mlp": ("gelu", "swiglu", "geglu"),
+  "remat": ("none", "full", "dots"),
+  "dtype": ("float32", "bfloat16", "float16"),
+  "param_dtype": ("float32", "bfloat16"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a decoder-only transformer.
+
+  GPT-2 style: position="learned", norm="layernorm", mlp="gelu", qkv_bias and
+  use_bias True, tie_embeddings True. Llama style: position="rope",
+  norm="rmsnorm", mlp="swiglu", num_kv_heads < num_heads (grouped-query
+  attention), no biases. Qwen2 adds qkv_bias; Gemma adds embed_scale and geglu.
+  """
+
+  vocab_size: int = 256
+  d_model: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 0  # 0 means num_heads (multi-head attention)
+  head_dim: int = 0  # 0 means d_model // num_heads
+  mlp_dim: int = 256
+  max_len: int = 512  # size of the learned position table; RoPE has no limit
+  position: str = "rope"
+  rope_theta: float = 10_000.0
+  norm: str = "rmsnorm"
+  norm_eps: float = 1e-6
+  mlp: str = "swiglu"
+  tie_embeddings: bool = True
+  qkv_bias: bool = False  # bias on q, k, v projections (GPT-2, Qwen2)
+  use_bias: bool = False  # bias on attention output and MLP projections (GPT-2)
+  embed_scale: bool = False  # multiply embeddings by sqrt(d_model) (Gemma)
+  init_std: float = 0.02
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+  remat: str = "none"  # "full": recompute the block; "dots": keep matmul outputs
+  scan_layers: bool = True
+
+  def __post_init__(self):
+    for field, choices in _CHOICES.items():
+      value = getattr(self, field)
+      if value not in choices:
+        raise ValueError(f"ModelConfig.{field}={value!r}; expected one of {choices}.")
+    if self.d_model % self.num_heads and not self.head_dim:
+      raise ValueError(
+        f"ModelConfig.d_model={self.d_model} is not divisible by num_heads="
+        f"{self.num_heads}; set head_dim explicitly."
+      )
+    if self.num_heads % self.kv_heads:
+      raise ValueError(
+        f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
+        f"num_kv_heads={self.kv_heads}."
+      )
+    if self.position == "rope" and self.head_size % 2:
+      raise ValueError(f"RoPE needs an even head_dim, got {self.head_size}.")
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def head_size(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  def replace(self, **overrides: Any) -> ModelConfig:
+    return dataclasses.replace(self, **overrides)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  # --- analytic counts -------------------------------------------------------
+
+  def num_params(self, *, include_embeddings: bool = True) -> int:
+    """Exact number of parameters of the language model (trunk + LM head)."""
+    d, h, n, k, f = self.d_model, self.head_size, self.num_heads, self.kv_heads, self.mlp_dim
+    norm = d * (2 if self.norm == "layernorm" else 1)
+    attn = d * n * h + 2 * d * k * h + n * h * d
+    if self.qkv_bias:
+      attn += n * h + 2 * k * h
+    if self.use_bias:
+      attn += d
+    gated = self.mlp in ("swiglu", "geglu")
+    mlp = (3 if gated else 2) * d * f
+    if self.use_bias:
+      mlp += (2 * f if gated else f) + d
+    block = attn + mlp + 2 * norm
+    total = self.num_layers * block + norm
+    if include_embeddings:
+      total += self.vocab_size * d
+      if self.position == "learned":
+        total += self.max_len * d
+    if not self.tie_embeddings:
+      total += d * self.vocab_size
+    return total
+
+  def matmul_params(self) -> int:
+    """Parameters that take part in a matmul per token (excludes lookups)."""
+    d, h, n, k, f = self.d_model, self.head_size, self.num_heads, self.kv_heads, self.mlp_dim
+    attn = 2 * d * n * h + 2 * d * k * h
+    mlp = (3 if self.mlp in ("swiglu", "geglu") else 2) * d * f
+    return self.num_layers * (attn + mlp) + d * self.vocab_size  # + the LM head
+
+  def train_flops_per_token(self, seq_len: int) -> float:
+    """Forward + backward FLOPs per token: 6 * matmul params + attention scores.
+
+    The attention term, 12 * L * T * N * H, counts QK^T and AV over the full
+    T x T square (the convention of PaLM and MaxText, no causal halving).
+    """
+    attn = 12 * self.num_layers * seq_len * self.num_heads * self.head_size
+    return 6.0 * self.matmul_params() + attn
+
+  def decode_flops_per_token(self, context_len: int) -> float:
+    """Forward FLOPs for one decoded token attending to `context_len` slots."""
+    attn = 4 * self.num_layers * context_len * self.num_heads * self.head_size
+    return 2.0 * self.matmul_params() + attn
+
+
+# Published architectures (vocabulary sizes as released) and small ones for tests.
+PRESETS: dict[str, dict[str, Any]] = {
+  # A few hundred thousand parameters: unit tests and the testbed on CPU.
+  "tiny": dict(vocab_size=256, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=192),
+  "tiny-gpt2": dict(
+    vocab_size=256,
+    d_model=64,
+    num_layers=2,
+    num_heads=4,
+    mlp_dim=256,
+    max_len=256,
+    position="learned",
+    norm="layernorm",
+    norm_eps=1e-5,
+    mlp="gelu",
+    qkv_bias=True,
+    use_bias=True,
+  ),
+  # Around 100M parameters (Llama layout, 32k vocabulary).
+  "llama-100m": dict(
+    vocab_size=32_000, d_model=768, num_layers=10, num_heads=12, num_kv_heads=4, mlp_dim=2048
+  ),
+  "gpt2-small": dict(
+    vocab_size=50_257,
+    d_model=768,
+    num_layers=12,
+    num_heads=12,
+    mlp_dim=3072,
+    max_len=1024,
+    position="learned",
+    norm="layernorm",
+    norm_eps=1e-5,
+    mlp="gelu",
+    qkv_bias=True,
+    use_bias=True,
+  ),
+  "gpt2-medium": dict(
+    vocab_size=50_257,
+    d_model=1024,
+    num_layers=24,
+    num_heads=16,
+    mlp_dim=4096,
+    max_len=1024,
+    position="learned",
+    norm="layernorm",
+    norm_eps=1e-5,
+    mlp="gelu",
+    qkv_bias=True,
+    use_bias=True,
+  ),
+  "qwen2.5-0.5b": dict(
+    vocab_size=151_936,
+    d_model=896,
+    num_layers=24,
+    num_heads=14,
+    num_kv_heads=2,
+    mlp_dim=4864,
+    rope_theta=1_000_000.0,
+    qkv_bias=True,
+  ),
+  "llama3.2-1b": dict(
+    vocab_size=128_256,
+    d_model=2048,
+    num_layers=16,
+    num_heads=32,
+    num_kv_heads=8,
+    mlp_dim=8192,
+    rope_theta=500_000.0,
+    norm_eps=1e-5,
+  ),
+  "gemma-2b": dict(
+    vocab_size=256_000,
+    d_model=2048,
+    num_layers=18,
+    num_heads=8,
+    num_kv_heads=1,
+    head_dim=256,
+    mlp_dim=16_384,
+    mlp="geglu",
+    embed_scale=True,
+  ),
+}
+
+
+def get_model_config(name: str, **overrides: Any) -> ModelConfig:
+  """Returns the preset `name` with `overrides` applied (e.g. dtype="bfloat16")."""
+  if name not in PRESETS:
+    raise ValueError(f"Unknown model preset {name!r}; known: {sorted(PRESETS)}.")
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"Unknown ModelConfig field(s) {unknown}; known: {sorted(fields)}.")
+  return ModelConfig(**{**PRESETS[name], **overrides})

@@ -1,0 +1,414 @@
+"""Decoder-only transformer in Flax Linen, with policy, value and reward heads.
+
+Einsum axis legend:
+  B batch, T query length, S key length (KV-cache slots), D d_model,
+  N query heads, K kv heads, G = N // K query heads per kv head, H head dim,
+  F mlp hidden, V vocabulary, L layers.
+
+Every call takes explicit `positions` [B, T] and a boolean `attn_mask`
+[B, T, S] (query t may attend key s), so left-padded prompts, packed sequences
+and cached decoding all go through the same code. The KV cache is a plain
+pytree {"k", "v"} of [L, B, S, K, H] arrays passed in and returned; the
+`cache_index` says at which slot the T new keys are written.
+
+Parameters carry logical axis names (see rlhf_jax/sharding.py); so do key
+activations, through `sharding.constrain`. Norms, softmax and logits run in
+float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.sharding import constrain
+
+Cache = dict[str, jax.Array]
+
+# A large finite negative: a fully masked row (a left-pad query) then gets a
+# uniform softmax instead of NaN; its output is never used.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _param(module: nn.Module, name: str, init, shape, names, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+  """Position ids that skip padding: [B, T] bool -> [B, T] int32 (pads get 0)."""
+  mask = mask.astype(jnp.int32)
+  return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0) * mask
+
+
+def causal_attention_mask(mask: jax.Array) -> jax.Array:
+  """Causal mask over valid tokens: [B, T] bool -> [B, T, T] bool."""
+  t = mask.shape[-1]
+  causal = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
+  return causal[None] & mask[:, None, :].astype(jnp.bool_)
+
+
+def init_cache(config: ModelConfig, batch_size: int, num_slots: int) -> Cache:
+  """An empty KV cache: {"k", "v"} of [L, B, S, K, H] in the compute dtype."""
+  shape = (config.num_layers, batch_size, num_slots, config.kv_heads, config.head_size)
+  zeros = jnp.zeros(shape, jnp.dtype(config.dtype))
+  return {"k": zeros, "v": zeros}
+
+
+CACHE_AXES = ("cache_layers", "cache_batch", "cache_len", "cache_kv_heads", "cache_head_dim")
+
+
+class Norm(nn.Module):
+  """LayerNorm or RMSNorm, computed in float32."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    pdt = jnp.dtype(cfg.param_dtype)
+    d = x.shape[-1]
+    xf = x.astype(jnp.float32)
+    if cfg.norm == "layernorm":
+      xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
+    y = xf * jax.lax.rsqrt(var + cfg.norm_eps)
+    y = y * _param(self, "scale", nn.initializers.ones, (d,), ("norm",), pdt).astype(jnp.float32)
+    if cfg.norm == "layernorm":
+      y = y + _param(self, "bias", nn.initializers.zeros, (d,), ("norm",), pdt).astype(jnp.float32)
+    return y.astype(jnp.dtype(cfg.dtype))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, half-split layout (as in Llama/Gemma checkpoints).
+
+  Args:
+    x: [B, T, N, H].
+    positions: [B, T] int.
+  """
+  h = x.shape[-1]
+  inv_freq = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)  # [H/2]
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+  sin, cos = jnp.sin(angles)[:, :, None], jnp.cos(angles)[:, :, None]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query attention with an optional KV cache."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, attn_mask, cache=None, cache_index=None):
+    """x: [B, T, D]; attn_mask: [B, T, S]; cache: {"k","v"} [B, S, K, H] or None."""
+    cfg = self.config
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    d, n, k, h = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
+    init = nn.initializers.normal(cfg.init_std)
+    # GPT-2: residual projections scaled down by depth.
+    out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+    wq = _param(self, "q", init, (d, n, h), ("embed", "heads", "head_dim"), pdt)
+    wk = _param(self, "k", init, (d, k, h), ("embed", "kv_heads", "head_dim"), pdt)
+    wv = _param(self, "v", init, (d, k, h), ("embed", "kv_heads", "head_dim"), pdt)
+    wo = _param(self, "o", out_init, (n, h, d), ("heads", "head_dim", "embed"), pdt)
+
+    q = jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt))
+    key = jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt))
+    val = jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt))
+    if cfg.qkv_bias:
+      zeros = nn.initializers.zeros
+      q = q + _param(self, "q_bias", zeros, (n, h), ("heads", "head_dim"), pdt).astype(dt)
+      key = key + _param(self, "k_bias", zeros, (k, h), ("kv_heads", "head_dim"), pdt).astype(dt)
+      val = val + _param(self, "v_bias", zeros, (k, h), ("kv_heads", "head_dim"), pdt).astype(dt)
+    if cfg.position == "rope":
+      q = apply_rope(q, positions, cfg.rope_theta)
+      key = apply_rope(key, positions, cfg.rope_theta)
+    q = constrain(q, ("act_batch", "act_len", "act_heads", "act_head_dim"))
+    key = constrain(key, ("act_batch", "act_len", "act_kv_heads", "act_head_dim"))
+    val = constrain(val, ("act_batch", "act_len", "act_kv_heads", "act_head_dim"))
+
+    new_cache = None
+    if cache is not None:
+      # Write the T new keys/values at slot cache_index; attend over all S slots.
+      at = (0, cache_index, 0, 0)
+      key = jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), at)
+      val = jax.lax.dynamic_update_slice(cache["v"], val.astype(cache["v"].dtype), at)
+      new_cache = {"k": key, "v": val}
+
+    b, t = q.shape[:2]
+    q = q.reshape(b, t, k, n // k, h)  # query head n uses kv head n // G
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key, preferred_element_type=jnp.float32)
+    logits = logits * h**-0.5
+    logits = jnp.where(attn_mask[:, None, None, :, :], logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, val).reshape(b, t, n, h)
+    out = jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt))
+    if cfg.use_bias:
+      out = out + _param(self, "o_bias", nn.initializers.zeros, (d,), ("embed",), pdt).astype(dt)
+    return out, new_cache
+
+
+class Mlp(nn.Module):
+  """GELU MLP (GPT-2) or gated SwiGLU / GeGLU (Llama, Gemma)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    d, f = cfg.d_model, cfg.mlp_dim
+    init = nn.initializers.normal(cfg.init_std)
+    out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
+    zeros = nn.initializers.zeros
+    w_up = _param(self, "up", init, (d, f), ("embed", "mlp"), pdt)
+    up = jnp.einsum("BTD,DF->BTF", x, w_up.astype(dt))
+    if cfg.use_bias:
+      up = up + _param(self, "up_bias", zeros, (f,), ("mlp",), pdt).astype(dt)
+    if cfg.mlp == "gelu":
+      hidden = nn.gelu(up, approximate=True)
+    else:
+      w_gate = _param(self, "gate", init, (d, f), ("embed", "mlp"), pdt)
+      gate = jnp.einsum("BTD,DF->BTF", x, w_gate.astype(dt))
+      if cfg.use_bias:
+        gate = gate + _param(self, "gate_bias", zeros, (f,), ("mlp",), pdt).astype(dt)
+      act = nn.silu if cfg.mlp == "swiglu" else lambda z: nn.gelu(z, approximate=True)
+      hidden = act(gate) * up
+    hidden = constrain(hidden, ("act_batch", "act_len", "act_mlp"))
+    w_down = _param(self, "down", out_init, (f, d), ("mlp", "embed"), pdt)
+    out = jnp.einsum("BTF,FD->BTD", hidden, w_down.astype(dt))
+    if cfg.use_bias:
+      out = out + _param(self, "down_bias", zeros, (d,), ("embed",), pdt).astype(dt)
+    return out
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block. Signature fits nn.scan: (x, cache) -> (x, cache)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, cache, positions, attn_mask, cache_index):
+    attn_out, cache = Attention(self.config, name="attn")(
+      Norm(self.config, name="attn_norm")(x), positions, attn_mask, cache, cache_index
+    )
+    x = x + attn_out
+    x = x + Mlp(self.config, name="mlp")(Norm(self.config, name="mlp_norm")(x))
+    x = constrain(x, ("act_batch", "act_len", "act_embed"))
+    return x, cache
+
+
+def _remat_policy(name: str):
+  if name == "dots":
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  return jax.checkpoint_policies.nothing_saveable
+
+
+class Transformer(nn.Module):
+  """The trunk: embeddings, blocks, final norm. Heads are separate modules."""
+
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.embedding = self.param(
+      "embedding",
+      nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
+      (cfg.vocab_size, cfg.d_model),
+      pdt,
+    )
+    if cfg.position == "learned":
+      self.pos_embedding = self.param(
+        "pos_embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")),
+        (cfg.max_len, cfg.d_model),
+        pdt,
+      )
+    block = Block
+    if cfg.remat != "none":
+      block = nn.remat(block, policy=_remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      self.layers = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, name="layers")
+    else:
+      self.layers = [block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+    self.final_norm = Norm(cfg)
+
+  def __call__(self, tokens, positions, attn_mask, cache=None, cache_index=None):
+    """tokens, positions: [B, T]; attn_mask: [B, T, S] -> ([B, T, D], new cache)."""
+    cfg = self.config
+    dt = jnp.dtype(cfg.dtype)
+    x = jnp.take(self.embedding, tokens, axis=0).astype(dt)
+    if cfg.embed_scale:
+      x = x * jnp.asarray(cfg.d_model**0.5, dt)
+    if cfg.position == "learned":
+      x = x + jnp.take(self.pos_embedding, positions, axis=0).astype(dt)
+    x = constrain(x, ("act_batch", "act_len", "act_embed"))
+    if cache is not None:
+      cache = {name: constrain(c, CACHE_AXES) for name, c in cache.items()}
+    if cfg.scan_layers:
+      x, cache = self.layers(x, cache, positions, attn_mask, cache_index)
+    else:
+      new = []
+      for i, layer in enumerate(self.layers):
+        layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+        x, layer_cache = layer(x, layer_cache, positions, attn_mask, cache_index)
+        new.append(layer_cache)
+      if cache is not None:
+        cache = jax.tree.map(lambda *c: jnp.stack(c), *new)
+    if cache is not None:
+      cache = {name: constrain(c, CACHE_AXES) for name, c in cache.items()}
+    return self.final_norm(x), cache
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """Tied output embedding: [B, T, D] -> [B, T, V] float32."""
+    dt = jnp.dtype(self.config.dtype)
+    return jnp.einsum(
+      "BTD,VD->BTV", x, self.embedding.astype(dt), preferred_element_type=jnp.float32
+    )
+
+
+def _default_inputs(tokens, positions, attn_mask):
+  if attn_mask is None:
+    attn_mask = causal_attention_mask(jnp.ones(tokens.shape, jnp.bool_))
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  return positions, attn_mask
+
+
+class LanguageModel(nn.Module):
+  """The policy network: trunk + LM head (tied or untied) -> float32 logits.
+
+  With `value_head=True` it also returns a scalar value per token from a
+  zero-initialised head on the shared trunk (PPO's shared-trunk option).
+  """
+
+  config: ModelConfig
+  value_head: bool = False
+
+  def setup(self):
+    cfg = self.config
+    self.trunk = Transformer(cfg)
+    if not cfg.tie_embeddings:
+      self.lm_head = self.param(
+        "lm_head",
+        nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
+        (cfg.d_model, cfg.vocab_size),
+        jnp.dtype(cfg.param_dtype),
+      )
+    if self.value_head:
+      self.value = ScalarHead(cfg, init="zeros")
+
+  def __call__(
+    self,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    attn_mask: jax.Array | None = None,
+    cache: Cache | None = None,
+    cache_index: jax.Array | int | None = None,
+    last_only: bool = False,
+  ) -> tuple[jax.Array, Any]:
+    """Returns (logits [B, T, V] float32, new cache), plus values [B, T] with a value head.
+
+    Args:
+      tokens: [B, T] int32.
+      positions: [B, T] int32 position ids (default 0..T-1).
+      attn_mask: [B, T, S] bool (default causal over T, S = T).
+      cache: KV cache from `init_cache`, or None for a plain forward pass.
+      cache_index: slot at which the T new tokens are written into the cache.
+      last_only: compute logits for the last position only ([B, 1, V]); used
+        by the sampler's prefill, whose prompts are left-padded.
+    """
+    positions, attn_mask = _default_inputs(tokens, positions, attn_mask)
+    hidden, cache = self.trunk(tokens, positions, attn_mask, cache, cache_index)
+    head_in = hidden[:, -1:] if last_only else hidden
+    if self.config.tie_embeddings:
+      logits = self.trunk.attend(head_in)
+    else:
+      dt = jnp.dtype(self.config.dtype)
+      logits = jnp.einsum(
+        "BTD,DV->BTV", head_in, self.lm_head.astype(dt), preferred_element_type=jnp.float32
+      )
+    logits = constrain(logits, ("act_batch", "act_len", "act_vocab"))
+    if self.value_head:
+      return logits, cache, self.value(hidden)
+    return logits, cache
+
+
+class ScalarHead(nn.Module):
+  """d_model -> 1 projection read out per token, in float32."""
+
+  config: ModelConfig
+  init: str = "reward"  # "reward": N(0, 1/sqrt(D+1)); "zeros"; "normal": N(0, init_std)
+
+  @nn.compact
+  def __call__(self, hidden: jax.Array) -> jax.Array:
+    d = self.config.d_model
+    if self.init == "reward":
+      # RLHF_NOTES.md: head weights ~ N(0, 1/sqrt(d_model + 1)), bias 0.
+      kernel_init = nn.initializers.normal(1.0 / (d + 1) ** 0.5)
+    elif self.init == "zeros":
+      kernel_init = nn.initializers.zeros
+    elif self.init == "normal":
+      kernel_init = nn.initializers.normal(self.config.init_std)
+    else:
+      raise ValueError(f"ScalarHead.init={self.init!r}; expected reward, zeros or normal.")
+    kernel = self.param(
+      "kernel", nn.with_logical_partitioning(kernel_init, ("embed",)), (d,), jnp.float32
+    )
+    bias = self.param(
+      "bias", nn.with_logical_partitioning(nn.initializers.zeros, ()), (), jnp.float32
+    )
+    return jnp.einsum("BTD,D->BT", hidden.astype(jnp.float32), kernel) + bias
+
+
+class ScalarModel(nn.Module):
+  """Trunk + scalar head: the reward model and the separate value network.
+
+  The parameter layout, {"trunk", "head"}, is the same for both, so a value
+  network can be initialised from a trained reward model, and the trunk from
+  a policy.
+  """
+
+  config: ModelConfig
+  head_init: str = "reward"
+
+  def setup(self):
+    self.trunk = Transformer(self.config)
+    self.head = ScalarHead(self.config, init=self.head_init)
+
+  def __call__(self, tokens, positions=None, attn_mask=None) -> jax.Array:
+    """tokens [B, T] -> per-token scalars [B, T] float32."""
+    positions, attn_mask = _default_inputs(tokens, positions, attn_mask)
+    hidden, _ = self.trunk(tokens, positions, attn_mask)
+    return self.head(hidden)
+
+
+def reward_model(config: ModelConfig) -> ScalarModel:
+  return ScalarModel(config, head_init="reward")
+
+
+def value_model(config: ModelConfig) -> ScalarModel:
+  return ScalarModel(config, head_init="zeros")
+
+
+def init_params(module: nn.Module, rng: jax.Array, seq_len: int = 8) -> Any:
+  """Boxed (logically partitioned) parameters of `module` for a [1, seq_len] input.
+
+  Pass through `rlhf_jax.sharding.init_sharded` to create them sharded, or
+  through `flax.core.meta.unbox` for plain arrays.
+  """
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  return module.init(rng, tokens)["params"]

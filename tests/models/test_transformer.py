@@ -1,0 +1,267 @@
+"""Tests for the transformer: layouts, equivalences, cached decoding, heads."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.core import meta
+
+from rlhf_jax import models
+from rlhf_jax.models import transformer
+
+STYLES = {
+  "llama": dict(),  # the "tiny" preset: RoPE, RMSNorm, SwiGLU, GQA 4/2, tied
+  "gpt2": dict(name="tiny-gpt2"),
+  "untied": dict(tie_embeddings=False, mlp="geglu", embed_scale=True, qkv_bias=True),
+}
+
+
+def _config(style="llama", **overrides):
+  kw = dict(STYLES[style])
+  name = kw.pop("name", "tiny")
+  return models.get_model_config(name, **{**kw, **overrides})
+
+
+def _init(module, seed=0):
+  return meta.unbox(models.init_params(module, jax.random.key(seed)))
+
+
+def _left_padded(prompts, length):
+  tokens = np.zeros((len(prompts), length), np.int32)
+  mask = np.zeros((len(prompts), length), bool)
+  for i, p in enumerate(prompts):
+    tokens[i, length - len(p) :] = p
+    mask[i, length - len(p) :] = True
+  return tokens, mask
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+@pytest.mark.parametrize("scan", [True, False])
+def test_param_count_matches_analytic(style, scan):
+  cfg = _config(style, scan_layers=scan)
+  params = _init(models.LanguageModel(cfg))
+  assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params()
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_every_parameter_has_logical_axes(style):
+  boxed = models.init_params(models.LanguageModel(_config(style)), jax.random.key(0))
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, meta.Partitioned))
+  assert leaves
+  for leaf in leaves:
+    assert isinstance(leaf, meta.Partitioned), leaf
+    assert len(leaf.names) == leaf.value.ndim
+  names = {n for leaf in leaves for n in leaf.names}
+  assert {"embed", "vocab", "heads", "kv_heads", "mlp", "layers"} <= names
+
+
+def _unstack_layers(params, num_layers):
+  """Scanned params {"layers": [L, ...]} -> unscanned {"layer_i": ...}."""
+  trunk = dict(params["trunk"])
+  stacked = trunk.pop("layers")
+  for i in range(num_layers):
+    trunk[f"layer_{i}"] = jax.tree.map(lambda x: x[i], stacked)
+  return {**params, "trunk": trunk}
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_scan_and_unrolled_layers_agree(style):
+  cfg = _config(style)
+  params = _init(models.LanguageModel(cfg))
+  tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, cfg.vocab_size)
+  scanned, _ = models.LanguageModel(cfg).apply({"params": params}, tokens)
+  unrolled, _ = models.LanguageModel(cfg.replace(scan_layers=False)).apply(
+    {"params": _unstack_layers(params, cfg.num_layers)}, tokens
+  )
+  np.testing.assert_allclose(scanned, unrolled, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_same_loss_and_gradients(remat):
+  cfg = _config()
+  params = _init(models.LanguageModel(cfg))
+  tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
+
+  def loss(p, c):
+    logits, _ = models.LanguageModel(c).apply({"params": p}, tokens)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
+
+  ref = jax.value_and_grad(loss)(params, cfg)
+  got = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, cfg.replace(remat=remat))
+  np.testing.assert_allclose(ref[0], got[0], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), ref[1], got[1])
+
+
+def test_bfloat16_compute_and_params():
+  cfg = _config(dtype="bfloat16", param_dtype="bfloat16")
+  module = models.LanguageModel(cfg)
+  params = _init(module)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+  tokens = jnp.arange(10).reshape(2, 5)
+  logits, _ = module.apply({"params": params}, tokens)
+  assert logits.dtype == jnp.float32
+  ref, _ = models.LanguageModel(_config()).apply(
+    {"params": jax.tree.map(lambda x: x.astype(jnp.float32), params)}, tokens
+  )
+  # bf16 has ~3 significant digits; the logits must still track float32.
+  assert np.corrcoef(np.ravel(logits), np.ravel(ref))[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_left_padding_does_not_change_logits(style):
+  cfg = _config(style)
+  module = models.LanguageModel(cfg)
+  params = _init(module)
+  prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+  tokens, mask = _left_padded(prompts, 7)
+  logits, _ = module.apply(
+    {"params": params},
+    tokens,
+    models.positions_from_mask(mask),
+    models.causal_attention_mask(mask),
+  )
+  assert np.all(np.isfinite(logits))
+  for i, p in enumerate(prompts):
+    alone, _ = module.apply({"params": params}, jnp.array([p]))
+    np.testing.assert_allclose(logits[i, 7 - len(p) :], alone[0], atol=2e-5, rtol=1e-5)
+
+
+def test_rope_logits_invariant_to_position_shift():
+  """RoPE attends by relative position, so a constant offset changes nothing."""
+  cfg = _config()
+  module = models.LanguageModel(cfg)
+  params = _init(module)
+  tokens = jnp.arange(3, 9)[None]
+  base = jnp.arange(6)[None]
+  a, _ = module.apply({"params": params}, tokens, base)
+  b, _ = module.apply({"params": params}, tokens, base + 37)
+  np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+  # ...but a learned position table is absolute.
+  gcfg = _config("gpt2")
+  gmodule = models.LanguageModel(gcfg)
+  gparams = _init(gmodule)
+  c, _ = gmodule.apply({"params": gparams}, tokens, base)
+  d, _ = gmodule.apply({"params": gparams}, tokens, base + 37)
+  assert np.abs(c - d).max() > 1e-3
+
+
+def test_grouped_query_attention_matches_repeated_kv_heads():
+  """GQA == MHA whose kv head j is repeated for query heads j*G..j*G+G-1 (HF repeat_kv)."""
+  gqa = _config(num_heads=4, num_kv_heads=2)
+  mha = gqa.replace(num_kv_heads=4)
+  params = _init(models.LanguageModel(gqa))
+  layers = dict(params["trunk"]["layers"])
+  attn = dict(layers["attn"])
+  for name in ("k", "v"):
+    attn[name] = jnp.repeat(attn[name], 2, axis=2)  # [L, D, K, H] -> [L, D, N, H]
+  layers["attn"] = attn
+  mha_params = {**params, "trunk": {**params["trunk"], "layers": layers}}
+  tokens = jax.random.randint(jax.random.key(2), (2, 6), 0, gqa.vocab_size)
+  a, _ = models.LanguageModel(gqa).apply({"params": params}, tokens)
+  b, _ = models.LanguageModel(mha).apply({"params": mha_params}, tokens)
+  np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+@pytest.mark.parametrize("scan", [True, False])
+def test_cached_decoding_matches_full_forward(style, scan):
+  """Prefill a left-padded prompt, then feed tokens one at a time through the cache."""
+  cfg = _config(style, scan_layers=scan)
+  module = models.LanguageModel(cfg)
+  params = _init(module)
+  prompts = [[5, 6, 7, 8], [10, 11]]
+  p, n = 5, 6
+  prompt, pmask = _left_padded(prompts, p)
+  cont = np.asarray(jax.random.randint(jax.random.key(3), (2, n), 4, cfg.vocab_size))
+  full = np.concatenate([prompt, cont], 1)
+  fmask = np.concatenate([pmask, np.ones((2, n), bool)], 1)
+  ref, _ = module.apply(
+    {"params": params}, full, models.positions_from_mask(fmask), models.causal_attention_mask(fmask)
+  )
+
+  s = p + n
+  cache = models.init_cache(cfg, 2, s)
+  key_mask = np.concatenate([pmask, np.zeros((2, n), bool)], 1)
+  attn = (np.arange(s)[None, :] <= np.arange(p)[:, None])[None] & key_mask[:, None, :]
+  logits, cache = module.apply(
+    {"params": params}, prompt, models.positions_from_mask(pmask), attn, cache, 0
+  )
+  got = [logits]
+  positions = pmask.sum(1)
+  step = jax.jit(lambda c, tok, pos, m, i: module.apply({"params": params}, tok, pos, m, c, i))
+  for t in range(n - 1):
+    slot = p + t
+    key_mask[:, slot] = True
+    row = (np.arange(s)[None, :] <= slot) & key_mask
+    logits, cache = step(cache, cont[:, t : t + 1], (positions + t)[:, None], row[:, None], slot)
+    got.append(logits)
+  got = np.concatenate(got, 1)
+  # Compare at real tokens only (left-pad rows are never read).
+  real = fmask[:, : p + n - 1]
+  np.testing.assert_allclose(got[real], np.asarray(ref)[:, : p + n - 1][real], atol=3e-5, rtol=1e-5)
+
+
+def test_scalar_heads():
+  cfg = _config(d_model=256, mlp_dim=256, num_heads=4)
+  reward = models.reward_model(cfg)
+  rparams = _init(reward)
+  kernel = rparams["head"]["kernel"]
+  # RLHF_NOTES.md: N(0, 1/sqrt(d_model + 1)), bias 0.
+  assert abs(float(jnp.std(kernel)) - 1 / np.sqrt(cfg.d_model + 1)) < 0.015
+  assert float(rparams["head"]["bias"]) == 0.0
+  tokens = jnp.arange(12).reshape(2, 6)
+  scores = reward.apply({"params": rparams}, tokens)
+  assert scores.shape == (2, 6) and scores.dtype == jnp.float32
+  assert float(jnp.std(scores)) > 0.0
+
+  value = models.value_model(cfg)
+  vparams = _init(value)
+  np.testing.assert_array_equal(value.apply({"params": vparams}, tokens), 0.0)
+  # Same layout: a value network can start from the reward model's weights.
+  assert jax.tree.structure(vparams) == jax.tree.structure(rparams)
+  np.testing.assert_allclose(value.apply({"params": rparams}, tokens), scores)
+
+  policy = models.LanguageModel(cfg, value_head=True)
+  pparams = _init(policy)
+  logits, _, values = policy.apply({"params": pparams}, tokens)
+  assert logits.shape == (2, 6, cfg.vocab_size)
+  np.testing.assert_array_equal(values, 0.0)
+
+
+def test_config_validation_names_the_field():
+  with pytest.raises(ValueError, match="position"):
+    models.ModelConfig(position="alibi")
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    models.ModelConfig(num_heads=4, num_kv_heads=3)
+  with pytest.raises(ValueError, match="Unknown model preset"):
+    models.get_model_config("gpt5")
+  with pytest.raises(ValueError, match="d_modle"):
+    models.get_model_config("tiny", d_modle=3)
+
+
+def test_published_presets_have_published_sizes():
+  # Parameter counts as published (embeddings included).
+  assert models.get_model_config("gpt2-small").num_params() == 124_439_808
+  assert models.get_model_config("gpt2-medium").num_params() == 354_823_168
+  assert models.get_model_config("llama3.2-1b").num_params() == 1_235_814_400
+  assert models.get_model_config("qwen2.5-0.5b").num_params() == 494_032_768
+
+
+def test_flop_counts():
+  cfg = _config()
+  per_token = cfg.train_flops_per_token(seq_len=16)
+  assert per_token == 6 * cfg.matmul_params() + 12 * cfg.num_layers * 16 * 4 * 16
+  # Forward-only decode is about a third of training at the same context.
+  ratio = cfg.decode_flops_per_token(16) / per_token
+  assert abs(ratio - 1 / 3) < 1e-9
+
+
+def test_positions_and_masks():
+  mask = jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)
+  np.testing.assert_array_equal(
+    models.positions_from_mask(mask), [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+  )
+  m = transformer.causal_attention_mask(mask)
+  assert m.shape == (2, 5, 5)
+  assert not m[0, 4, 1] and m[0, 4, 2] and not m[0, 2, 3]
+  assert m[1].sum() == 15
