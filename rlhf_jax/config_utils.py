@@ -1,0 +1,516 @@
+"""Running a config: load it, check it, write `<workdir>/config.json`, call its trainer.
+
+experiments/launch.py is only the command line around this module; a notebook does the same
+run with
+
+  from rlhf_jax import config_utils
+  config = config_utils.load_config("configs/sft.py:runlocal")
+  config.total_steps = 20  # get_config returns an unlocked ConfigDict
+  config_utils.run(config, workdir="/tmp/sft")
+
+Decisions (see also experiments/launch.py):
+
+  Trainer     `config.trainer` names a module: a bare name ("sft") means
+              `rlhf_jax.trainers.sft`; a dotted name ("tests.fixtures.dummy_trainer") is
+              imported as written, so tests and forks can plug in their own trainer. The
+              module's `train(config, workdir)` is called and its result returned.
+  config.json The resolved config (FieldReferences followed, tuples as lists), strict JSON
+              with sorted keys, written by process 0 only, atomically (temp file +
+              os.replace) so a reader never sees half a file. Non-finite floats are written
+              as the strings "nan", "inf", "-inf" because JSON has no such numbers.
+  Workdir     Default `runs/<config file stem>[_<arg>]`, relative to the current directory
+              (see `default_workdir`). Overrides (--config.x=y) do not change it: give
+              --workdir when two runs differ only in overrides, or they share (and resume)
+              one workdir.
+  Errors      Mistakes in the config or on the command line raise ConfigError, a ValueError
+              whose message names the dotted key and suggests the nearest valid ones.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import json
+import math
+import os
+import pkgutil
+import re
+import sys
+import tempfile
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+from ml_collections import config_flags
+from ml_collections.config_flags import config_path
+
+CONFIG_FILENAME = "config.json"
+TRAINERS_PACKAGE = "rlhf_jax.trainers"
+DEFAULT_RUNS_DIR = "runs"
+
+# Environment variables that mean "this process is one of several in a JAX job".
+_DISTRIBUTED_ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
+_DISTRIBUTED_COUNT_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+_TPU_HOST_LIST_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES")
+
+
+class ConfigError(ValueError):
+  """A config or command-line override that cannot run; the message says how to fix it."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading and naming.
+# ------------------------------------------------------------------------------------------------
+
+
+def split_config_spec(spec: str) -> tuple[str, str | None]:
+  """Splits "configs/sft.py:runlocal,seed=3" into ("configs/sft.py", "runlocal,seed=3").
+
+  The first colon separates path and arg, as in ml_collections.config_flags.
+  """
+  path, colon, arg = spec.partition(":")
+  return path, (arg if colon else None)
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads a config file the way `--config=FILE[:ARG]` does: `get_config(ARG)` or `get_config()`.
+
+  Args:
+    spec: a path to a Python file, optionally followed by ":" and the arg string.
+  Returns:
+    Whatever the file's get_config returns (a ConfigDict for a well-formed config), unlocked.
+  Raises:
+    ConfigError: when the file does not exist or has no get_config.
+  """
+  path, arg = split_config_spec(spec)
+  if not os.path.isfile(path):
+    raise ConfigError(f"Config file {path!r} not found (from --config={spec}).")
+  name = "_rlhf_jax_config_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  # Registered like any import so dataclasses and pickling inside the config file work.
+  sys.modules[name] = module
+  module_spec.loader.exec_module(module)
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"Config file {path!r} defines no get_config(arg=None) function.")
+  return module.get_config() if arg is None else module.get_config(arg)
+
+
+def default_workdir(spec: str, runs_dir: str = DEFAULT_RUNS_DIR) -> str:
+  """The workdir a run gets without --workdir: `<runs_dir>/<file stem>[_<arg>]`.
+
+  The arg is part of the name so that `sft.py` and `sft.py:runlocal` never resume each
+  other's checkpoints. Every run of characters other than letters, digits and `._=+-` in the
+  arg becomes one "_":
+
+    configs/sft.py                   -> runs/sft
+    configs/sft.py:runlocal          -> runs/sft_runlocal
+    configs/sft.py:runlocal,seed=3   -> runs/sft_runlocal_seed=3
+    configs/ppo.py:size=1.4b         -> runs/ppo_size=1.4b
+
+  Args:
+    spec: the --config value, "FILE[:ARG]".
+    runs_dir: parent folder, relative to the current directory unless absolute.
+  """
+  path, arg = split_config_spec(spec)
+  name = os.path.splitext(os.path.basename(path))[0]
+  if arg:
+    suffix = re.sub(r"[^A-Za-z0-9._=+-]+", "_", arg).strip("_")
+    if suffix:
+      name = f"{name}_{suffix}"
+  return os.path.join(runs_dir, name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Keys, suggestions and command-line override errors.
+# ------------------------------------------------------------------------------------------------
+
+
+def config_keys(config: Mapping[str, Any] | ml_collections.ConfigDict) -> list[str]:
+  """All dotted keys of a config, sections and leaves, sorted: ["optim", "optim.lr", ...]."""
+  keys = []
+  for key, value in config.items():
+    keys.append(key)
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      keys.extend(f"{key}.{child}" for child in config_keys(value))
+  return sorted(keys)
+
+
+def _type_name(value: Any) -> str:
+  return type(value).__name__
+
+
+def _listing(names: Sequence[str], limit: int = 25) -> str:
+  names = sorted(names)
+  if len(names) > limit:
+    return ", ".join(names[:limit]) + f", ... ({len(names) - limit} more)"
+  return ", ".join(names) or "(none)"
+
+
+def check_key(config: ml_collections.ConfigDict, key: str, prefix: str = "config") -> None:
+  """Raises ConfigError unless the dotted `key` exists in `config`.
+
+  The message names the full key (`prefix.key`), suggests the closest existing keys
+  (difflib) and lists the keys of the deepest section that does exist.
+  """
+  node: Any = config
+  parts = key.split(".")
+  for depth, part in enumerate(parts):
+    here = ".".join([prefix, *parts[:depth]])
+    if not isinstance(node, (ml_collections.ConfigDict, dict)):
+      raise ConfigError(
+        f"Unknown config key {prefix}.{key}: {here} is a {_type_name(node)} "
+        f"({node!r}), not a section with fields."
+      )
+    if part not in node:
+      close = difflib.get_close_matches(key, config_keys(config), n=3, cutoff=0.6)
+      message = f"Unknown config key {prefix}.{key}."
+      if close:
+        message += " Did you mean " + " or ".join(f"{prefix}.{c}" for c in close) + "?"
+      message += f" Keys in {here}: {_listing(list(node.keys()))}."
+      raise ConfigError(message)
+    node = node[part]
+
+
+def parse_override_args(argv: Sequence[str], name: str = "config") -> dict[str, str | None]:
+  """The `--config.KEY[=VALUE]` overrides in `argv`, as {KEY: raw value text or None}.
+
+  Mirrors how ml_collections.config_flags finds them (`--name.key`, `-name.key`,
+  `--noname.key`), so error messages can name what the user typed. A value given as the
+  next argument (`--config.key value`) is picked up too.
+  """
+  overrides: dict[str, str | None] = {}
+  pattern = re.compile(rf"^--?(no)?{re.escape(name)}\.([^=]+)(=(.*))?$", re.DOTALL)
+  for i, arg in enumerate(argv):
+    match = pattern.match(arg)
+    if not match:
+      continue
+    negated, key, has_value, value = match.groups()
+    if negated:
+      value = "false"
+    elif has_value is None:
+      following = argv[i + 1] if i + 1 < len(argv) else None
+      value = following if following is not None and not following.startswith("-") else None
+    overrides.pop(key, None)  # Last one wins, as in config_flags.
+    overrides[key] = value
+  return overrides
+
+
+def find_config_spec(argv: Sequence[str], name: str = "config") -> str | None:
+  """The value of `--config=...` (or `--config ...`) in argv, or None."""
+  for i, arg in enumerate(argv):
+    match = re.match(rf"^--?{re.escape(name)}(=(.*))?$", arg, re.DOTALL)
+    if match:
+      if match.group(1) is not None:
+        return match.group(2)
+      return argv[i + 1] if i + 1 < len(argv) else None
+  return None
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+  node: Any = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def explain_override_error(
+  argv: Sequence[str], error: BaseException, name: str = "config"
+) -> str | None:
+  """A clear message for an error that parsing `--config` and its overrides raised.
+
+  ml_collections.config_flags refuses an unknown key with a raw AttributeError/KeyError
+  naming only the last path component, and a wrong type with the parser's message. This
+  reloads the config named in argv and works out which override is at fault:
+
+    unknown key   names the full dotted key, the closest valid keys and the keys of the
+                  deepest existing section;
+    wrong type    names the key, its type and default, and the value typed;
+    None field    explains that a field whose default is None has no type to parse into;
+    config file   a missing file, or a ValueError/TypeError raised by get_config (e.g. an
+                  unknown key in the arg string), is reported in one line with its location.
+
+  Args:
+    argv: the command line (flagfiles already expanded).
+    error: what flag parsing raised.
+    name: the config flag's name.
+  Returns:
+    The message, or None when the error is not one of these (the caller then shows the
+    original error).
+  """
+  spec = find_config_spec(argv, name)
+  if spec is None:
+    return None
+  try:
+    config = load_config(spec)
+  except ConfigError as load_error:
+    return str(load_error)
+  except (ValueError, TypeError) as load_error:
+    frame = traceback.extract_tb(load_error.__traceback__)[-1]
+    return (
+      f"get_config failed for --{name}={spec}: {load_error} "
+      f"({type(load_error).__name__} at {frame.filename}:{frame.lineno})"
+    )
+  if not isinstance(config, ml_collections.ConfigDict):
+    return f"get_config in --{name}={spec} returned {_type_name(config)}, not a ConfigDict."
+  overrides = parse_override_args(argv, name)
+  for key, value in overrides.items():
+    try:
+      check_key(config, key, prefix=name)
+    except ConfigError as key_error:
+      typed = f"--{name}.{key}" if value is None else f"--{name}.{key}={value}"
+      return f"{key_error} (from {typed})"
+  for key, value in overrides.items():
+    typed = f"--{name}.{key}" if value is None else f"--{name}.{key}={value}"
+    if (
+      isinstance(error, config_flags.UnsupportedOperationError)
+      and f"{name}.{key} " in str(error)
+      and _get(config, key) is None
+    ):
+      return (
+        f"Cannot override {name}.{key} (from {typed}): its default is None, so it has no "
+        "type to parse the value into. Declare it in the config file as "
+        "ml_collections.config_dict.placeholder(int) (or float, str, ...)."
+      )
+    # absl's value errors read "flag --config.key=value: reason".
+    if re.search(rf"flag --{re.escape(name)}\.{re.escape(key)}[=:]", str(error)):
+      reason = str(error).split(": ", 1)[-1]
+      # get_type knows the declared type of placeholders, whose value is None.
+      kind = config_path.get_type(key, config)
+      return (
+        f"Bad value for {name}.{key} (from {typed}): expected {getattr(kind, '__name__', kind)}"
+        f" (default {_get(config, key)!r}); {reason}"
+      )
+  return None
+
+
+# ------------------------------------------------------------------------------------------------
+# config.json.
+# ------------------------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any, key: str) -> Any:
+  """Plain JSON data for a resolved config value; refuses anything else, naming the key."""
+  if isinstance(value, (ml_collections.ConfigDict, dict)):
+    return {str(k): _jsonable(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v, f"{key}[{i}]") for i, v in enumerate(value)]
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)  # "nan", "inf", "-inf": JSON has no such numbers.
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  raise ConfigError(
+    f"config.{key} = {value!r} ({_type_name(value)}) cannot be written to {CONFIG_FILENAME}; "
+    "configs hold only bools, numbers, strings, None, lists/tuples and sections."
+  )
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+  """The resolved config as JSON text with sorted keys (the content of config.json)."""
+  # to_dict() resolves FieldReferences, so the file holds the values the trainer sees.
+  plain = _jsonable(config.to_dict(), "")
+  return json.dumps(plain, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def write_config_json(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes `<workdir>/config.json` atomically (call on process 0 only); returns its path."""
+  text = config_to_json(config)
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILENAME)
+  if os.path.exists(path):
+    _warn_if_changed(path, json.loads(text))
+  handle, tmp_path = tempfile.mkstemp(dir=workdir, prefix=f".{CONFIG_FILENAME}.", suffix=".tmp")
+  try:
+    with os.fdopen(handle, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+  except BaseException:
+    if os.path.exists(tmp_path):
+      os.remove(tmp_path)
+    raise
+  return path
+
+
+def read_config_json(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was run with (tuples come back as lists)."""
+  with open(os.path.join(workdir, CONFIG_FILENAME), encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  flat = {}
+  for key, value in tree.items():
+    flat.update(_flat(value, f"{prefix}.{key}" if prefix else key))
+  return flat
+
+
+def _warn_if_changed(path: str, new: dict[str, Any]) -> None:
+  # A rerun in the same workdir resumes its checkpoints; say so when the config moved under it.
+  try:
+    with open(path, encoding="utf-8") as f:
+      old = _flat(json.load(f))
+  except (OSError, ValueError):
+    return
+  new_flat = _flat(new)
+  changed = sorted(k for k in old.keys() | new_flat.keys() if old.get(k) != new_flat.get(k))
+  if changed:
+    logging.warning(
+      "%s exists and differs from this run's config in: %s. Checkpoints in this workdir "
+      "(if any) will be resumed under the new config.",
+      path,
+      _listing(changed, limit=10),
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Trainers.
+# ------------------------------------------------------------------------------------------------
+
+
+def available_trainers() -> list[str]:
+  """Module names in rlhf_jax/trainers/ (the values a bare `config.trainer` may take)."""
+  package = importlib.import_module(TRAINERS_PACKAGE)
+  return sorted(
+    info.name for info in pkgutil.iter_modules(package.__path__) if not info.name.startswith("_")
+  )
+
+
+def get_trainer(name: Any):
+  """Imports the trainer module `config.trainer` names and returns its `train` function.
+
+  Args:
+    name: "sft" for rlhf_jax.trainers.sft, or a dotted module path.
+  Raises:
+    ConfigError: naming `config.trainer` when the module does not exist or has no train.
+  """
+  if not isinstance(name, str) or not name:
+    raise ConfigError(
+      f"config.trainer must be a non-empty string naming a trainer, got {name!r}. "
+      f"Available trainers: {_listing(available_trainers())}."
+    )
+  module_name = name if "." in name else f"{TRAINERS_PACKAGE}.{name}"
+  try:
+    module = importlib.import_module(module_name)
+  except ModuleNotFoundError as error:
+    # Only a missing trainer module is the config's fault; a missing dependency *inside* an
+    # existing trainer must surface as itself.
+    if error.name is None or not (module_name + ".").startswith(error.name + "."):
+      raise
+    message = f"config.trainer = {name!r}: there is no module {module_name}."
+    if "." not in name:
+      trainers = available_trainers()
+      close = difflib.get_close_matches(name, trainers, n=1)
+      if close:
+        message += f" Did you mean {close[0]!r}?"
+      message += f" Available trainers in rlhf_jax/trainers/: {_listing(trainers)}."
+    raise ConfigError(message) from None
+  train = getattr(module, "train", None)
+  if not callable(train):
+    raise ConfigError(
+      f"config.trainer = {name!r}: module {module_name} has no train(config, workdir)."
+    )
+  return train
+
+
+# ------------------------------------------------------------------------------------------------
+# Multi-host.
+# ------------------------------------------------------------------------------------------------
+
+
+def detect_distributed(environ: Mapping[str, str] | None = None) -> str | None:
+  """Why this process looks like one of several in a JAX job, or None when it does not.
+
+  Known signs: JAX_COORDINATOR_ADDRESS or MEGASCALE_COORDINATOR_ADDRESS set; SLURM_NTASKS
+  or OMPI_COMM_WORLD_SIZE above 1; TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES listing
+  several hosts (a TPU pod slice). A multi-host job started some other way needs
+  --jax_distributed.
+  """
+  environ = os.environ if environ is None else environ
+  for var in _DISTRIBUTED_ENV_VARS:
+    if environ.get(var):
+      return f"{var} is set"
+  for var in _DISTRIBUTED_COUNT_VARS:
+    try:
+      if int(environ.get(var, "1")) > 1:
+        return f"{var}={environ[var]}"
+    except ValueError:
+      continue
+  for var in _TPU_HOST_LIST_VARS:
+    hosts = [h for h in environ.get(var, "").split(",") if h.strip()]
+    if len(hosts) > 1:
+      return f"{var} lists {len(hosts)} hosts"
+  return None
+
+
+def maybe_initialize_distributed(enabled: bool | None) -> bool:
+  """Calls jax.distributed.initialize() when asked, or (enabled=None) when detected.
+
+  Must run before anything touches JAX devices. Returns whether it initialized.
+  """
+  reason = detect_distributed() if enabled is None else ("--jax_distributed" if enabled else None)
+  if reason is None:
+    return False
+  logging.info("Initializing jax.distributed (%s).", reason)
+  jax.distributed.initialize()
+  return True
+
+
+def log_environment() -> None:
+  """Logs JAX version, backend, processes and devices (touches devices: after distributed)."""
+  logging.info(
+    "JAX %s, backend %s, process %d of %d, %d local / %d global devices.",
+    jax.__version__,
+    jax.default_backend(),
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+  )
+  logging.info("Local devices: %s", jax.local_devices())
+
+
+# ------------------------------------------------------------------------------------------------
+# Run.
+# ------------------------------------------------------------------------------------------------
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
+  """Validates `config`, writes `<workdir>/config.json` (process 0) and calls its trainer.
+
+  Everything that can be checked before training is checked first, so a bad config leaves
+  no config.json behind.
+
+  Args:
+    config: a resolved ConfigDict with a `trainer` field.
+    workdir: the run's folder (created if missing).
+  Returns:
+    What the trainer's `train(config, workdir)` returns.
+  Raises:
+    ConfigError: for a config that is not a ConfigDict, lacks `trainer`, names an unknown
+      trainer or holds values JSON cannot store.
+  """
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"Expected a ConfigDict, got {_type_name(config)} (get_config's result).")
+  if not workdir:
+    raise ConfigError("workdir must be a non-empty path.")
+  if "trainer" not in config:
+    raise ConfigError(
+      "The config has no field config.trainer naming the trainer to run; set e.g. "
+      f'config.trainer = "sft". Available trainers: {_listing(available_trainers())}.'
+    )
+  train = get_trainer(config.trainer)
+  text = config_to_json(config)  # Refuses non-JSON values before anything is written.
+  logging.info("Resolved config:\n%s", text)
+  if jax.process_index() == 0:
+    path = write_config_json(config, workdir)
+    logging.info("Wrote %s", path)
+  logging.info("Running %s.train with workdir %s", config.trainer, workdir)
+  return train(config, workdir)

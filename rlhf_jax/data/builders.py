@@ -1,0 +1,356 @@
+"""TFDS builders that turn local prompt/response JSONL files into array_record.
+
+TensorFlow is not needed: TFDS writes `array_record` files with pure-Python
+example serialisation and reads them back as random-access data sources.
+
+    builder = build_sft_jsonl(["data/sft.jsonl"], data_dir="/tmp/rlhf_data")
+    source = builder.source("train")    # len(source), source[i] -> {"prompt", "response"}
+    print(builder.content_hash, builder.num_skipped)
+
+A dataset is written once into `data_dir/sft_jsonl/<key>/1.0.0/` and reused
+afterwards. The key is the sha256 of the input files' contents (see
+`content_hash`), so editing an input file builds a new dataset rather than
+silently reusing stale data; renaming or moving a file does not. TFDS writes
+into an `incomplete.*` sibling directory and renames it into place when the
+build finishes, so an interrupted build is never read.
+
+Each JSONL line is one object with non-empty string fields `prompt` and
+`response`; other fields are ignored and blank lines skipped. Anything else
+raises `DataError` naming the file, the 1-based line and the field, unless
+`skip_invalid=True`, which skips the line and counts it (`num_skipped`,
+persisted with the dataset). Examples keep the order of the files and lines.
+
+Several hosts: build on one process (or into a per-host local `data_dir`)
+before the others read; two concurrent builds of one key race on the rename.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+PathLike = str | os.PathLike[str]
+
+SFT_FIELDS = ("prompt", "response")
+
+# How many skipped-line messages are kept in the dataset's metadata: enough
+# to see what is wrong with a file without storing one per bad line.
+_MAX_RECORDED_ERRORS = 20
+
+_HASH_CHUNK_BYTES = 1 << 20
+
+_log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+  """A malformed input record; the message reads `path:line: what is wrong`."""
+
+  def __init__(self, path: PathLike, line: int, message: str, field: str | None = None):
+    self.path = os.fspath(path)
+    self.line = line
+    self.field = field
+    self.reason = message
+    super().__init__(f"{self.path}:{line}: {message}")
+
+  def __reduce__(self):
+    # The default would call DataError(full_message) and fail: keep the parts.
+    return type(self), (self.path, self.line, self.reason, self.field)
+
+
+def content_hash(paths: Sequence[PathLike]) -> str:
+  """The sha256 (hex) of the files' contents, in the given order.
+
+  Order matters because it is the order of the examples; names do not, so a
+  moved file keeps its hash. Each file's size is hashed before its bytes, so
+  moving bytes from the end of one file to the start of the next changes the
+  hash.
+  """
+  if isinstance(paths, str | os.PathLike):
+    raise TypeError("content_hash takes a sequence of paths, not a single path")
+  digest = hashlib.sha256()
+  for path in paths:
+    with open(path, "rb") as f:
+      digest.update(os.fstat(f.fileno()).st_size.to_bytes(8, "little"))
+      while chunk := f.read(_HASH_CHUNK_BYTES):
+        digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _type_name(value: Any) -> str:
+  return "null" if value is None else type(value).__name__
+
+
+def parse_sft_record(raw: bytes | str, path: PathLike, line: int) -> dict[str, str]:
+  """Validates one JSONL line into `{"prompt": str, "response": str}`.
+
+  Raises:
+    DataError: the line is not UTF-8 JSON, not an object, or a field is
+      missing, not a string, or blank.
+  """
+  if isinstance(raw, bytes):
+    try:
+      raw = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+      raise DataError(path, line, f"not valid UTF-8 ({error.reason} at byte {error.start})")
+  try:
+    record = json.loads(raw)
+  except json.JSONDecodeError as error:
+    raise DataError(path, line, f"not valid JSON ({error.msg} at column {error.colno})") from None
+  if not isinstance(record, dict):
+    raise DataError(
+      path,
+      line,
+      f"expected a JSON object with fields 'prompt' and 'response', got {_type_name(record)}",
+    )
+  out = {}
+  for field in SFT_FIELDS:
+    if field not in record:
+      raise DataError(path, line, f"missing field {field!r}", field)
+    value = record[field]
+    if not isinstance(value, str):
+      raise DataError(
+        path, line, f"field {field!r} must be a non-empty string, got {_type_name(value)}", field
+      )
+    if not value.strip():
+      # A blank prompt or response is almost always a broken export, and a
+      # blank response would train the model to answer with EOS alone.
+      raise DataError(
+        path, line, f"field {field!r} must be a non-empty string, got {value!r}", field
+      )
+    out[field] = value
+  return out
+
+
+def iter_sft_jsonl(
+  path: PathLike, *, skip_invalid: bool = False, skipped: list[DataError] | None = None
+) -> Iterator[tuple[int, dict[str, str]]]:
+  """Yields (1-based line number, record) for each valid line of one file.
+
+  Args:
+    path: a JSONL file.
+    skip_invalid: skip malformed lines instead of raising.
+    skipped: if given, each skipped line's DataError is appended to it.
+  """
+  # Binary mode: lines split on b"\n" only, so line numbers match what an
+  # editor shows even when a string holds U+2028 or a stray "\r".
+  with open(path, "rb") as f:
+    for line_number, raw in enumerate(f, start=1):
+      if not raw.strip():
+        continue
+      try:
+        yield line_number, parse_sft_record(raw, path, line_number)
+      except DataError as error:
+        if not skip_invalid:
+          raise
+        if skipped is not None:
+          skipped.append(error)
+
+
+def _normalise_splits(paths: Sequence[PathLike] | Mapping[str, Sequence[PathLike]]):
+  if isinstance(paths, str | os.PathLike):
+    paths = [paths]
+  if not isinstance(paths, Mapping):
+    paths = {"train": paths}
+  splits = {}
+  for split, files in paths.items():
+    if isinstance(files, str | os.PathLike):
+      files = [files]
+    files = tuple(os.path.abspath(os.fspath(p)) for p in files)
+    if not files:
+      raise ValueError(f"split {split!r} has no input files")
+    splits[str(split)] = files
+  if not splits:
+    raise ValueError("no input files given")
+  return splits
+
+
+@dataclasses.dataclass(kw_only=True)
+class SftJsonlConfig(tfds.core.BuilderConfig):
+  """Which JSONL files make which split; built by `from_paths`.
+
+  Attributes:
+    splits: split name -> absolute JSONL paths, read in this order.
+    skip_invalid: skip and count malformed lines instead of raising.
+    content_hash: `content_hash` of every split's files; the config name
+      (and so the directory) is derived from it.
+  """
+
+  splits: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  skip_invalid: bool = False
+  content_hash: str = ""
+
+  @classmethod
+  def from_paths(
+    cls,
+    paths: PathLike | Sequence[PathLike] | Mapping[str, Sequence[PathLike]],
+    *,
+    skip_invalid: bool = False,
+  ) -> SftJsonlConfig:
+    """A config for JSONL files: a path or list (the "train" split) or {split: paths}."""
+    splits = _normalise_splits(paths)
+    digest = hashlib.sha256()
+    for split in sorted(splits):
+      # The split name goes in too: the same file as "train" or as "eval"
+      # is a different dataset.
+      digest.update(f"{split}\0{content_hash(splits[split])}\0".encode())
+    full_hash = digest.hexdigest()
+    # A lenient build must never be reused by a strict run: the strict run
+    # has to see the errors the lenient one skipped.
+    name = f"sha256_{full_hash[:16]}" + ("_skip_invalid" if skip_invalid else "")
+    return cls(
+      name=name,
+      description=f"prompt/response JSONL: {splits}",
+      splits=splits,
+      skip_invalid=skip_invalid,
+      content_hash=full_hash,
+    )
+
+
+class SftJsonl(tfds.core.GeneratorBasedBuilder):
+  """Prompt/response SFT examples from local JSONL files, stored as array_record.
+
+  `SftJsonl(paths=[...], data_dir=...)` or `SftJsonl(config=SftJsonlConfig...)`;
+  then `download_and_prepare()` (a no-op when already built) and `source(split)`.
+  `build_sft_jsonl` does both steps.
+  """
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "prompt and response text, in file and line order."}
+
+  def __init__(
+    self,
+    *,
+    paths: PathLike | Sequence[PathLike] | Mapping[str, Sequence[PathLike]] | None = None,
+    skip_invalid: bool = False,
+    config: SftJsonlConfig | None = None,
+    file_format: str = "array_record",
+    **kwargs: Any,
+  ):
+    """Args: paths (or a ready `config`), skip_invalid, and TFDS's `data_dir`, ...."""
+    if (paths is None) == (config is None):
+      raise ValueError("SftJsonl needs exactly one of `paths` and `config`")
+    if config is None:
+      config = SftJsonlConfig.from_paths(paths, skip_invalid=skip_invalid)
+    elif not isinstance(config, SftJsonlConfig):
+      raise TypeError(f"config must be an SftJsonlConfig, got {type(config).__name__}")
+    # TFDS re-runs __init__ with only (data_dir, config, version) to unpickle,
+    # which works because `paths` becomes part of the config.
+    super().__init__(config=config, file_format=file_format, **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description="Prompt/response pairs for supervised fine-tuning, from local JSONL files.",
+      features=tfds.features.FeaturesDict(
+        {"prompt": tfds.features.Text(), "response": tfds.features.Text()}
+      ),
+      # Keep file and line order; TFDS would otherwise shuffle by key hash.
+      # The loader shuffles per epoch.
+      disable_shuffling=True,
+      metadata=tfds.core.MetadataDict(),
+    )
+
+  def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict[str, str]]]]:
+    del dl_manager  # Local files only: nothing is downloaded.
+    self.info.metadata["content_hash"] = self.builder_config.content_hash
+    self.info.metadata["paths"] = {s: list(p) for s, p in self.builder_config.splits.items()}
+    self.info.metadata["num_skipped"] = {}
+    self.info.metadata["skipped_errors"] = {}
+    return {split: self._generate_examples(split) for split in self.builder_config.splits}
+
+  def _generate_examples(self, split: str) -> Iterator[tuple[int, dict[str, str]]]:
+    config = self.builder_config
+    skipped: list[DataError] = []
+    index = 0
+    for path in config.splits[split]:
+      for _, record in iter_sft_jsonl(path, skip_invalid=config.skip_invalid, skipped=skipped):
+        yield index, record
+        index += 1
+    # Runs before TFDS writes dataset_info, so the counts are saved with the data.
+    self.info.metadata["num_skipped"][split] = len(skipped)
+    self.info.metadata["skipped_errors"][split] = [str(e) for e in skipped[:_MAX_RECORDED_ERRORS]]
+    if skipped:
+      _log.warning(
+        "SftJsonl split %r: skipped %d malformed lines, first: %s", split, len(skipped), skipped[0]
+      )
+
+  # ------------------------------------------------------------------ reading
+
+  @property
+  def content_hash(self) -> str:
+    """The hash that keys this dataset: write it into a run's config to record the data."""
+    return self.builder_config.content_hash
+
+  @property
+  def num_skipped(self) -> dict[str, int]:
+    """Split -> malformed lines skipped when the dataset was built (0 when strict)."""
+    counts = self.info.metadata.get("num_skipped", {})
+    return {split: int(counts.get(split, 0)) for split in self.builder_config.splits}
+
+  @property
+  def skipped_errors(self) -> dict[str, list[str]]:
+    """Split -> messages of the first skipped lines."""
+    return {s: list(v) for s, v in self.info.metadata.get("skipped_errors", {}).items()}
+
+  def source(self, split: str = "train") -> SftSource:
+    """The split as a random-access source of `{"prompt": str, "response": str}`."""
+    if split not in self.builder_config.splits:
+      raise KeyError(f"no split {split!r}; this dataset has {sorted(self.builder_config.splits)}")
+    return SftSource(self.as_data_source(split=split))
+
+
+class SftSource:
+  """A TFDS data source whose text features come back as `str`, not `bytes`."""
+
+  def __init__(self, data_source: Any):
+    self._data_source = data_source
+
+  def __len__(self) -> int:
+    return len(self._data_source)
+
+  def __getitem__(self, index: int) -> dict[str, str]:
+    return _decode(self._data_source[index])
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, str]]:
+    # One batched array_record read instead of one read per record.
+    return [_decode(r) for r in self._data_source.__getitems__(list(indices))]
+
+  def __repr__(self) -> str:
+    return f"SftSource({self._data_source!r})"
+
+
+def _decode(record: Mapping[str, Any]) -> dict[str, str]:
+  return {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in record.items()}
+
+
+def build_sft_jsonl(
+  paths: PathLike | Sequence[PathLike] | Mapping[str, Sequence[PathLike]],
+  data_dir: PathLike,
+  *,
+  skip_invalid: bool = False,
+) -> SftJsonl:
+  """Builds the array_record dataset for these files unless already built.
+
+  Args:
+    paths: a JSONL path, a list of them (the "train" split), or {split: paths}.
+    data_dir: the root holding built datasets (`data_dir/sft_jsonl/<key>/...`).
+    skip_invalid: skip and count malformed lines instead of raising.
+
+  Returns:
+    The prepared builder: `.source(split)`, `.content_hash`, `.num_skipped`.
+
+  Raises:
+    DataError: a malformed line (when not `skip_invalid`); nothing is written.
+  """
+  builder = SftJsonl(paths=paths, skip_invalid=skip_invalid, data_dir=os.fspath(data_dir))
+  builder.download_and_prepare(
+    download_dir=os.path.join(os.fspath(data_dir), "downloads"),
+  )
+  return builder

@@ -1,0 +1,325 @@
+"""A deterministic, checkpointable loader over random-access sources, and SFT batches.
+
+    loader = Loader(builder.source("train"), global_batch_size=64, seed=0,
+                    collate=functools.partial(sft_collate, tokenizer=tok, max_len=512))
+    for batch in global_batches(loader, mesh):   # jax.Arrays sharded over the batch
+      ...
+      checkpoint["data"] = loader.get_state()      # JSON; restore with set_state
+
+Which examples form batch k depends only on (seed, len(source), global batch
+size, drop_remainder, shuffle), never on the number of processes or on
+where a run was restarted:
+
+- Epoch e visits the examples in the order
+  `np.random.default_rng([seed, e]).permutation(len(source))` (or in source
+  order with `shuffle=False`), cut into consecutive global batches. A batch
+  never spans two epochs; with `drop_remainder` the last `len % batch`
+  examples of each permutation are skipped, a different few each epoch.
+- Each process reads only a contiguous slice of every global batch:
+  process p of P gets rows [p * B / P, (p + 1) * B / P). Those are exactly
+  the rows `jax.make_array_from_process_local_data` gives to p's devices on
+  a mesh whose processes own consecutive blocks of the batch axes (what
+  `jax.make_mesh` builds), so the assembled global array equals the
+  single-process batch row for row.
+- The state is the next example's position in the current epoch's order,
+  saved after each batch is produced; restoring it continues with exactly
+  the batches an uninterrupted run would have produced.
+
+Shape legend: B batch, T length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+
+from rlhf_jax import sharding
+from rlhf_jax.data.tokenizer import Tokenizer, pad_batch
+
+Batch = dict[str, np.ndarray]
+
+
+class RandomAccessSource(Protocol):
+  """Anything with a length and integer indexing: a TFDS data source, a list."""
+
+  def __len__(self) -> int: ...
+
+  def __getitem__(self, index: int) -> Any: ...
+
+
+def stack_collate(examples: Sequence[Mapping[str, Any]]) -> Batch:
+  """Stacks each field of dict examples into an array with a leading batch axis."""
+  if not examples:
+    raise ValueError("cannot collate an empty list of examples")
+  return {key: np.stack([np.asarray(e[key]) for e in examples]) for key in examples[0]}
+
+
+class Loader:
+  """Iterates this process's share of each global batch, for one or more epochs.
+
+  `next(loader)` returns `collate([transform(example) for each local row])`.
+  """
+
+  def __init__(
+    self,
+    source: RandomAccessSource,
+    *,
+    global_batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    drop_remainder: bool = True,
+    num_epochs: int | None = None,
+    transform: Callable[[Any], Any] | None = None,
+    collate: Callable[[list[Any]], Batch] | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+  ):
+    """Args:
+      source: random-access examples (`len(source)`, `source[i]`); a
+        `__getitems__(indices)` method, as TFDS array_record sources have,
+        is used to read a process's rows in one call.
+      global_batch_size: B, rows summed over all processes.
+      seed: fixes the order of every epoch.
+      shuffle: reshuffle each epoch; False keeps source order (evaluation).
+      drop_remainder: skip an epoch's last partial batch. Keep True for
+        multi-process training: `host_to_global` needs equal shares.
+      num_epochs: stop after this many epochs; None repeats forever.
+      transform: applied to each example after reading (e.g. tokenize).
+      collate: list of transformed examples -> dict of [B_local, ...] arrays;
+        default `stack_collate`.
+      process_index, process_count: this process and how many read; default
+        `jax.process_index()` and `jax.process_count()`.
+    """
+    num_examples = len(source)
+    if global_batch_size <= 0:
+      raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
+    if num_examples == 0:
+      raise ValueError("the source has no examples")
+    if drop_remainder and num_examples < global_batch_size:
+      # Every epoch would be empty and an infinite loader would spin forever.
+      raise ValueError(
+        f"the source has {num_examples} examples, fewer than one global batch of "
+        f"{global_batch_size} (drop_remainder=True)"
+      )
+    if not isinstance(seed, int | np.integer) or seed < 0:
+      raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if num_epochs is not None and num_epochs < 0:
+      raise ValueError(f"num_epochs must be >= 0 or None, got {num_epochs}")
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    if global_batch_size % process_count:
+      raise ValueError(
+        f"global_batch_size {global_batch_size} is not divisible by {process_count} processes"
+      )
+    self._source = source
+    self._num_examples = num_examples
+    self.global_batch_size = global_batch_size
+    self.seed = int(seed)
+    self.shuffle = shuffle
+    self.drop_remainder = drop_remainder
+    self.num_epochs = num_epochs
+    self.process_index = process_index
+    self.process_count = process_count
+    self._transform = transform
+    self._collate = collate or stack_collate
+    self._epoch = 0
+    self._position = 0
+    self._order_epoch = -1
+    self._order = np.empty(0, np.int64)
+
+  # ------------------------------------------------------------- properties
+
+  @property
+  def num_examples(self) -> int:
+    return self._num_examples
+
+  @property
+  def local_batch_size(self) -> int:
+    """Rows this process gets in each full batch."""
+    return self.global_batch_size // self.process_count
+
+  @property
+  def batches_per_epoch(self) -> int:
+    full, rest = divmod(self._num_examples, self.global_batch_size)
+    return full + (1 if rest and not self.drop_remainder else 0)
+
+  @property
+  def epoch(self) -> int:
+    """The epoch the next batch comes from (0-based)."""
+    return self._epoch
+
+  # ------------------------------------------------------------------- order
+
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    """[len(source)] int64: the order in which epoch `epoch` visits the examples."""
+    if epoch != self._order_epoch:
+      if self.shuffle:
+        # Seeded by (seed, epoch), not by a generator carried across epochs,
+        # so any epoch's order is recomputed from the state alone.
+        rng = np.random.default_rng([self.seed, epoch])
+        self._order = rng.permutation(self._num_examples)
+      else:
+        self._order = np.arange(self._num_examples)
+      self._order_epoch = epoch
+    return self._order
+
+  def _local_slice(self, batch_size: int) -> slice:
+    # Integer division spreads a partial last batch as evenly as it can;
+    # for a full batch every process gets exactly B / P contiguous rows.
+    start = batch_size * self.process_index // self.process_count
+    stop = batch_size * (self.process_index + 1) // self.process_count
+    return slice(start, stop)
+
+  def _next_indices(self) -> tuple[np.ndarray, int, int]:
+    """(global indices of the next batch, its epoch, the position after it)."""
+    epoch, position = self._epoch, self._position
+    while self.num_epochs is None or epoch < self.num_epochs:
+      remaining = self._num_examples - position
+      size = min(remaining, self.global_batch_size)
+      if size == self.global_batch_size or (size > 0 and not self.drop_remainder):
+        order = self.epoch_order(epoch)
+        return order[position : position + size], epoch, position + size
+      epoch, position = epoch + 1, 0
+    raise StopIteration
+
+  # ---------------------------------------------------------------- iterate
+
+  def __iter__(self) -> Loader:
+    return self
+
+  def __next__(self) -> Batch:
+    global_indices, epoch, position = self._next_indices()
+    local = [int(i) for i in global_indices[self._local_slice(len(global_indices))]]
+    getitems = getattr(self._source, "__getitems__", None)
+    examples = getitems(local) if getitems is not None else [self._source[i] for i in local]
+    if self._transform is not None:
+      examples = [self._transform(e) for e in examples]
+    batch = self._collate(list(examples))
+    # Advance only once the batch exists: an exception while reading leaves
+    # the state at this batch, so a retry or a saved state does not skip it.
+    self._epoch, self._position = epoch, position
+    return batch
+
+  # ------------------------------------------------------------------- state
+
+  def get_state(self) -> dict[str, int]:
+    """JSON-serialisable position: the next batch starts at `position` of `epoch`."""
+    return {
+      "seed": self.seed,
+      "epoch": self._epoch,
+      "position": self._position,
+      "num_examples": self._num_examples,
+    }
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    """Restores a `get_state()` dict; the next batch is the one that followed it.
+
+    Raises:
+      ValueError: the state is malformed, or was saved with another seed or
+        a source of another length (its positions would mean other examples).
+    """
+    missing = {"seed", "epoch", "position"} - set(state)
+    if missing:
+      raise ValueError(f"loader state lacks {sorted(missing)}: {dict(state)}")
+    seed, epoch, position = (int(state[k]) for k in ("seed", "epoch", "position"))
+    if seed != self.seed:
+      raise ValueError(f"loader state has seed {seed}, but this loader has seed {self.seed}")
+    num_examples = int(state.get("num_examples", self._num_examples))
+    if num_examples != self._num_examples:
+      raise ValueError(
+        f"loader state is for a source of {num_examples} examples, but this source has "
+        f"{self._num_examples}; the data changed since the state was saved"
+      )
+    if epoch < 0 or not 0 <= position <= self._num_examples:
+      raise ValueError(f"loader state out of range: epoch {epoch}, position {position}")
+    self._epoch, self._position = epoch, position
+
+
+def global_batches(batches: Iterator[Batch], mesh: jax.sharding.Mesh) -> Iterator[Any]:
+  """Yields each host batch as global jax.Arrays, batch axis over (data, fsdp).
+
+  The loader is pulled one batch at a time, so `loader.get_state()` taken
+  after a step matches the batches that step consumed.
+  """
+  for batch in batches:
+    yield sharding.host_to_global(batch, mesh)
+
+
+# ---------------------------------------------------------------------- SFT
+
+
+def sft_collate(
+  examples: Sequence[Mapping[str, str | bytes]],
+  tokenizer: Tokenizer,
+  max_len: int,
+  *,
+  add_bos: bool = True,
+) -> Batch:
+  """Tokenizes prompt/response examples into right-padded training rows.
+
+  A row is `[BOS] + prompt + response + [EOS]`, prompt and response
+  tokenized separately. Too long a row loses tokens from the *start* of the
+  prompt (the end, next to the response, matters most) and is flagged in
+  `truncated`. If even BOS, one prompt token, the response and EOS do not
+  fit, the row is dropped: it stays in the batch (so shards keep their
+  shape) but is all PAD with both masks False, and flagged in `dropped`.
+  Sum the flags for counts. Padding uses the tokenizer's PAD id, never EOS.
+
+  Args:
+    examples: B dicts with "prompt" and "response" text (str or UTF-8 bytes).
+    tokenizer: supplies the ids; PAD must differ from EOS.
+    max_len: T, the padded length.
+    add_bos: start each row with BOS (when the tokenizer has one).
+
+  Returns:
+    tokens: [B, T] int32, PAD after the row.
+    input_mask: [B, T] bool, True on real tokens.
+    loss_mask: [B, T] bool, True exactly where `tokens` holds a response
+      token or the EOS: the targets (predicted from the position before).
+    truncated: [B] bool, the prompt lost tokens from its start.
+    dropped: [B] bool, the row did not fit and is empty.
+  """
+  if tokenizer.pad_id == tokenizer.eos_id:
+    raise ValueError("the tokenizer pads with its EOS id; masks would hide every EOS")
+
+  def text(example: Mapping[str, str | bytes], field: str) -> str:
+    value = example[field]
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+  prompts = tokenizer.encode_batch([text(e, "prompt") for e in examples])
+  responses = tokenizer.encode_batch([text(e, "response") for e in examples])
+  bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id >= 0 else []
+  eos = tokenizer.eos_id
+
+  rows, response_starts = [], []
+  truncated = np.zeros(len(examples), np.bool_)
+  dropped = np.zeros(len(examples), np.bool_)
+  for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+    target = [*response, eos]
+    room = max_len - len(bos) - len(target)  # tokens left for the prompt
+    if room < min(1, len(prompt)):
+      dropped[i] = True
+      rows.append([])
+      response_starts.append(0)
+      continue
+    if len(prompt) > room:
+      prompt = prompt[len(prompt) - room :]
+      truncated[i] = True
+    rows.append([*bos, *prompt, *target])
+    response_starts.append(len(bos) + len(prompt))
+
+  tokens, input_mask = pad_batch(rows, max_len, tokenizer.pad_id, "right")
+  positions = np.arange(max_len)[None, :]
+  loss_mask = (positions >= np.asarray(response_starts)[:, None]) & input_mask
+  return {
+    "tokens": tokens,
+    "input_mask": input_mask,
+    "loss_mask": loss_mask,
+    "truncated": truncated,
+    "dropped": dropped,
+  }
