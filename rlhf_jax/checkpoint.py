@@ -195,6 +195,23 @@ class PreemptionWatcher:
 # ---------------------------------------------------------------------------------------------
 
 
+class _DropLibraryInfo(logging.Filter):
+  """Drops INFO records logged from inside Orbax: a dozen lines per save drown the train log."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+_LOG_FILTER = _DropLibraryInfo()
+
+
+def quiet_orbax_logs() -> None:
+  """Keeps Orbax's warnings and errors, drops its INFO chatter (idempotent)."""
+  for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+    if _LOG_FILTER not in handler.filters:
+      handler.addFilter(_LOG_FILTER)
+
+
 class Checkpointer:
   """Saves and restores trainer state in `directory` (`<workdir>/checkpoints`).
 
@@ -220,6 +237,7 @@ class Checkpointer:
     save_interval_steps: int = 1000,
     async_save: bool = True,
   ):
+    quiet_orbax_logs()
     directory = os.fspath(directory)
     # Tensorstore wants absolute local paths; remote ones (gs://) already are.
     self.directory = directory if "://" in directory else os.path.abspath(directory)

@@ -45,8 +45,8 @@ from typing import Any
 import jax
 import ml_collections
 from absl import logging
-from ml_collections import config_flags
 from ml_collections.config_flags import config_path
+from ml_collections.config_flags.config_flags import UnsupportedOperationError
 
 CONFIG_FILENAME = "config.json"
 TRAINERS_PACKAGE = "rlhf_jax.trainers"
@@ -151,24 +151,50 @@ def _listing(names: Sequence[str], limit: int = 25) -> str:
   return ", ".join(names) or "(none)"
 
 
-def check_key(config: ml_collections.ConfigDict, key: str, prefix: str = "config") -> None:
+def closest_keys(key: str, candidates: Sequence[str], n: int = 3) -> list[str]:
+  """The candidates most similar to the dotted `key`, best first.
+
+  A candidate scores the difflib ratio of the whole keys, or 0.9 times the ratio of their
+  last components when that is higher, so `lr` finds `optim.lr`. Scores below 0.6 are
+  dropped, and so is anything more than 0.1 behind the best: a clear winner comes alone.
+  """
+  last = key.rsplit(".", 1)[-1]
+  scored = []
+  for candidate in candidates:
+    score = max(
+      difflib.SequenceMatcher(None, key, candidate).ratio(),
+      0.9 * difflib.SequenceMatcher(None, last, candidate.rsplit(".", 1)[-1]).ratio(),
+    )
+    if score >= 0.6:
+      scored.append((score, candidate))
+  scored.sort(key=lambda item: (-item[0], item[1]))
+  if not scored:
+    return []
+  best = scored[0][0]
+  return [candidate for score, candidate in scored[:n] if score >= best - 0.1]
+
+
+def check_key(
+  config: ml_collections.ConfigDict, key: str, prefix: str = "config", source: str = ""
+) -> None:
   """Raises ConfigError unless the dotted `key` exists in `config`.
 
-  The message names the full key (`prefix.key`), suggests the closest existing keys
-  (difflib) and lists the keys of the deepest section that does exist.
+  The message names the full key (`prefix.key`) and `source` (what the user typed), suggests
+  the closest existing keys and lists the keys of the deepest section that does exist.
   """
+  where = f" (from {source})" if source else ""
   node: Any = config
   parts = key.split(".")
   for depth, part in enumerate(parts):
     here = ".".join([prefix, *parts[:depth]])
     if not isinstance(node, (ml_collections.ConfigDict, dict)):
       raise ConfigError(
-        f"Unknown config key {prefix}.{key}: {here} is a {_type_name(node)} "
-        f"({node!r}), not a section with fields."
+        f"Unknown config key {prefix}.{key}{where}: {here} holds the "
+        f"{_type_name(node)} {node!r}, not a section with fields."
       )
     if part not in node:
-      close = difflib.get_close_matches(key, config_keys(config), n=3, cutoff=0.6)
-      message = f"Unknown config key {prefix}.{key}."
+      message = f"Unknown config key {prefix}.{key}{where}."
+      close = closest_keys(key, config_keys(config))
       if close:
         message += " Did you mean " + " or ".join(f"{prefix}.{c}" for c in close) + "?"
       message += f" Keys in {here}: {_listing(list(node.keys()))}."
@@ -229,7 +255,7 @@ def explain_override_error(
 
     unknown key   names the full dotted key, the closest valid keys and the keys of the
                   deepest existing section;
-    wrong type    names the key, its type and default, and the value typed;
+    wrong type    names the key, its declared type and value, and the value typed;
     None field    explains that a field whose default is None has no type to parse into;
     config file   a missing file, or a ValueError/TypeError raised by get_config (e.g. an
                   unknown key in the arg string), is reported in one line with its location.
@@ -257,17 +283,18 @@ def explain_override_error(
     )
   if not isinstance(config, ml_collections.ConfigDict):
     return f"get_config in --{name}={spec} returned {_type_name(config)}, not a ConfigDict."
-  overrides = parse_override_args(argv, name)
+  # Indexed keys (`--config.layers[0]=...`, which config_flags allows) are not checked here.
+  overrides = {k: v for k, v in parse_override_args(argv, name).items() if "[" not in k}
   for key, value in overrides.items():
+    typed = f"--{name}.{key}" if value is None else f"--{name}.{key}={value}"
     try:
-      check_key(config, key, prefix=name)
+      check_key(config, key, prefix=name, source=typed)
     except ConfigError as key_error:
-      typed = f"--{name}.{key}" if value is None else f"--{name}.{key}={value}"
-      return f"{key_error} (from {typed})"
+      return str(key_error)
   for key, value in overrides.items():
     typed = f"--{name}.{key}" if value is None else f"--{name}.{key}={value}"
     if (
-      isinstance(error, config_flags.UnsupportedOperationError)
+      isinstance(error, UnsupportedOperationError)
       and f"{name}.{key} " in str(error)
       and _get(config, key) is None
     ):
@@ -283,7 +310,7 @@ def explain_override_error(
       kind = config_path.get_type(key, config)
       return (
         f"Bad value for {name}.{key} (from {typed}): expected {getattr(kind, '__name__', kind)}"
-        f" (default {_get(config, key)!r}); {reason}"
+        f" (the config's value is {_get(config, key)!r}); {reason}"
       )
   return None
 
@@ -375,12 +402,29 @@ def _warn_if_changed(path: str, new: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+def _defines_train(path: str) -> bool:
+  # Read, not imported: importing every trainer would pull in all their dependencies.
+  try:
+    with open(path, encoding="utf-8") as f:
+      return re.search(r"^def train\(", f.read(), re.MULTILINE) is not None
+  except OSError:
+    return True  # Cannot tell (e.g. a zipped package): list it rather than hide it.
+
+
 def available_trainers() -> list[str]:
-  """Module names in rlhf_jax/trainers/ (the values a bare `config.trainer` may take)."""
+  """Modules in rlhf_jax/trainers/ with a top-level `def train(` (values for `config.trainer`).
+
+  Helpers next to the trainers (shared code without a train function) are left out.
+  """
   package = importlib.import_module(TRAINERS_PACKAGE)
-  return sorted(
-    info.name for info in pkgutil.iter_modules(package.__path__) if not info.name.startswith("_")
-  )
+  names = []
+  for info in pkgutil.iter_modules(package.__path__):
+    if info.name.startswith("_") or info.ispkg:
+      continue
+    path = os.path.join(getattr(info.module_finder, "path", ""), info.name + ".py")
+    if _defines_train(path):
+      names.append(info.name)
+  return sorted(names)
 
 
 def get_trainer(name: Any):

@@ -182,6 +182,11 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, spec)
 
 
+def unbox(boxed_tree: Any) -> Any:
+  """Plain arrays (or ShapeDtypeStructs) from a tree of boxed Flax leaves."""
+  return meta.unbox(boxed_tree)
+
+
 def logical_specs(boxed_tree: Any) -> Any:
   """The tree of logical PartitionSpecs of a Flax tree of boxed (Partitioned) leaves."""
   return meta.get_partition_spec(boxed_tree)
@@ -239,6 +244,22 @@ def host_to_global(batch: Any, mesh) -> Any:
     return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
 
   return jax.tree.map(one, batch)
+
+
+def global_from_full(x: Any, mesh) -> jax.Array:
+  """A global array sharded over the batch from a host array every process holds whole."""
+  x = np.asarray(x)
+  sh = batch_sharding(mesh, x.ndim)
+  return jax.make_array_from_callback(x.shape, sh, lambda index: x[index])
+
+
+def fetch(x: jax.Array) -> np.ndarray:
+  """The whole of a (possibly multi-process) global array, on every host."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
 
 
 def reshard(tree: Any, shardings: Any, *, donate: bool = False) -> Any:

@@ -8,9 +8,10 @@ example serialisation and reads them back as random-access data sources.
     print(builder.content_hash, builder.num_skipped)
 
 A dataset is written once into `data_dir/sft_jsonl/<key>/1.0.0/` and reused
-afterwards. The key is the sha256 of the input files' contents (see
-`content_hash`), so editing an input file builds a new dataset rather than
-silently reusing stale data; renaming or moving a file does not. TFDS writes
+afterwards. The key is a sha256 of the input files' contents (see
+`content_hash`) with the split names and the `skip_invalid` mode, so editing
+an input file builds a new dataset rather than silently reusing stale data;
+renaming or moving a file does not. TFDS writes
 into an `incomplete.*` sibling directory and renames it into place when the
 build finishes, so an interrupted build is never read.
 
@@ -34,6 +35,9 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+# TFDS 4.9.10 also needs `importlib_resources` to prepare a builder defined
+# in a package, without declaring it on Python >= 3.9
+# (tensorflow/datasets#11212); the project lists it as a dependency.
 import tensorflow_datasets as tfds
 
 PathLike = str | os.PathLike[str]
@@ -98,7 +102,9 @@ def parse_sft_record(raw: bytes | str, path: PathLike, line: int) -> dict[str, s
     try:
       raw = raw.decode("utf-8")
     except UnicodeDecodeError as error:
-      raise DataError(path, line, f"not valid UTF-8 ({error.reason} at byte {error.start})")
+      raise DataError(
+        path, line, f"not valid UTF-8 ({error.reason} at byte {error.start})"
+      ) from None
   try:
     record = json.loads(raw)
   except json.JSONDecodeError as error:
@@ -178,12 +184,14 @@ class SftJsonlConfig(tfds.core.BuilderConfig):
   Attributes:
     splits: split name -> absolute JSONL paths, read in this order.
     skip_invalid: skip and count malformed lines instead of raising.
-    content_hash: `content_hash` of every split's files; the config name
-      (and so the directory) is derived from it.
+    split_hashes: split name -> `content_hash` of its files.
+    content_hash: sha256 over the split names and `split_hashes`: the key of
+      the whole dataset, from which the config name (the directory) comes.
   """
 
   splits: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
   skip_invalid: bool = False
+  split_hashes: dict[str, str] = dataclasses.field(default_factory=dict)
   content_hash: str = ""
 
   @classmethod
@@ -195,11 +203,12 @@ class SftJsonlConfig(tfds.core.BuilderConfig):
   ) -> SftJsonlConfig:
     """A config for JSONL files: a path or list (the "train" split) or {split: paths}."""
     splits = _normalise_splits(paths)
+    split_hashes = {split: content_hash(files) for split, files in splits.items()}
     digest = hashlib.sha256()
     for split in sorted(splits):
       # The split name goes in too: the same file as "train" or as "eval"
       # is a different dataset.
-      digest.update(f"{split}\0{content_hash(splits[split])}\0".encode())
+      digest.update(f"{split}\0{split_hashes[split]}\0".encode())
     full_hash = digest.hexdigest()
     # A lenient build must never be reused by a strict run: the strict run
     # has to see the errors the lenient one skipped.
@@ -209,6 +218,7 @@ class SftJsonlConfig(tfds.core.BuilderConfig):
       description=f"prompt/response JSONL: {splits}",
       splits=splits,
       skip_invalid=skip_invalid,
+      split_hashes=split_hashes,
       content_hash=full_hash,
     )
 
@@ -260,6 +270,7 @@ class SftJsonl(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict[str, str]]]]:
     del dl_manager  # Local files only: nothing is downloaded.
     self.info.metadata["content_hash"] = self.builder_config.content_hash
+    self.info.metadata["split_hashes"] = dict(self.builder_config.split_hashes)
     self.info.metadata["paths"] = {s: list(p) for s, p in self.builder_config.splits.items()}
     self.info.metadata["num_skipped"] = {}
     self.info.metadata["skipped_errors"] = {}
@@ -287,6 +298,11 @@ class SftJsonl(tfds.core.GeneratorBasedBuilder):
   def content_hash(self) -> str:
     """The hash that keys this dataset: write it into a run's config to record the data."""
     return self.builder_config.content_hash
+
+  @property
+  def split_hashes(self) -> dict[str, str]:
+    """Split -> `content_hash` of its input files."""
+    return dict(self.builder_config.split_hashes)
 
   @property
   def num_skipped(self) -> dict[str, int]:

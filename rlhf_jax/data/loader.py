@@ -18,12 +18,12 @@ where a run was restarted:
 - Each process reads only a contiguous slice of every global batch:
   process p of P gets rows [p * B / P, (p + 1) * B / P). Those are exactly
   the rows `jax.make_array_from_process_local_data` gives to p's devices on
-  a mesh whose processes own consecutive blocks of the batch axes (what
-  `jax.make_mesh` builds), so the assembled global array equals the
-  single-process batch row for row.
-- The state is the next example's position in the current epoch's order,
-  saved after each batch is produced; restoring it continues with exactly
-  the batches an uninterrupted run would have produced.
+  a mesh whose processes own consecutive blocks of the batch axes (the
+  usual layout from `jax.make_mesh`), so the assembled global array equals
+  the single-process batch row for row.
+- The state is (epoch, the next example's position in that epoch's order).
+  It advances only once a batch has been produced; restoring it continues
+  with exactly the batches an uninterrupted run would have produced.
 
 Shape legend: B batch, T length.
 """
@@ -78,20 +78,20 @@ class Loader:
     process_count: int | None = None,
   ):
     """Args:
-      source: random-access examples (`len(source)`, `source[i]`); a
-        `__getitems__(indices)` method, as TFDS array_record sources have,
-        is used to read a process's rows in one call.
-      global_batch_size: B, rows summed over all processes.
-      seed: fixes the order of every epoch.
-      shuffle: reshuffle each epoch; False keeps source order (evaluation).
-      drop_remainder: skip an epoch's last partial batch. Keep True for
-        multi-process training: `host_to_global` needs equal shares.
-      num_epochs: stop after this many epochs; None repeats forever.
-      transform: applied to each example after reading (e.g. tokenize).
-      collate: list of transformed examples -> dict of [B_local, ...] arrays;
-        default `stack_collate`.
-      process_index, process_count: this process and how many read; default
-        `jax.process_index()` and `jax.process_count()`.
+    source: random-access examples (`len(source)`, `source[i]`); a
+      `__getitems__(indices)` method, as TFDS array_record sources have,
+      is used to read a process's rows in one call.
+    global_batch_size: B, rows summed over all processes.
+    seed: fixes the order of every epoch.
+    shuffle: reshuffle each epoch; False keeps source order (evaluation).
+    drop_remainder: skip an epoch's last partial batch. Keep True for
+      multi-process training: `host_to_global` needs equal shares.
+    num_epochs: stop after this many epochs; None repeats forever.
+    transform: applied to each example after reading (e.g. tokenize).
+    collate: list of transformed examples -> dict of [B_local, ...] arrays;
+      default `stack_collate`.
+    process_index, process_count: this process and how many read; default
+      `jax.process_index()` and `jax.process_count()`.
     """
     num_examples = len(source)
     if global_batch_size <= 0:
@@ -175,17 +175,27 @@ class Loader:
     stop = batch_size * (self.process_index + 1) // self.process_count
     return slice(start, stop)
 
+  def _batch_size_at(self, position: int) -> int:
+    """Rows of the batch starting at `position` of an epoch; 0 when the epoch is done."""
+    size = min(self._num_examples - position, self.global_batch_size)
+    return size if size == self.global_batch_size or not self.drop_remainder else 0
+
   def _next_indices(self) -> tuple[np.ndarray, int, int]:
-    """(global indices of the next batch, its epoch, the position after it)."""
+    """(global indices of the next batch, epoch and position of the batch after it)."""
     epoch, position = self._epoch, self._position
-    while self.num_epochs is None or epoch < self.num_epochs:
-      remaining = self._num_examples - position
-      size = min(remaining, self.global_batch_size)
-      if size == self.global_batch_size or (size > 0 and not self.drop_remainder):
-        order = self.epoch_order(epoch)
-        return order[position : position + size], epoch, position + size
+    # Only a state from set_state can point past an epoch's last batch.
+    while self._batch_size_at(position) == 0:
       epoch, position = epoch + 1, 0
-    raise StopIteration
+    if self.num_epochs is not None and epoch >= self.num_epochs:
+      raise StopIteration
+    size = self._batch_size_at(position)
+    indices = self.epoch_order(epoch)[position : position + size]
+    position += size
+    if self._batch_size_at(position) == 0:
+      # Step over the dropped remainder now, so the state and `epoch` name
+      # the epoch the next batch really comes from.
+      epoch, position = epoch + 1, 0
+    return indices, epoch, position
 
   # ---------------------------------------------------------------- iterate
 

@@ -1,0 +1,1 @@
+"""Entry points for running experiments: `python -m experiments.launch --config=...`."""

@@ -1,0 +1,89 @@
+r"""Launches one run: a config file and its overrides go to the trainer the config names.
+
+  python -m experiments.launch --config=configs/sft.py:runlocal --config.total_steps=20 \
+    --workdir=/tmp/sft
+
+  --config=FILE[:ARG]   a Python file whose get_config(ARG) returns a ConfigDict; ARG is one
+                        string such as "runlocal,seed=3" (see configs/common.parse_arg).
+  --config.KEY=VALUE    overrides a field (dotted for sections). An unknown key or a value of
+                        the wrong type is refused with a message naming the key.
+  --workdir=DIR         default runs/<file stem>[_<ARG>], e.g. runs/sft_runlocal.
+  --[no]jax_distributed call jax.distributed.initialize() first. Unset means auto: on when
+                        the environment shows a multi-process job (JAX_COORDINATOR_ADDRESS,
+                        SLURM_NTASKS>1, OMPI_COMM_WORLD_SIZE>1, a TPU pod's host list).
+
+Multi-host: run the same command on every host. Process 0 writes config.json and logs at
+INFO; the other processes log warnings and errors only (unless --verbosity is given).
+
+The logic lives in rlhf_jax.config_utils (`run(config, workdir)`), so a notebook can do the
+same without flags.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from rlhf_jax import config_utils
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config file, FILE[:ARG].", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; default runs/<config name>.")
+_JAX_DISTRIBUTED = flags.DEFINE_bool(
+  "jax_distributed", None, "Call jax.distributed.initialize(); unset = detect a cluster."
+)
+flags.mark_flag_as_required("config")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with messages that name the full key of a bad --config override."""
+  try:
+    return flags.FLAGS(argv)
+  # config_flags lets an unknown key escape as AttributeError/KeyError and a missing file as
+  # OSError; flags.Error covers values of the wrong type.
+  except (flags.Error, AttributeError, KeyError, OSError) as error:
+    try:
+      expanded = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
+    except flags.Error:
+      expanded = argv
+    message = config_utils.explain_override_error(expanded, error)
+    if message is None:
+      if not isinstance(error, flags.Error):
+        raise  # Not an override mistake: a bug whose traceback is worth seeing.
+      message = str(error)
+  sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
+  sys.stderr.write("Pass --helpshort or --helpfull to see help on flags.\n")
+  sys.exit(1)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  # Before anything touches devices; jax.process_index() below already does.
+  config_utils.maybe_initialize_distributed(_JAX_DISTRIBUTED.value)
+  if jax.process_index() != 0 and not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  config_utils.log_environment()
+
+  spec = flags.FLAGS["config"].config_filename
+  workdir = _WORKDIR.value or config_utils.default_workdir(spec)
+  logging.info("Config %s, workdir %s", spec, workdir)
+  try:
+    config = _CONFIG.value
+    if not isinstance(config, ml_collections.ConfigDict):
+      # config_flags defers a load failure to first use; reloading raises it readably.
+      config_utils.load_config(spec)
+      raise config_utils.ConfigError(f"--config={spec} did not give a ConfigDict: {config!r}")
+    config_utils.run(config, workdir)
+  except config_utils.ConfigError as error:
+    # The message says what to fix; a traceback into the launcher would only bury it.
+    sys.exit(f"FATAL config error: {error}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,91 @@
+"""Pieces every trainer shares: model config from a config section, train state, data.
+
+Kept small on purpose: a trainer still reads top to bottom in its own file;
+these helpers only remove code that would otherwise be copied verbatim.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from rlhf_jax import models, sharding
+from rlhf_jax.data import tokenizer as tokenizer_lib
+
+
+def model_config(section: Any, vocab_size: int) -> models.ModelConfig:
+  """A ModelConfig from `config.model`: `preset` plus any ModelConfig fields."""
+  fields = dict(section)
+  preset = fields.pop("preset")
+  fields["vocab_size"] = vocab_size
+  return models.get_model_config(preset, **fields)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def get_tokenizer(config: Any, workdir: str, texts_fn) -> tokenizer_lib.Tokenizer:
+  """Loads `config.tokenizer.path`, or the workdir's, or trains one on `texts_fn()`.
+
+  A tokenizer trained here is saved as `<workdir>/tokenizer.model`, so a
+  resumed run and every later stage use the same vocabulary.
+  """
+  path = config.tokenizer.path or os.path.join(workdir, "tokenizer.model")
+  if os.path.exists(path):
+    return tokenizer_lib.Tokenizer.load(path)
+  if config.tokenizer.path:
+    raise FileNotFoundError(f"config.tokenizer.path={config.tokenizer.path!r} does not exist.")
+  logging.info("Training a SentencePiece tokenizer (vocab %d)", config.tokenizer.vocab_size)
+  tok = tokenizer_lib.Tokenizer.train(
+    texts_fn(), config.tokenizer.vocab_size, model_type=config.tokenizer.model_type
+  )
+  if jax.process_index() == 0:
+    tok.save(path)
+  return tok
+
+
+def state_shardings(abstract_state: Any) -> Any:
+  return jax.tree.map(lambda x: x.sharding, abstract_state)
+
+
+def replicated(mesh) -> jax.sharding.NamedSharding:
+  return jax.sharding.NamedSharding(mesh, jax.P())
+
+
+def tree_size(tree: Any) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def to_host(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
+  """Fetches a dict of device scalars in one transfer."""
+  host = jax.device_get(dict(metrics))
+  return {k: np.asarray(v).item() for k, v in host.items()}
+
+
+def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def left_pad_prompts(tok: tokenizer_lib.Tokenizer, prompts: list[str], length: int):
+  """Tokenized, left-padded prompts [B, length] (BOS first), keeping the prompt's end."""
+  rows = []
+  for ids in tok.encode_batch(prompts):
+    row = ([tok.bos_id] if tok.bos_id >= 0 else []) + ids
+    rows.append(row[-length:])
+  return tokenizer_lib.pad_batch(rows, length, tok.pad_id, "left")
+
+
+def mesh_from_config(config: Any):
+  return sharding.make_mesh(tuple(config.mesh))

@@ -1,0 +1,424 @@
+"""Supervised fine-tuning: next-token loss on response tokens only.
+
+    python -m experiments.launch --config=configs/sft.py
+
+Sections, in order: logging, mesh, data and tokenizer, model and optimizer
+shapes, sharded state, update step, checkpoint restore, evaluators, train
+loop. The run is exactly resumable: parameters, optimizer state, step, RNG
+key and the data loader's position are checkpointed, and a rerun with the
+same workdir continues from the latest checkpoint with the same batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from rlhf_jax import checkpoint, metrics, models, optim, sharding
+from rlhf_jax.data import builders
+from rlhf_jax.data import loader as loader_lib
+from rlhf_jax.rl import sampler as sampler_lib
+from rlhf_jax.rl.logprobs import shift_for_next_token, token_logprobs
+from rlhf_jax.trainers import common
+
+# Metrics that depend on wall-clock time; everything else is deterministic
+# and must be identical between an interrupted-and-resumed run and a straight one.
+TIMING_METRICS = ("tokens_per_s", "steps_per_s", "mfu", "step_time_s")
+
+
+def sft_loss(module, params, batch):
+  """Mean next-token NLL over response tokens (loss_mask), float32.
+
+  batch: tokens [B, T] int32, input_mask [B, T] bool, loss_mask [B, T] bool
+  (True where the token is a target: response tokens and EOS).
+  """
+  tokens, input_mask = batch["tokens"], batch["input_mask"]
+  logits, _ = module.apply(
+    {"params": params},
+    tokens,
+    models.positions_from_mask(input_mask),
+    models.causal_attention_mask(input_mask),
+  )
+  targets, target_mask = shift_for_next_token(tokens, batch["loss_mask"])
+  nll = -token_logprobs(logits, targets)
+  return common.masked_mean(nll, target_mask), jnp.sum(target_mask)
+
+
+def prepare_data(config, workdir):
+  """The train/eval sources: the testbed's SFT corpus, or local JSONL files.
+
+  Both go through the same TFDS builder (array_record), so a run records the
+  content hash of exactly the data it used.
+  """
+  data = config.data
+  if data.source == "testbed":
+    from rlhf_jax.data import testbed  # noqa: PLC0415 (the testbed is optional here)
+
+    paths = testbed.write_sft_jsonl(
+      os.path.join(workdir, "data"),
+      num_train=data.num_train,
+      num_eval=data.num_eval,
+      seed=data.seed,
+      config=data.get("testbed"),
+    )
+  elif data.source == "jsonl":
+    if not data.train_jsonl:
+      raise ValueError("config.data.train_jsonl is empty but config.data.source='jsonl'.")
+    paths = {"train": [data.train_jsonl]}
+    if data.eval_jsonl:
+      paths["eval"] = [data.eval_jsonl]
+  else:
+    raise ValueError(f"config.data.source={data.source!r}; expected 'testbed' or 'jsonl'.")
+  data_dir = data.data_dir or os.path.join(workdir, "data", "tfds")
+  builder = builders.build_sft_jsonl(paths, data_dir, skip_invalid=data.skip_invalid)
+  train = builder.source("train")
+  evals = builder.source("eval") if "eval" in paths else None
+  info = {
+    "content_hash": builder.content_hash,
+    "paths": {k: [str(p) for p in v] for k, v in paths.items()},
+    "skipped": builder.num_skipped,
+    "num_train": len(train),
+    "num_eval": len(evals) if evals is not None else 0,
+  }
+  return train, evals, info
+
+
+def train(config: Any, workdir: str) -> dict[str, float]:
+  """Trains the policy with SFT; returns the final eval metrics."""
+  # ----------------------------------------------------------------- logging
+  os.makedirs(workdir, exist_ok=True)
+  is_primary = jax.process_index() == 0
+  ckpt = checkpoint.Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    max_to_keep=config.keep_checkpoints,
+    save_interval_steps=config.checkpoint_every,
+  )
+  start_step = ckpt.latest_step() or 0
+  # A fresh start (-1) drops any lines a run killed before its first checkpoint left.
+  writer = metrics.MetricWriter(workdir, resume_step=start_step or -1)
+
+  # -------------------------------------------------------------------- mesh
+  mesh = common.mesh_from_config(config)
+  rules = config.sharding_rules
+  logging.info("Mesh %s, rules %s, %d devices", dict(mesh.shape), rules, mesh.size)
+
+  # --------------------------------------------------------- data, tokenizer
+  train_source, eval_source, data_info = prepare_data(config, workdir)
+  if is_primary:
+    common.write_json_atomic(os.path.join(workdir, "data_info.json"), data_info)
+  logging.info("Data: %s", data_info)
+
+  def corpus():
+    for i in range(len(train_source)):
+      ex = train_source[i]
+      yield ex["prompt"]
+      yield ex["response"]
+
+  tok = common.get_tokenizer(config, workdir, corpus)
+  collate = functools.partial(loader_lib.sft_collate, tokenizer=tok, max_len=config.max_len)
+  train_loader = loader_lib.Loader(
+    train_source, global_batch_size=config.batch_size, seed=config.seed, collate=collate
+  )
+
+  # ------------------------------------------------ model, optimizer shapes
+  model_cfg = common.model_config(config.model, tok.vocab_size)
+  module = models.LanguageModel(model_cfg)
+  tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+  accum = int(config.optim.get("grad_accum_steps", 1) or 1)
+
+  def init_state(rng):
+    init_rng, rng = jax.random.split(rng)
+    params = models.init_params(module, init_rng)
+    unboxed = sharding.unbox(params)
+    return dict(
+      params=params,
+      opt_state=tx.init(unboxed),
+      step=jnp.zeros((), jnp.int32),
+      rng=rng,
+    )
+
+  # -------------------------------------------------------- sharded state
+  with sharding.use_mesh(mesh, rules):
+    abstract = jax.eval_shape(init_state, jax.random.key(config.seed))
+    param_sh = sharding.tree_shardings(
+      abstract["params"], sharding.logical_specs(abstract["params"]), mesh, rules
+    )
+    # Optimizer moments mirror the parameters' layout; scalars are replicated.
+    opt_sh = _mirror_shardings(abstract["opt_state"], abstract["params"], param_sh, mesh)
+    state_sh = dict(
+      params=param_sh,
+      opt_state=opt_sh,
+      step=common.replicated(mesh),
+      rng=common.replicated(mesh),
+    )
+    init = jax.jit(lambda r: sharding.unbox(init_state(r)), out_shardings=state_sh)
+    abstract_state = jax.eval_shape(init, jax.random.key(config.seed))
+    abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh
+    )
+  num_params = common.tree_size(abstract_state["params"])
+  logging.info("Model %s: %d parameters", model_cfg, num_params)
+
+  # ----------------------------------------------------------- update step
+  def update(state, batch):
+    (loss, num_targets), grads = jax.value_and_grad(
+      lambda p: sft_loss(module, p, batch), has_aux=True
+    )(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    step_metrics = dict(
+      loss=loss,
+      lr=schedule(state["step"] // accum),
+      grad_norm=optim.l2_norm(grads),
+      param_norm=optim.l2_norm(params),
+      update_norm=optim.l2_norm(updates),
+      target_tokens=num_targets,
+    )
+    new_state = dict(params=params, opt_state=opt_state, step=state["step"] + 1, rng=state["rng"])
+    return new_state, step_metrics
+
+  batch_sh = sharding.batch_sharding(mesh, 2)
+  batch_shardings = dict(tokens=batch_sh, input_mask=batch_sh, loss_mask=batch_sh)
+  update_fn = jax.jit(
+    update,
+    in_shardings=(state_sh, batch_shardings),
+    out_shardings=(state_sh, common.replicated(mesh)),
+    donate_argnums=(0,),
+  )
+  eval_fn = jax.jit(
+    lambda params, batch: sft_loss(module, params, batch),
+    in_shardings=(param_sh, batch_shardings),
+  )
+
+  # ------------------------------------------------------ load checkpoint
+  with sharding.use_mesh(mesh, rules):
+    if start_step:
+      state, meta = ckpt.restore(start_step, target=abstract_state)
+      train_loader.set_state(meta["loader"])
+      logging.info("Resumed from step %d (%s)", start_step, ckpt.directory)
+    else:
+      state = init(jax.random.key(config.seed))
+  ckpt.install_sigterm_handler()
+
+  # ------------------------------------------------------------ evaluators
+  sampler = sampler_lib.make_sampler(
+    module,
+    sampler_lib.SamplerConfig(
+      max_new_tokens=config.eval.max_new_tokens,
+      eos_id=tok.eos_id,
+      pad_id=tok.pad_id,
+      temperature=config.eval.temperature,
+    ),
+    mesh=mesh,
+    rules=rules,
+    param_shardings=param_sh,
+  )
+
+  def evaluate(state, step) -> dict[str, float]:
+    out = {}
+    params = state["params"]
+    if eval_source is not None:
+      eval_loader = loader_lib.Loader(
+        eval_source,
+        global_batch_size=config.batch_size,
+        shuffle=False,
+        drop_remainder=False,
+        num_epochs=1,
+        collate=collate,
+      )
+      total, count = 0.0, 0.0
+      with sharding.use_mesh(mesh, rules):
+        for batch in eval_loader:
+          batch = _pad_rows(_model_inputs(batch), eval_loader.local_batch_size, tok.pad_id)
+          loss, n = eval_fn(params, sharding.host_to_global(batch, mesh))
+          total += float(loss) * float(n)
+          count += float(n)
+      out["eval/loss"] = total / max(count, 1.0)
+    out.update(_sample_eval(state, step))
+    return out
+
+  def _sample_eval(state, step) -> dict[str, float]:
+    source = eval_source if eval_source is not None else train_source
+    n = min(config.eval.num_samples, len(source))
+    if n == 0:
+      return {}
+    examples = [source[i] for i in range(n)]
+    prompts = [_text(e["prompt"]) for e in examples]
+    tokens, mask = common.left_pad_prompts(tok, prompts, config.eval.prompt_len)
+    rows = _round_up(n, _batch_divisor(mesh))
+    tokens, mask = _pad_prompt_rows(tokens, mask, rows, tok)
+    rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
+    with sharding.use_mesh(mesh, rules):
+      out = sampler(
+        state["params"],
+        sharding.global_from_full(tokens, mesh),
+        sharding.global_from_full(mask, mesh),
+        rng,
+      )
+    responses = sharding.fetch(out.tokens)[:n]
+    texts = tok.decode_batch(responses)
+    result = {
+      "eval/response_length": float(sharding.fetch(out.lengths)[:n].mean()),
+      "eval/frac_no_eos": float(1.0 - sharding.fetch(out.has_eos)[:n].mean()),
+    }
+    if config.data.source == "testbed":
+      from rlhf_jax.data import testbed  # noqa: PLC0415
+
+      gold = [testbed.gold_reward(p, r) for p, r in zip(prompts, texts, strict=True)]
+      result["eval/gold_reward"] = float(np.mean(gold))
+    else:
+      gold = [None] * n
+    if is_primary:
+      os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+      path = os.path.join(workdir, "samples", f"step_{step:07d}.jsonl")
+      with open(path + ".tmp", "w") as f:
+        for e, p, r, g in zip(examples, prompts, texts, gold, strict=True):
+          rec = {"step": step, "prompt": p, "response": r, "reference": _text(e["response"])}
+          if g is not None:
+            rec["gold_reward"] = g
+          f.write(json.dumps(rec) + "\n")
+      os.replace(path + ".tmp", path)
+    return result
+
+  # ----------------------------------------------------------- train loop
+  progress = metrics.ProgressLogger(
+    config.total_steps,
+    every_n_steps=config.log_every,
+    start_step=start_step,
+    metric_keys=("loss", "eval/loss", "lr"),
+  )
+  peak, _ = metrics.peak_flops_per_device(jax.devices()[0], model_cfg.dtype)
+  flops_per_step = model_cfg.train_flops_per_token(config.max_len) * config.batch_size
+  if start_step == 0:
+    first = evaluate(state, 0)
+    metrics.check_finite(0, first, context="eval")
+    writer.write(0, first)
+  last_eval: dict[str, float] = {}
+  timer_start, timer_steps, timer_tokens = time.perf_counter(), 0, 0.0
+  step = start_step
+  try:
+    while step < config.total_steps:
+      local = _model_inputs(next(train_loader))
+      with sharding.use_mesh(mesh, rules):
+        state, step_metrics = update_fn(state, sharding.host_to_global(local, mesh))
+      step += 1
+      timer_steps += 1
+      timer_tokens += float(local["input_mask"].sum()) * jax.process_count()
+      is_log = step % config.log_every == 0 or step == config.total_steps
+      is_eval = step % config.eval_every == 0 or step == config.total_steps
+      is_ckpt = step % config.checkpoint_every == 0 or step == config.total_steps
+      preempted = ckpt.preemption_requested(step)
+      if is_log or is_ckpt or preempted:
+        host = common.to_host(step_metrics)
+        # Before any save: a NaN stops here and the last good checkpoint stays.
+        metrics.check_finite(step, host)
+        if is_log:
+          elapsed = time.perf_counter() - timer_start
+          host["steps_per_s"] = timer_steps / elapsed
+          host["tokens_per_s"] = timer_tokens / elapsed
+          step_time = elapsed / timer_steps
+          if np.isfinite(peak):
+            host["mfu"] = metrics.mfu(flops_per_step, step_time, mesh.size, peak)
+          timer_start, timer_steps, timer_tokens = time.perf_counter(), 0, 0.0
+          if is_eval:
+            last_eval = evaluate(state, step)
+            metrics.check_finite(step, last_eval, context="eval")
+            host.update(last_eval)
+          writer.write(step, host)
+          progress.log(step, host)
+      elif is_eval:
+        last_eval = evaluate(state, step)
+        metrics.check_finite(step, last_eval, context="eval")
+        writer.write(step, last_eval)
+      if is_ckpt or preempted:
+        ckpt.save(step, state, {"loader": train_loader.get_state()}, force=True)
+      if preempted:
+        logging.warning("SIGTERM: saved step %d and stopping; rerun to resume.", step)
+        break
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  logging.info("Done at step %d: %s", step, last_eval)
+  return last_eval
+
+
+# --------------------------------------------------------------- helpers
+
+
+def _mirror_shardings(opt_abstract, params_abstract, param_sh, mesh):
+  """Shardings for optimizer state: a leaf shaped like a parameter takes its sharding.
+
+  Adam moments have the parameters' tree structure inside optax's state
+  tuples; matching by (path suffix, shape) puts mu/nu where their parameter
+  lives, and everything else (counts, scalars) is replicated.
+  """
+  params_unboxed = sharding.unbox(params_abstract)
+  by_path = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params_unboxed):
+    by_path[jax.tree_util.keystr(path)] = (leaf.shape, None)
+  for (path, _), sh in zip(
+    jax.tree_util.tree_leaves_with_path(params_unboxed), jax.tree.leaves(param_sh), strict=True
+  ):
+    key = jax.tree_util.keystr(path)
+    by_path[key] = (by_path[key][0], sh)
+
+  rep = common.replicated(mesh)
+
+  def one(path, leaf):
+    key = jax.tree_util.keystr(path)
+    for pkey, (shape, sh) in by_path.items():
+      if key.endswith(pkey) and tuple(leaf.shape) == tuple(shape):
+        return sh
+    return rep
+
+  return jax.tree_util.tree_map_with_path(one, opt_abstract)
+
+
+def _model_inputs(batch):
+  return {k: batch[k] for k in ("tokens", "input_mask", "loss_mask")}
+
+
+def _text(x) -> str:
+  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def _batch_divisor(mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def _round_up(n: int, k: int) -> int:
+  return -(-n // k) * k
+
+
+def _pad_rows(batch, rows, pad_id):
+  """Pads a (final, partial) eval batch with empty rows; their masks are False."""
+  b = batch["tokens"].shape[0]
+  if b == rows:
+    return batch
+  out = {}
+  for k, v in batch.items():
+    fill = pad_id if k == "tokens" else 0
+    out[k] = np.concatenate([v, np.full((rows - b, *v.shape[1:]), fill, v.dtype)])
+  return out
+
+
+def _pad_prompt_rows(tokens, mask, rows, tok):
+  b = tokens.shape[0]
+  if b == rows:
+    return tokens, mask
+  # Filler rows hold a single BOS so no attention row is empty; they are dropped.
+  extra_t = np.full((rows - b, tokens.shape[1]), tok.pad_id, tokens.dtype)
+  extra_m = np.zeros((rows - b, tokens.shape[1]), bool)
+  extra_t[:, -1] = max(tok.bos_id, 0)
+  extra_m[:, -1] = True
+  return np.concatenate([tokens, extra_t]), np.concatenate([mask, extra_m])

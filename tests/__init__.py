@@ -1,0 +1,1 @@
+"""Tests for rlhf_jax; a package so fixtures import as `tests.fixtures.<name>`."""

@@ -1,0 +1,199 @@
+"""Tests for rlhf_jax.data.builders: array_record round trip, hash-keyed reuse, validation."""
+
+import glob
+import json
+import os
+import pickle
+
+import pytest
+import tensorflow_datasets as tfds
+
+from rlhf_jax.data import builders
+from rlhf_jax.data.builders import DataError, SftJsonl, build_sft_jsonl, content_hash
+
+tfds.disable_progress_bar()
+
+RECORDS = [
+  {"prompt": "What is 2+2?", "response": "4"},
+  {"prompt": "Say hi in French.", "response": "Salut, ça va ?"},
+  {"prompt": "Two lines\nplease", "response": "one\ntwo", "source": "ignored extra field"},
+  {"prompt": 'Quote "this"', "response": "\u2028 odd separators \u2029 survive"},
+  {"prompt": "last", "response": "done"},
+]
+
+
+def _write_jsonl(path, lines):
+  """Writes raw lines (dicts are JSON-encoded) and returns the path as a str."""
+  with open(path, "w", encoding="utf-8") as f:
+    for line in lines:
+      f.write((json.dumps(line, ensure_ascii=False) if isinstance(line, dict) else line) + "\n")
+  return str(path)
+
+
+def _expected(records):
+  return [{"prompt": r["prompt"], "response": r["response"]} for r in records]
+
+
+def _read_all(source):
+  return [source[i] for i in range(len(source))]
+
+
+def test_round_trip_keeps_records_and_order(tmp_path):
+  first = _write_jsonl(tmp_path / "a.jsonl", [RECORDS[0], "", "   ", *RECORDS[1:3]])
+  second = _write_jsonl(tmp_path / "b.jsonl", RECORDS[3:])
+  builder = build_sft_jsonl([first, second], tmp_path / "data")
+
+  source = builder.source("train")
+  assert len(source) == len(RECORDS)
+  assert _read_all(source) == _expected(RECORDS)
+  assert source.__getitems__([4, 0]) == _expected([RECORDS[4], RECORDS[0]])
+  # The bytes on disk are array_record shards inside the builder's directory.
+  shards = glob.glob(os.path.join(builder.data_dir, "sft_jsonl-train.array_record-*"))
+  assert len(shards) == 1
+  assert builder.num_skipped == {"train": 0}
+  assert builder.content_hash == builder.info.metadata["content_hash"]
+  assert builder.split_hashes == {"train": content_hash([first, second])}
+
+
+def test_named_splits_and_tfds_data_source(tmp_path):
+  train = _write_jsonl(tmp_path / "train.jsonl", RECORDS[:3])
+  evaluation = _write_jsonl(tmp_path / "eval.jsonl", RECORDS[3:])
+  builder = build_sft_jsonl({"train": [train], "eval": evaluation}, tmp_path / "data")
+  assert _read_all(builder.source("eval")) == _expected(RECORDS[3:])
+  # TFDS can open the prepared data by name, without our builder's config.
+  source = tfds.data_source(
+    f"sft_jsonl/{builder.builder_config.name}", data_dir=str(tmp_path / "data"), split="train"
+  )
+  assert [source[i]["response"].decode() for i in range(len(source))] == [
+    r["response"] for r in RECORDS[:3]
+  ]
+  with pytest.raises(KeyError, match="no split 'test'"):
+    builder.source("test")
+
+
+def test_content_hash_follows_contents_and_order_not_names(tmp_path):
+  a = _write_jsonl(tmp_path / "a.jsonl", RECORDS[:2])
+  b = _write_jsonl(tmp_path / "b.jsonl", RECORDS[2:])
+  a_copy = _write_jsonl(tmp_path / "renamed.jsonl", RECORDS[:2])
+  assert len(content_hash([a, b])) == 64
+  assert content_hash([a, b]) == content_hash([a_copy, b])
+  assert content_hash([a, b]) != content_hash([b, a])
+  # Moving a line across the file boundary changes the hash.
+  a2 = _write_jsonl(tmp_path / "a2.jsonl", RECORDS[:3])
+  b2 = _write_jsonl(tmp_path / "b2.jsonl", RECORDS[3:])
+  assert content_hash([a, b]) != content_hash([a2, b2])
+  with pytest.raises(TypeError):
+    content_hash(a)
+
+
+def test_rebuilds_only_when_input_changes(tmp_path, monkeypatch):
+  path = _write_jsonl(tmp_path / "sft.jsonl", RECORDS[:3])
+  data_dir = tmp_path / "data"
+  first = build_sft_jsonl([path], data_dir)
+
+  def fail_if_generating(self, split):
+    raise AssertionError("the dataset was generated again")
+
+  with monkeypatch.context() as patch:
+    patch.setattr(SftJsonl, "_generate_examples", fail_if_generating)
+    again = build_sft_jsonl([path], data_dir)
+  assert again.data_dir == first.data_dir
+  assert _read_all(again.source()) == _expected(RECORDS[:3])
+
+  _write_jsonl(tmp_path / "sft.jsonl", RECORDS[:4])
+  changed = build_sft_jsonl([path], data_dir)
+  assert changed.data_dir != first.data_dir
+  assert changed.content_hash != first.content_hash
+  assert _read_all(changed.source()) == _expected(RECORDS[:4])
+
+
+def test_interrupted_build_is_never_used(tmp_path, monkeypatch):
+  path = _write_jsonl(tmp_path / "sft.jsonl", RECORDS)
+  data_dir = tmp_path / "data"
+  real_iter = builders.iter_sft_jsonl
+
+  def interrupted(*args, **kwargs):
+    for count, item in enumerate(real_iter(*args, **kwargs)):
+      if count == 2:
+        raise RuntimeError("preempted")
+      yield item
+
+  with monkeypatch.context() as patch:
+    patch.setattr(builders, "iter_sft_jsonl", interrupted)
+    with pytest.raises(RuntimeError, match="preempted"):
+      build_sft_jsonl([path], data_dir)
+  assert glob.glob(str(data_dir / "sft_jsonl" / "*" / "*" / "dataset_info.json")) == []
+
+  builder = build_sft_jsonl([path], data_dir)
+  assert _read_all(builder.source()) == _expected(RECORDS)
+
+
+# (line, field named in the error or None, text the message must contain)
+MALFORMED = [
+  ("{not json", None, "not valid JSON"),
+  ('["a list"]', None, "expected a JSON object with fields 'prompt' and 'response', got list"),
+  ('"a string"', None, "got str"),
+  ('{"response": "r"}', "prompt", "missing field 'prompt'"),
+  ('{"prompt": "p"}', "response", "missing field 'response'"),
+  ('{"prompt": "p", "response": 17}', "response", "must be a non-empty string, got int"),
+  ('{"prompt": null, "response": "r"}', "prompt", "must be a non-empty string, got null"),
+  ('{"prompt": ["p"], "response": "r"}', "prompt", "must be a non-empty string, got list"),
+  ('{"prompt": "p", "response": ""}', "response", "must be a non-empty string, got ''"),
+  ('{"prompt": "  ", "response": "r"}', "prompt", "must be a non-empty string, got '  '"),
+]
+
+
+@pytest.mark.parametrize(("line", "field", "message"), MALFORMED)
+def test_malformed_record_names_file_line_and_field(tmp_path, line, field, message):
+  # The bad record is on line 4: a blank line still counts as a line.
+  path = _write_jsonl(tmp_path / "sft.jsonl", [RECORDS[0], "", RECORDS[1], line, RECORDS[2]])
+  with pytest.raises(DataError) as info:
+    build_sft_jsonl([path], tmp_path / "data")
+  error = info.value
+  assert str(error).startswith(f"{path}:4: ")
+  assert message in str(error)
+  assert (error.path, error.line, error.field) == (path, 4, field)
+  if field is not None:
+    assert f"field {field!r}" in str(error)
+  assert isinstance(error, ValueError)
+  assert glob.glob(str(tmp_path / "data" / "sft_jsonl" / "*" / "*" / "*.array_record*")) == []
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+  path = tmp_path / "sft.jsonl"
+  path.write_bytes(json.dumps(RECORDS[0]).encode() + b'\n{"prompt": "\xff", "response": "r"}\n')
+  with pytest.raises(DataError, match=rf"^{path}:2: not valid UTF-8"):
+    build_sft_jsonl([path], tmp_path / "data")
+
+
+def test_data_error_survives_pickling():
+  error = DataError(
+    "x.jsonl", 17, "field 'response' must be a non-empty string, got int", "response"
+  )
+  copy = pickle.loads(pickle.dumps(error))
+  assert str(copy) == "x.jsonl:17: field 'response' must be a non-empty string, got int"
+  assert (copy.path, copy.line, copy.field) == ("x.jsonl", 17, "response")
+
+
+def test_skip_invalid_skips_and_counts(tmp_path):
+  lines = [RECORDS[0], "{broken", RECORDS[1], '{"prompt": "p"}', "", RECORDS[2], "[]"]
+  path = _write_jsonl(tmp_path / "sft.jsonl", lines)
+  builder = build_sft_jsonl([path], tmp_path / "data", skip_invalid=True)
+  assert builder.num_skipped == {"train": 3}
+  assert _read_all(builder.source()) == _expected(RECORDS[:3])
+  errors = builder.skipped_errors["train"]
+  assert [e.split(": ")[0] for e in errors] == [f"{path}:2", f"{path}:4", f"{path}:7"]
+
+  # The count is stored with the dataset, so a reused build still reports it.
+  reused = SftJsonl(paths=[path], skip_invalid=True, data_dir=str(tmp_path / "data"))
+  assert reused.num_skipped == {"train": 3}
+  # A strict build of the same files must not reuse the lenient one.
+  with pytest.raises(DataError, match=rf"^{path}:2: "):
+    build_sft_jsonl([path], tmp_path / "data")
+
+
+def test_builder_needs_paths_or_config(tmp_path):
+  with pytest.raises(ValueError, match="exactly one of"):
+    SftJsonl(data_dir=str(tmp_path))
+  with pytest.raises(ValueError, match="no input files"):
+    build_sft_jsonl([], tmp_path / "data")
