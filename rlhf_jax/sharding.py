@@ -256,7 +256,7 @@ def global_from_full(x: Any, mesh) -> jax.Array:
 def fetch(x: jax.Array) -> np.ndarray:
   """The whole of a (possibly multi-process) global array, on every host."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # noqa: PLC0415
+    from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)

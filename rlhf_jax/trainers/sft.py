@@ -61,7 +61,7 @@ def prepare_data(config, workdir):
   """
   data = config.data
   if data.source == "testbed":
-    from rlhf_jax.data import testbed  # noqa: PLC0415 (the testbed is optional here)
+    from rlhf_jax.data import testbed
 
     paths = testbed.write_sft_jsonl(
       os.path.join(workdir, "data"),
@@ -271,7 +271,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       "eval/frac_no_eos": float(1.0 - sharding.fetch(out.has_eos)[:n].mean()),
     }
     if config.data.source == "testbed":
-      from rlhf_jax.data import testbed  # noqa: PLC0415
+      from rlhf_jax.data import testbed
 
       gold = [testbed.gold_reward(p, r) for p, r in zip(prompts, texts, strict=True)]
       result["eval/gold_reward"] = float(np.mean(gold))
