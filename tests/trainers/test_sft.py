@@ -1,0 +1,206 @@
+"""SFT trainer: the runlocal smoke test, exact resume after a kill, NaN stop, bad data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from rlhf_jax import config_utils, metrics, optim
+from rlhf_jax.data import builders
+from rlhf_jax.trainers import sft
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Small enough for CI, long enough that a kill lands mid-run.
+RESUME_OVERRIDES = [
+  "--config.total_steps=160",
+  "--config.data.num_train=600",
+  "--config.data.num_eval=32",
+  "--config.log_every=10",
+  "--config.eval_every=80",
+  "--config.checkpoint_every=20",
+  "--config.keep_checkpoints=20",
+  "--config.eval.num_samples=8",
+]
+
+
+def _launch(workdir, *extra):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.launch",
+    "--config=configs/sft.py:runlocal",
+    f"--workdir={workdir}",
+    "--config.mesh=(1,-1,1)",
+    *RESUME_OVERRIDES,
+    *extra,
+  ]
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _committed_steps(workdir):
+  path = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(path):
+    return []
+  return sorted(int(d) for d in os.listdir(path) if d.isdigit())
+
+
+def _run_to_end(workdir):
+  proc = _launch(workdir)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out.decode()[-3000:]
+
+
+def _interrupt(workdir, sig, after_step):
+  """Starts a run and sends `sig` once a checkpoint at or past `after_step` is committed."""
+  proc = _launch(workdir)
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:
+    if any(s >= after_step for s in _committed_steps(workdir)):
+      proc.send_signal(sig)
+      break
+    time.sleep(0.02)
+  out, _ = proc.communicate(timeout=600)
+  return proc.returncode, out.decode()
+
+
+def _deterministic(rows):
+  return [{k: v for k, v in r.items() if k not in sft.TIMING_METRICS} for r in rows]
+
+
+def _final_state(workdir):
+  step = max(_committed_steps(workdir))
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  return step, ocp.StandardCheckpointer().restore(path)
+
+
+def _assert_same_run(reference, resumed):
+  ref_rows = metrics.read_metrics(reference)
+  got_rows = metrics.read_metrics(resumed)
+  assert [r["step"] for r in got_rows] == [r["step"] for r in ref_rows]
+  assert _deterministic(got_rows) == _deterministic(ref_rows)
+  ref_step, ref_state = _final_state(reference)
+  got_step, got_state = _final_state(resumed)
+  assert ref_step == got_step == 160
+  # Bit for bit: params, optimizer state, step and RNG key.
+  jax.tree.map(np.testing.assert_array_equal, got_state, ref_state)
+  for name in sorted(os.listdir(os.path.join(reference, "samples"))):
+    with open(os.path.join(reference, "samples", name)) as a:
+      with open(os.path.join(resumed, "samples", name)) as b:
+        assert a.read() == b.read(), name
+
+
+@pytest.mark.slow
+def test_resume_after_kill_and_after_sigterm_is_exact(tmp_path):
+  reference = str(tmp_path / "straight")
+  _run_to_end(reference)
+
+  killed = str(tmp_path / "killed")
+  rc, out = _interrupt(killed, signal.SIGKILL, after_step=60)
+  assert rc == -signal.SIGKILL, out[-2000:]
+  stopped_at = max(_committed_steps(killed))
+  assert 60 <= stopped_at < 160, "the kill must land mid-run"
+  _run_to_end(killed)
+  _assert_same_run(reference, killed)
+
+  preempted = str(tmp_path / "preempted")
+  rc, out = _interrupt(preempted, signal.SIGTERM, after_step=40)
+  assert rc == 0, out[-2000:]  # SIGTERM: save and exit cleanly
+  assert "SIGTERM: saved step" in out
+  assert 40 <= max(_committed_steps(preempted)) < 160
+  _run_to_end(preempted)
+  _assert_same_run(reference, preempted)
+
+
+def _runlocal_config(**overrides):
+  config = config_utils.load_config(os.path.join(REPO, "configs/sft.py:runlocal"))
+  with config.unlocked():
+    for key, value in overrides.items():
+      node = config
+      *parents, leaf = key.split(".")
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return config
+
+
+@pytest.mark.slow
+def test_runlocal_learns_and_writes_the_workdir(tmp_path):
+  workdir = str(tmp_path / "sft")
+  config = _runlocal_config()
+  final = config_utils.run(config, workdir)
+  rows = metrics.read_metrics(workdir)
+  evals = [r for r in rows if "eval/loss" in r]
+  assert evals[0]["step"] == 0 and evals[-1]["step"] == config.total_steps
+  # The eval loss falls clearly (from ~5.8 nats at init).
+  assert evals[-1]["eval/loss"] < 0.5 * evals[0]["eval/loss"], evals
+  assert final["eval/loss"] == evals[-1]["eval/loss"]
+  train_rows = [r for r in rows if "loss" in r]
+  for key in ("loss", "lr", "grad_norm", "param_norm", "update_norm", "tokens_per_s", "mfu"):
+    assert all(key in r for r in train_rows), key
+  # Samples at each eval step, with the testbed's gold reward.
+  samples = sorted(os.listdir(os.path.join(workdir, "samples")))
+  assert samples == [f"step_{s:07d}.jsonl" for s in (0, 60, 120)]
+  with open(os.path.join(workdir, "samples", samples[-1])) as f:
+    first = json.loads(f.readline())
+  assert {"prompt", "response", "reference", "gold_reward"} <= set(first)
+  assert os.path.exists(os.path.join(workdir, "config.json"))
+  assert os.path.exists(os.path.join(workdir, "tokenizer.model"))
+  with open(os.path.join(workdir, "data_info.json")) as f:
+    assert len(json.load(f)["content_hash"]) == 64
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  """Updates turn NaN after 5 optimizer steps: the run stops naming the step and metric."""
+  make = optim.make_optimizer
+
+  def poisoned(config, total_steps):
+    tx, schedule = make(config, total_steps)
+
+    def update(updates, state, params=None):
+      inner, count = state
+      updates, inner = tx.update(updates, inner, params)
+      scale = jax.numpy.where(count >= 5, jax.numpy.nan, 1.0)
+      return jax.tree.map(lambda u: u * scale, updates), (inner, count + 1)
+
+    init = lambda params: (tx.init(params), jax.numpy.zeros((), jax.numpy.int32))
+    return optax.GradientTransformation(init, update), schedule
+
+  monkeypatch.setattr(optim, "make_optimizer", poisoned)
+  workdir = str(tmp_path / "nan")
+  config = _runlocal_config(
+    total_steps=20,
+    log_every=1,
+    checkpoint_every=2,
+    eval_every=100,
+    **{"data.num_train": 200, "data.num_eval": 16, "eval.num_samples": 4},
+  )
+  with pytest.raises(metrics.NonFiniteError, match=r"step 6: .*param_norm=nan") as err:
+    config_utils.run(config, workdir)
+  assert err.value.step == 6
+  # Checkpoints at 2 and 4 survive; nothing was saved at or after the bad step.
+  assert _committed_steps(workdir) == [2, 4]
+  _, state = _final_state(workdir)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+  assert max(r["step"] for r in metrics.read_metrics(workdir)) == 5
+
+
+def test_malformed_jsonl_names_file_line_and_field(tmp_path):
+  data = tmp_path / "sft.jsonl"
+  data.write_text(
+    '{"prompt": "Review of the lamp:", "response": "It glows."}\n'
+    '{"prompt": "Review of the lamp:", "response": 3}\n'
+  )
+  config = _runlocal_config(**{"data.source": "jsonl", "data.train_jsonl": str(data)})
+  with pytest.raises(builders.DataError, match=r"sft.jsonl:2: .*'response'"):
+    config_utils.run(config, str(tmp_path / "run"))
