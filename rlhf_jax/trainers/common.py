@@ -41,9 +41,13 @@ def get_tokenizer(config: Any, workdir: str, texts_fn) -> tokenizer_lib.Tokenize
   A tokenizer trained here is saved as `<workdir>/tokenizer.model`, so a
   resumed run and every later stage use the same vocabulary.
   """
-  path = config.tokenizer.path or os.path.join(workdir, "tokenizer.model")
+  local = os.path.join(workdir, "tokenizer.model")
+  path = config.tokenizer.path or local
   if os.path.exists(path):
-    return tokenizer_lib.Tokenizer.load(path)
+    tok = tokenizer_lib.Tokenizer.load(path)
+    if path != local and jax.process_index() == 0:
+      tok.save(local)  # the workdir always holds the vocabulary its stage used
+    return tok
   if config.tokenizer.path:
     raise FileNotFoundError(f"config.tokenizer.path={config.tokenizer.path!r} does not exist.")
   logging.info("Training a SentencePiece tokenizer (vocab %d)", config.tokenizer.vocab_size)
@@ -89,3 +93,30 @@ def left_pad_prompts(tok: tokenizer_lib.Tokenizer, prompts: list[str], length: i
 
 def mesh_from_config(config: Any):
   return sharding.make_mesh(tuple(config.mesh))
+
+
+def mirror_shardings(opt_abstract: Any, params_abstract: Any, param_shardings: Any, mesh) -> Any:
+  """Shardings for optimizer state: a leaf that mirrors a parameter takes its sharding.
+
+  Adam moments (and gradient-accumulation buffers) repeat the parameter tree
+  inside optax's state tuples, so a leaf whose path ends with a parameter's
+  path and has its shape lives where that parameter lives; counts and other
+  scalars are replicated.
+  """
+  params = sharding.unbox(params_abstract)
+  by_path = {
+    jax.tree_util.keystr(path): (tuple(leaf.shape), sh)
+    for (path, leaf), sh in zip(
+      jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_shardings), strict=True
+    )
+  }
+  rep = replicated(mesh)
+
+  def one(path, leaf):
+    key = jax.tree_util.keystr(path)
+    for param_path, (shape, sh) in by_path.items():
+      if key.endswith(param_path) and tuple(leaf.shape) == shape:
+        return sh
+    return rep
+
+  return jax.tree_util.tree_map_with_path(one, opt_abstract)

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from rlhf_jax import checkpoint, metrics, models, optim, sharding
+from rlhf_jax import checkpoint, metrics, models, optim, sharding, stages
 from rlhf_jax.data import builders
 from rlhf_jax.data import loader as loader_lib
 from rlhf_jax.rl import sampler as sampler_lib
@@ -153,7 +153,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       abstract["params"], sharding.logical_specs(abstract["params"]), mesh, rules
     )
     # Optimizer moments mirror the parameters' layout; scalars are replicated.
-    opt_sh = _mirror_shardings(abstract["opt_state"], abstract["params"], param_sh, mesh)
+    opt_sh = common.mirror_shardings(abstract["opt_state"], abstract["params"], param_sh, mesh)
     state_sh = dict(
       params=param_sh,
       opt_state=opt_sh,
@@ -273,7 +273,9 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     if config.data.source == "testbed":
       from rlhf_jax.data import testbed
 
-      gold = [testbed.gold_reward(p, r) for p, r in zip(prompts, texts, strict=True)]
+      gold = [
+        testbed.gold_reward(p, r, config.data.testbed) for p, r in zip(prompts, texts, strict=True)
+      ]
       result["eval/gold_reward"] = float(np.mean(gold))
     else:
       gold = [None] * n
@@ -348,40 +350,25 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     ckpt.wait()
     ckpt.close()
     writer.close()
+  if step >= config.total_steps and not stages.is_complete(workdir):
+    # The stage is done: later stages load this export (see rlhf_jax/stages.py).
+    stages.export(
+      workdir,
+      state["params"],
+      {
+        "kind": "policy",
+        "model": model_cfg.to_dict(),
+        "tokenizer": "tokenizer.model",
+        "step": step,
+        "data_content_hash": data_info["content_hash"],
+        "eval": last_eval,
+      },
+    )
   logging.info("Done at step %d: %s", step, last_eval)
   return last_eval
 
 
 # --------------------------------------------------------------- helpers
-
-
-def _mirror_shardings(opt_abstract, params_abstract, param_sh, mesh):
-  """Shardings for optimizer state: a leaf shaped like a parameter takes its sharding.
-
-  Adam moments have the parameters' tree structure inside optax's state
-  tuples; matching by (path suffix, shape) puts mu/nu where their parameter
-  lives, and everything else (counts, scalars) is replicated.
-  """
-  params_unboxed = sharding.unbox(params_abstract)
-  by_path = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params_unboxed):
-    by_path[jax.tree_util.keystr(path)] = (leaf.shape, None)
-  for (path, _), sh in zip(
-    jax.tree_util.tree_leaves_with_path(params_unboxed), jax.tree.leaves(param_sh), strict=True
-  ):
-    key = jax.tree_util.keystr(path)
-    by_path[key] = (by_path[key][0], sh)
-
-  rep = common.replicated(mesh)
-
-  def one(path, leaf):
-    key = jax.tree_util.keystr(path)
-    for pkey, (shape, sh) in by_path.items():
-      if key.endswith(pkey) and tuple(leaf.shape) == tuple(shape):
-        return sh
-    return rep
-
-  return jax.tree_util.tree_map_with_path(one, opt_abstract)
 
 
 def _model_inputs(batch):

@@ -1,0 +1,172 @@
+"""Finished stages: what a trainer exports and how a later stage loads it.
+
+A stage that completes writes
+
+    <workdir>/export/0/         Orbax checkpoint of the network's parameters
+    <workdir>/export.json       kind, ModelConfig, tokenizer file, extras (written last)
+    <workdir>/tokenizer.model   the vocabulary the network was trained with
+
+`export.json` is written after the parameters are committed, so its presence
+means the stage is complete: a pipeline reuses such a stage instead of
+training it again. Loading goes through `checkpoint.Checkpointer`, so a
+checkpoint of the wrong shape fails with the parameter path named, and the
+parameters land directly in the requested sharding.
+
+Kinds: "policy" (LanguageModel params) and "reward" (ScalarModel params
+stacked over an ensemble axis, with a normalisation gain and bias).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import checkpoint, models, sharding
+from rlhf_jax.data.tokenizer import Tokenizer
+from rlhf_jax.rl.reward import last_token_scores
+
+EXPORT_DIR = "export"
+EXPORT_META = "export.json"
+
+
+def is_complete(workdir: str) -> bool:
+  return os.path.exists(os.path.join(workdir, EXPORT_META))
+
+
+def export(workdir: str, params: Any, meta: dict[str, Any]) -> None:
+  """Saves `params` and `meta` as the stage's export (synchronously, atomically)."""
+  with checkpoint.Checkpointer(
+    os.path.join(workdir, EXPORT_DIR), max_to_keep=1, save_interval_steps=1, async_save=False
+  ) as ckpt:
+    ckpt.save(0, params, meta, force=True)
+    ckpt.wait()
+  if jax.process_index() == 0:
+    tmp = os.path.join(workdir, f".{EXPORT_META}.tmp")
+    with open(tmp, "w") as f:
+      json.dump(meta, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(workdir, EXPORT_META))
+
+
+def read_meta(workdir: str) -> dict[str, Any]:
+  path = os.path.join(workdir, EXPORT_META)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+      f"{workdir} holds no finished stage ({EXPORT_META} is missing): train it first, or point "
+      "the config at a finished stage's workdir."
+    )
+  with open(path) as f:
+    return json.load(f)
+
+
+def _restore(workdir, abstract_boxed, mesh, rules, *, stack: int = 0):
+  """Restores the export into shardings derived from the logical axes of `abstract_boxed`."""
+  shapes = sharding.unbox(abstract_boxed)
+  specs = sharding.logical_specs(abstract_boxed)
+  if stack:
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((stack, *x.shape), x.dtype), shapes)
+    specs = jax.tree.map(
+      lambda s: jax.P(None, *s), specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    )
+  shardings = sharding.tree_shardings(shapes, specs, mesh, rules)
+  target = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+  )
+  with checkpoint.Checkpointer(os.path.join(workdir, EXPORT_DIR), async_save=False) as ckpt:
+    params, _ = ckpt.restore(0, target=target)
+  return params, shardings
+
+
+@dataclasses.dataclass
+class Policy:
+  """A trained language model: `module.apply({"params": params}, ...)`."""
+
+  module: models.LanguageModel
+  params: Any
+  shardings: Any
+  tokenizer: Tokenizer
+  meta: dict[str, Any]
+
+
+def load_policy(workdir: str, mesh, rules: str = "fsdp") -> Policy:
+  meta = read_meta(workdir)
+  if meta.get("kind") != "policy":
+    raise ValueError(f"{workdir} exports a {meta.get('kind')!r}, not a policy.")
+  module = models.LanguageModel(models.ModelConfig(**meta["model"]))
+  abstract = jax.eval_shape(lambda: models.init_params(module, jax.random.key(0)))
+  params, shardings = _restore(workdir, abstract, mesh, rules)
+  tok = Tokenizer.load(os.path.join(workdir, meta["tokenizer"]))
+  return Policy(module, params, shardings, tok, meta)
+
+
+@dataclasses.dataclass
+class RewardModel:
+  """An ensemble of Bradley-Terry reward models with a shared normalisation.
+
+  `score(tokens, mask)` returns the normalised ensemble-mean score read at the
+  last real token of each right-padded row, and the ensemble's standard
+  deviation (in normalised units), an uncertainty signal.
+  """
+
+  module: models.ScalarModel
+  params: Any  # leaves stacked [E, ...]
+  shardings: Any
+  tokenizer: Tokenizer
+  gain: float
+  bias: float
+  meta: dict[str, Any]
+
+  def __post_init__(self):
+    self._score = jax.jit(
+      lambda params, tokens, mask: ensemble_scores(self.module, params, tokens, mask)
+    )
+
+  @property
+  def ensemble_size(self) -> int:
+    return int(jax.tree.leaves(self.params)[0].shape[0])
+
+  def raw_scores(self, tokens, mask) -> jax.Array:
+    """[E, B] unnormalised member scores."""
+    return self._score(self.params, tokens, mask)
+
+  def score(self, tokens, mask) -> tuple[jax.Array, jax.Array]:
+    """(mean normalised score [B], ensemble std [B])."""
+    raw = self.gain * self.raw_scores(tokens, mask) + self.bias
+    return jnp.mean(raw, axis=0), jnp.std(raw, axis=0)
+
+
+def ensemble_scores(module, params, tokens, mask) -> jax.Array:
+  """[E, B] scores of every ensemble member, read at each row's last real token.
+
+  Args:
+    module: a ScalarModel.
+    params: its parameters stacked on a leading ensemble axis [E, ...].
+    tokens: [B, T] int32, right-padded; mask: [B, T] bool.
+  """
+  positions = models.positions_from_mask(mask)
+  attn = models.causal_attention_mask(mask)
+
+  def one(p):
+    return last_token_scores(module.apply({"params": p}, tokens, positions, attn), mask)
+
+  return jax.vmap(one)(params)
+
+
+def load_reward_model(workdir: str, mesh, rules: str = "fsdp") -> RewardModel:
+  meta = read_meta(workdir)
+  if meta.get("kind") != "reward":
+    raise ValueError(f"{workdir} exports a {meta.get('kind')!r}, not a reward model.")
+  module = models.ScalarModel(models.ModelConfig(**meta["model"]), head_init="reward")
+  abstract = jax.eval_shape(lambda: models.init_params(module, jax.random.key(0)))
+  params, shardings = _restore(workdir, abstract, mesh, rules, stack=meta["ensemble_size"])
+  tok = Tokenizer.load(os.path.join(workdir, meta["tokenizer"]))
+  return RewardModel(module, params, shardings, tok, float(meta["gain"]), float(meta["bias"]), meta)
+
+
+def as_numpy(x) -> np.ndarray:
+  return sharding.fetch(x)
