@@ -1,0 +1,90 @@
+"""Bradley-Terry reward model on panel-labelled pairs of SFT-policy samples.
+
+    python -m experiments.launch --config=configs/reward.py
+    python -m experiments.launch --config=configs/reward.py:runlocal
+    python -m experiments.launch --config=configs/reward.py --config.policy_init=runs/sft
+
+Without `policy_init`, the SFT stage (configs/sft.py, same size variant) is
+trained first into <workdir>/sft, and reused on the next run. On the testbed,
+pairs are two SFT samples per prompt labelled by the simulated panel; with
+`data.source=jsonl`, `data.train_files` are JSONL/Parquet preference files
+(prompt, chosen, rejected, optional rater_id, tie, margin, confidence).
+"""
+
+import ml_collections
+
+from configs import common
+from configs import sft as sft_config
+from rlhf_jax.data.testbed import config as testbed_config
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, runlocal=False, seed=0)
+  config = ml_collections.ConfigDict()
+  config.trainer = "reward"
+  config.seed = arg.seed
+  config.total_steps = 500
+  config.batch_size = 32
+  config.max_len = 64
+
+  # Upstream stage: a finished SFT workdir, or "" to train configs/sft.py into <workdir>/sft.
+  config.policy_init = ""
+  config.sft = sft_config.get_config("runlocal" if arg.runlocal else None)
+
+  # Data
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "testbed"  # "testbed" | "jsonl"
+  config.data.num_train = 4000  # labelled pairs (plus the anchor pairs every rater sees)
+  config.data.num_eval = 500
+  config.data.seed = 0
+  config.data.testbed = testbed_config.default_config()
+  config.data.temperature = 1.0  # SFT sampling for pairs
+  config.data.max_new_tokens = 40
+  config.data.prompt_len = 16
+  config.data.sample_batch = 256
+  config.data.train_files = ()  # with source="jsonl"
+  config.data.eval_files = ()
+  config.data.skip_invalid = False
+  config.data.data_dir = ""
+
+  # Model: the SFT policy's architecture; trunk initialised from it.
+  config.ensemble_size = 3
+  config.use_margin = True
+  config.center_coef = 0.01
+
+  # Optimizer
+  config.optim = ml_collections.ConfigDict()
+  config.optim.name = "adamw"
+  config.optim.lr = 3e-4
+  config.optim.schedule = "cosine"
+  config.optim.warmup_steps = 20
+  config.optim.final_lr_fraction = 0.1
+  config.optim.weight_decay = 0.01
+  config.optim.grad_clip_norm = 1.0
+
+  # Mesh and sharding
+  config.mesh = (1, -1, 1)
+  config.sharding_rules = "fsdp"
+
+  # Logging, evals, checkpoints
+  config.log_every = 25
+  config.eval_every = 250
+  config.checkpoint_every = 250
+  config.keep_checkpoints = 3
+  config.normalize_samples = 512  # SFT samples that set the score's mean 0, std 1
+  config.eval = ml_collections.ConfigDict()
+  config.eval.num_gold_samples = 256  # SFT samples on held-out prompts, scored by RM and gold
+
+  if arg.runlocal:
+    config.total_steps = 100
+    config.batch_size = 16
+    config.data.num_train = 800
+    config.data.num_eval = 128
+    config.data.sample_batch = 128
+    config.ensemble_size = 2
+    config.log_every = 10
+    config.eval_every = 50
+    config.checkpoint_every = 50
+    config.normalize_samples = 128
+    config.eval.num_gold_samples = 64
+  return config

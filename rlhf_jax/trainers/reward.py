@@ -1,0 +1,540 @@
+"""Bradley-Terry reward model (an ensemble) on preference pairs.
+
+    python -m experiments.launch --config=configs/reward.py
+
+Sections, in order: logging, mesh, upstream SFT stage, preference data,
+model and optimizer shapes, sharded state, update step, checkpoint restore,
+evaluators, train loop, normalisation and export.
+
+On the testbed, as in real RLHF, the pairs are two samples of the SFT policy
+for one prompt, labelled by the simulated rater panel (anchors shown to every
+rater). The reward trunk starts from the SFT policy's trunk; each ensemble
+member gets its own head initialisation and online-bootstrap weights
+(Poisson(1) per pair and member), so members disagree where data is thin.
+After training, scores of SFT-policy samples are normalised to mean 0, std 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from rlhf_jax import checkpoint, config_utils, metrics, models, optim, sharding, stages
+from rlhf_jax.data import loader as loader_lib
+from rlhf_jax.data import preferences
+from rlhf_jax.rl import reward as reward_lib
+from rlhf_jax.rl import sampler as sampler_lib
+from rlhf_jax.trainers import common
+
+TIMING_METRICS = ("tokens_per_s", "steps_per_s", "mfu")
+
+
+# ------------------------------------------------------------------ upstream
+
+
+def ensure_policy(config, workdir) -> str:
+  """The SFT stage's workdir: `config.policy_init`, or `<workdir>/sft`, trained on demand."""
+  if config.policy_init:
+    return config.policy_init
+  sft_dir = os.path.join(workdir, "sft")
+  if not stages.is_complete(sft_dir):
+    logging.info("No finished SFT stage in %s: training it first.", sft_dir)
+    config_utils.run(config.sft, sft_dir)
+  return sft_dir
+
+
+def sample_responses(policy, prompts, *, rng, config, mesh, rules) -> list[str]:
+  """Texts sampled from `policy` for each prompt (batched, jitted, sharded)."""
+  tok = policy.tokenizer
+  fn = sampler_lib.make_sampler(
+    policy.module,
+    sampler_lib.SamplerConfig(
+      max_new_tokens=config.max_new_tokens,
+      eos_id=tok.eos_id,
+      pad_id=tok.pad_id,
+      temperature=config.temperature,
+    ),
+    mesh=mesh,
+    rules=rules,
+    param_shardings=policy.shardings,
+  )
+  batch = config.sample_batch
+  out: list[str] = []
+  for start in range(0, len(prompts), batch):
+    chunk = prompts[start : start + batch]
+    tokens, mask = common.left_pad_prompts(tok, chunk, config.prompt_len)
+    if len(chunk) < batch:  # keep one compiled shape: pad with copies of the first row
+      fill = batch - len(chunk)
+      tokens = np.concatenate([tokens, np.repeat(tokens[:1], fill, 0)])
+      mask = np.concatenate([mask, np.repeat(mask[:1], fill, 0)])
+    with sharding.use_mesh(mesh, rules):
+      result = fn(
+        policy.params,
+        sharding.global_from_full(tokens, mesh),
+        sharding.global_from_full(mask, mesh),
+        jax.random.fold_in(rng, start),
+      )
+    out.extend(tok.decode_batch(sharding.fetch(result.tokens)[: len(chunk)]))
+  return out
+
+
+def prepare_pairs(config, workdir, policy, mesh, rules):
+  """Train/eval preference sources, and the noise ceiling on the testbed."""
+  data = config.data
+  data_dir = data.data_dir or os.path.join(workdir, "data", "tfds")
+  info: dict[str, Any] = {}
+  if data.source == "testbed":
+    from rlhf_jax.data import testbed
+
+    pair_dir = os.path.join(workdir, "data")
+    paths = {s: [os.path.join(pair_dir, f"pairs_{s}.jsonl")] for s in ("train", "eval")}
+    ceilings = {}
+    if not all(os.path.exists(p[0]) for p in paths.values()):
+      os.makedirs(pair_dir, exist_ok=True)
+      panel = testbed.RaterPanel(data.testbed)
+      for split, n, seed in (
+        ("train", data.num_train, data.seed),
+        ("eval", data.num_eval, data.seed + 1),
+      ):
+        prompts = testbed.prompts(split, n, seed, data.testbed)
+        rng = jax.random.key(seed)
+        a = sample_responses(
+          policy, prompts, rng=jax.random.fold_in(rng, 0), config=data, mesh=mesh, rules=rules
+        )
+        b = sample_responses(
+          policy, prompts, rng=jax.random.fold_in(rng, 1), config=data, mesh=mesh, rules=rules
+        )
+        label_rng = np.random.default_rng([seed, 7])
+        records = panel.label_anchors(label_rng) if split == "train" else []
+        records += panel.label(list(zip(prompts, a, b, strict=True)), label_rng)
+        ceilings[split] = testbed.noise_ceiling([r for r in records if not r.get("anchor")])
+        if jax.process_index() == 0:
+          # Policy samples can be empty (EOS first) or identical; such pairs carry no
+          # preference a file could hold, so they are left out and counted.
+          written = preferences.write_preference_jsonl(records, paths[split][0], skip_invalid=True)
+          ceilings[split]["num_pairs_skipped"] = len(records) - written
+      if jax.process_index() == 0:
+        common.write_json_atomic(os.path.join(pair_dir, "noise_ceiling.json"), ceilings)
+    info["noise_ceiling"] = _read_json(os.path.join(pair_dir, "noise_ceiling.json"))
+  elif data.source == "jsonl":
+    if not data.train_files:
+      raise ValueError("config.data.train_files is empty but config.data.source='jsonl'.")
+    paths = {"train": list(data.train_files)}
+    if data.eval_files:
+      paths["eval"] = list(data.eval_files)
+  else:
+    raise ValueError(f"config.data.source={data.source!r}; expected 'testbed' or 'jsonl'.")
+  builder = preferences.build_preferences(paths, data_dir, skip_invalid=data.skip_invalid)
+  train = builder.source("train")
+  evals = builder.source("eval") if "eval" in paths else None
+  info.update(
+    content_hash=builder.content_hash,
+    paths=paths,
+    skipped=builder.num_skipped,
+    num_train=len(train),
+    num_eval=len(evals) if evals is not None else 0,
+  )
+  return train, evals, info
+
+
+def _read_json(path):
+  import json
+
+  with open(path) as f:
+    return json.load(f)
+
+
+def pair_collate(examples, tokenizer, max_len) -> dict[str, np.ndarray]:
+  """Chosen and rejected rows (BOS + prompt + response + EOS), margins, ties, validity."""
+  sides = {}
+  for side in ("chosen", "rejected"):
+    rows = [{"prompt": e["prompt"], "response": e[side]} for e in examples]
+    sides[side] = loader_lib.sft_collate(rows, tokenizer, max_len)
+  return {
+    "chosen_tokens": sides["chosen"]["tokens"],
+    "chosen_mask": sides["chosen"]["input_mask"],
+    "rejected_tokens": sides["rejected"]["tokens"],
+    "rejected_mask": sides["rejected"]["input_mask"],
+    "margin": np.asarray([float(e.get("margin", 0.0) or 0.0) for e in examples], np.float32),
+    "tie": np.asarray([bool(e.get("tie", False)) for e in examples], np.bool_),
+    # A pair too long for max_len is dropped by the collate: weight 0.
+    "valid": ~(sides["chosen"]["dropped"] | sides["rejected"]["dropped"]),
+  }
+
+
+# ---------------------------------------------------------------------- train
+
+
+def train(config: Any, workdir: str) -> dict[str, float]:
+  """Trains the reward-model ensemble; exports it for later stages."""
+  # ----------------------------------------------------------------- logging
+  os.makedirs(workdir, exist_ok=True)
+  is_primary = jax.process_index() == 0
+
+  # -------------------------------------------------------------------- mesh
+  mesh = common.mesh_from_config(config)
+  rules = config.sharding_rules
+
+  # ------------------------------------------------------------ upstream SFT
+  sft_dir = ensure_policy(config, workdir)
+  policy = stages.load_policy(sft_dir, mesh, rules)
+  tok = policy.tokenizer
+  if is_primary:
+    tok.save(os.path.join(workdir, "tokenizer.model"))
+
+  ckpt = checkpoint.Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    max_to_keep=config.keep_checkpoints,
+    save_interval_steps=config.checkpoint_every,
+  )
+  start_step = ckpt.latest_step() or 0
+  writer = metrics.MetricWriter(workdir, resume_step=start_step or -1)
+
+  # -------------------------------------------------------- preference data
+  train_source, eval_source, data_info = prepare_pairs(config, workdir, policy, mesh, rules)
+  if is_primary:
+    common.write_json_atomic(os.path.join(workdir, "data_info.json"), data_info)
+  logging.info("Preference data: %s", data_info)
+  collate = functools.partial(pair_collate, tokenizer=tok, max_len=config.max_len)
+  train_loader = loader_lib.Loader(
+    train_source, global_batch_size=config.batch_size, seed=config.seed, collate=collate
+  )
+
+  # ------------------------------------------------ model, optimizer shapes
+  model_cfg = policy.module.config
+  module = models.ScalarModel(model_cfg, head_init="reward")
+  members = config.ensemble_size
+  tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+
+  def init_member(rng, trunk):
+    params = sharding.unbox(models.init_params(module, rng))
+    return {**params, "trunk": trunk}  # trunk from the SFT policy; head fresh per member
+
+  def init_state(rng, trunk):
+    init_rng, rng = jax.random.split(rng)
+    params = jax.vmap(init_member, in_axes=(0, None))(jax.random.split(init_rng, members), trunk)
+    return dict(
+      params=params,
+      opt_state=jax.vmap(tx.init)(params),
+      step=jnp.zeros((), jnp.int32),
+      rng=rng,
+    )
+
+  # -------------------------------------------------------- sharded state
+  boxed = jax.eval_shape(lambda: models.init_params(module, jax.random.key(0)))
+  member_specs = sharding.logical_specs(boxed)
+  stacked_specs = jax.tree.map(
+    lambda s: jax.P(None, *s), member_specs, is_leaf=lambda x: isinstance(x, jax.P)
+  )
+  abstract = jax.eval_shape(init_state, jax.random.key(config.seed), policy.params["trunk"])
+  param_sh = sharding.tree_shardings(abstract["params"], stacked_specs, mesh, rules)
+  opt_sh = common.mirror_shardings(abstract["opt_state"], abstract["params"], param_sh, mesh)
+  rep = common.replicated(mesh)
+  state_sh = dict(params=param_sh, opt_state=opt_sh, step=rep, rng=rep)
+  abstract_state = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
+  )
+
+  # ----------------------------------------------------------- update step
+  apply_scores = functools.partial(stages.ensemble_scores, module)
+
+  def pair_scores(params, batch):
+    chosen = apply_scores(params, batch["chosen_tokens"], batch["chosen_mask"])
+    rejected = apply_scores(params, batch["rejected_tokens"], batch["rejected_mask"])
+    return chosen, rejected  # [E, B] each
+
+  def update(state, batch):
+    rng, boot_rng = jax.random.split(state["rng"])
+    b = batch["margin"].shape[0]
+    valid = batch["valid"].astype(jnp.float32)
+    if members > 1:
+      weights = jax.random.poisson(boot_rng, 1.0, (members, b)).astype(jnp.float32) * valid
+    else:
+      weights = jnp.broadcast_to(valid, (1, b))
+
+    def loss_fn(params):
+      chosen, rejected = pair_scores(params, batch)
+      member_loss = jax.vmap(
+        lambda c, r, w: reward_lib.bradley_terry_loss(
+          c,
+          r,
+          margin=batch["margin"] if config.use_margin else None,
+          tie=batch["tie"],
+          weight=w,
+          center_coef=config.center_coef,
+        )[0]
+      )(chosen, rejected, weights)
+      # Sum over members: each member's gradient is its own loss's gradient.
+      return jnp.sum(member_loss), (member_loss, chosen, rejected)
+
+    (_, (member_loss, chosen, rejected)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state["params"]
+    )
+    updates, opt_state = jax.vmap(tx.update)(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    diff = jnp.mean(chosen - rejected, axis=0)
+    strict = (~batch["tie"]).astype(jnp.float32) * valid
+    step_metrics = dict(
+      loss=jnp.mean(member_loss),
+      accuracy=jnp.sum((diff > 0) * strict) / jnp.maximum(jnp.sum(strict), 1.0),
+      margin=jnp.sum(diff * strict) / jnp.maximum(jnp.sum(strict), 1.0),
+      score_mean=jnp.mean(chosen + rejected) / 2,
+      lr=schedule(state["step"]),
+      grad_norm=optim.l2_norm(grads),
+      param_norm=optim.l2_norm(params),
+      update_norm=optim.l2_norm(updates),
+    )
+    new_state = dict(params=params, opt_state=opt_state, step=state["step"] + 1, rng=rng)
+    return new_state, step_metrics
+
+  batch_sh = sharding.batch_sharding(mesh, 2)
+  vec_sh = sharding.batch_sharding(mesh, 1)
+  batch_shardings = dict(
+    chosen_tokens=batch_sh,
+    chosen_mask=batch_sh,
+    rejected_tokens=batch_sh,
+    rejected_mask=batch_sh,
+    margin=vec_sh,
+    tie=vec_sh,
+    valid=vec_sh,
+  )
+  update_fn = jax.jit(
+    update,
+    in_shardings=(state_sh, batch_shardings),
+    out_shardings=(state_sh, rep),
+    donate_argnums=(0,),
+  )
+  scores_fn = jax.jit(pair_scores, in_shardings=(param_sh, batch_shardings))
+  single_fn = jax.jit(apply_scores, in_shardings=(param_sh, batch_sh, batch_sh))
+
+  # ------------------------------------------------------ load checkpoint
+  with sharding.use_mesh(mesh, rules):
+    if start_step:
+      state, meta = ckpt.restore(start_step, target=abstract_state)
+      train_loader.set_state(meta["loader"])
+      logging.info("Resumed from step %d", start_step)
+    else:
+      init = jax.jit(init_state, out_shardings=state_sh)
+      state = init(jax.random.key(config.seed), policy.params["trunk"])
+  ckpt.install_sigterm_handler()
+
+  # ------------------------------------------------------------ evaluators
+  eval_prompts, eval_gold_fn = _gold_setup(config)
+  local_rows = config.batch_size // jax.process_count()
+
+  def pair_eval(params) -> dict[str, float]:
+    if eval_source is None:
+      return {}
+    loader = loader_lib.Loader(
+      eval_source,
+      global_batch_size=config.batch_size,
+      shuffle=False,
+      drop_remainder=False,
+      num_epochs=1,
+      collate=collate,
+    )
+    diffs, spreads, ties, nlls = [], [], [], []
+    for batch in loader:
+      n = batch["margin"].shape[0]
+      batch = _pad_rows(batch, local_rows)
+      with sharding.use_mesh(mesh, rules):
+        chosen, rejected = scores_fn(params, sharding.host_to_global(batch, mesh))
+      chosen, rejected = sharding.fetch(chosen)[:, :n], sharding.fetch(rejected)[:, :n]
+      member_diff = chosen - rejected
+      diff = member_diff.mean(0)
+      valid = batch["valid"][:n]
+      diffs.append(diff[valid])
+      spreads.append(member_diff.std(0)[valid])
+      ties.append(batch["tie"][:n][valid])
+      nll, _ = reward_lib.bradley_terry_loss(diff[valid], np.zeros_like(diff[valid]), tie=ties[-1])
+      nlls.append(float(nll) * int(valid.sum()))
+    diff, tie = np.concatenate(diffs), np.concatenate(ties)
+    out = {
+      "eval/loss": sum(nlls) / max(len(diff), 1),
+      "eval/accuracy": reward_lib.preference_accuracy(diff, tie),
+      "eval/margin": float(diff[~tie].mean()) if (~tie).any() else float("nan"),
+      "eval/ece": reward_lib.expected_calibration_error(diff, tie),
+      "eval/ensemble_spread": float(np.concatenate(spreads).mean()),
+    }
+    ceiling = data_info.get("noise_ceiling", {}).get("eval")
+    if ceiling:
+      out["eval/noise_ceiling"] = ceiling["bayes_accuracy"]
+      out["eval/accuracy_gap_to_ceiling"] = ceiling["bayes_accuracy"] - out["eval/accuracy"]
+    return out
+
+  sample_cfg = config.data
+  policy_samples: dict[str, list[str]] = {}
+
+  def score_texts(params, prompts, responses) -> np.ndarray:
+    """[E, N] raw member scores of (prompt, response) texts."""
+    rows = [{"prompt": p, "response": r} for p, r in zip(prompts, responses, strict=True)]
+    scores = []
+    for start in range(0, len(rows), local_rows):
+      chunk = loader_lib.sft_collate(rows[start : start + local_rows], tok, config.max_len)
+      n = chunk["tokens"].shape[0]
+      chunk = _pad_rows({"tokens": chunk["tokens"], "mask": chunk["input_mask"]}, local_rows)
+      with sharding.use_mesh(mesh, rules):
+        s = single_fn(
+          params,
+          sharding.host_to_global(chunk["tokens"], mesh),
+          sharding.host_to_global(chunk["mask"], mesh),
+        )
+      scores.append(sharding.fetch(s)[:, :n])
+    return np.concatenate(scores, axis=1)
+
+  def gold_eval(params) -> dict[str, float]:
+    """Correlation of the RM with gold on SFT-policy samples for held-out prompts."""
+    if eval_gold_fn is None:
+      return {}
+    if "eval" not in policy_samples:
+      policy_samples["eval"] = sample_responses(
+        policy,
+        eval_prompts,
+        rng=jax.random.key(config.seed + 11),
+        config=sample_cfg,
+        mesh=mesh,
+        rules=rules,
+      )
+    responses = policy_samples["eval"]
+    rm = score_texts(params, eval_prompts, responses).mean(0)
+    gold = np.asarray([eval_gold_fn(p, r) for p, r in zip(eval_prompts, responses, strict=True)])
+    return {
+      "eval/gold_pearson": reward_lib.pearson(rm, gold),
+      "eval/gold_spearman": reward_lib.spearman(rm, gold),
+    }
+
+  def evaluate(state) -> dict[str, float]:
+    return {**pair_eval(state["params"]), **gold_eval(state["params"])}
+
+  # ----------------------------------------------------------- train loop
+  progress = metrics.ProgressLogger(
+    config.total_steps,
+    every_n_steps=config.log_every,
+    start_step=start_step,
+    metric_keys=("loss", "accuracy", "eval/accuracy"),
+  )
+  peak, _ = metrics.peak_flops_per_device(jax.devices()[0], model_cfg.dtype)
+  flops_per_step = 2 * members * model_cfg.train_flops_per_token(config.max_len) * config.batch_size
+  if start_step == 0:
+    first = evaluate(state)
+    metrics.check_finite(0, first, context="eval")
+    writer.write(0, first)
+  last_eval: dict[str, float] = {}
+  timer_start, timer_steps, timer_tokens = time.perf_counter(), 0, 0.0
+  step = start_step
+  try:
+    while step < config.total_steps:
+      local = next(train_loader)
+      with sharding.use_mesh(mesh, rules):
+        state, step_metrics = update_fn(state, sharding.host_to_global(local, mesh))
+      step += 1
+      timer_steps += 1
+      timer_tokens += float(local["chosen_mask"].sum() + local["rejected_mask"].sum())
+      is_log = step % config.log_every == 0 or step == config.total_steps
+      is_eval = step % config.eval_every == 0 or step == config.total_steps
+      is_ckpt = step % config.checkpoint_every == 0 or step == config.total_steps
+      preempted = ckpt.preemption_requested(step)
+      if is_log or is_ckpt or preempted or is_eval:
+        host = common.to_host(step_metrics)
+        metrics.check_finite(step, host)
+        if is_log:
+          elapsed = time.perf_counter() - timer_start
+          host["steps_per_s"] = timer_steps / elapsed
+          host["tokens_per_s"] = timer_tokens * jax.process_count() / elapsed
+          if np.isfinite(peak):
+            host["mfu"] = metrics.mfu(flops_per_step, elapsed / timer_steps, mesh.size, peak)
+          timer_start, timer_steps, timer_tokens = time.perf_counter(), 0, 0.0
+        else:
+          host = {}
+        if is_eval:
+          last_eval = evaluate(state)
+          metrics.check_finite(step, last_eval, context="eval")
+          host.update(last_eval)
+        if host:
+          writer.write(step, host)
+          progress.log(step, host)
+      if is_ckpt or preempted:
+        ckpt.save(step, state, {"loader": train_loader.get_state()}, force=True)
+      if preempted:
+        logging.warning("SIGTERM: saved step %d and stopping; rerun to resume.", step)
+        break
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+
+  # ------------------------------------------------- normalisation, export
+  if step >= config.total_steps and not stages.is_complete(workdir):
+    prompts = _train_prompts(config)
+    responses = sample_responses(
+      policy,
+      prompts,
+      rng=jax.random.key(config.seed + 13),
+      config=sample_cfg,
+      mesh=mesh,
+      rules=rules,
+    )
+    raw = score_texts(state["params"], prompts, responses).mean(0)
+    gain, bias = reward_lib.normalization(raw)
+    logging.info("Normalisation on %d SFT samples: gain %.4f, bias %.4f", len(raw), gain, bias)
+    stages.export(
+      workdir,
+      state["params"],
+      {
+        "kind": "reward",
+        "model": model_cfg.to_dict(),
+        "tokenizer": "tokenizer.model",
+        "ensemble_size": members,
+        "gain": gain,
+        "bias": bias,
+        "policy": os.path.abspath(sft_dir),
+        "step": step,
+        "data_content_hash": data_info["content_hash"],
+        "eval": last_eval,
+      },
+    )
+  return last_eval
+
+
+# --------------------------------------------------------------- helpers
+
+
+def _gold_setup(config):
+  if config.data.source != "testbed":
+    return [], None
+  from rlhf_jax.data import testbed
+
+  prompts = testbed.prompts(
+    "eval", config.eval.num_gold_samples, config.data.seed + 5, config.data.testbed
+  )
+  return prompts, lambda p, r: testbed.gold_reward(p, r, config.data.testbed)
+
+
+def _train_prompts(config) -> list[str]:
+  if config.data.source == "testbed":
+    from rlhf_jax.data import testbed
+
+    return testbed.prompts(
+      "train", config.normalize_samples, config.data.seed + 3, config.data.testbed
+    )
+  raise ValueError(
+    "Normalisation needs SFT-policy prompts: with config.data.source='jsonl', set "
+    "config.data.source='testbed' or provide prompts (not supported yet)."
+  )
+
+
+def _pad_rows(batch, rows):
+  b = next(iter(batch.values())).shape[0]
+  if b == rows:
+    return batch
+  return {
+    k: np.concatenate([v, np.zeros((rows - b, *v.shape[1:]), v.dtype)]) for k, v in batch.items()
+  }
