@@ -1,0 +1,123 @@
+"""Reward trainer: runlocal end to end (SFT trained on demand), export, reuse."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from rlhf_jax import config_utils, metrics, sharding, stages
+from rlhf_jax.data import loader as loader_lib
+from rlhf_jax.data import testbed
+from rlhf_jax.trainers import reward
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("reward"))
+  config = config_utils.load_config(os.path.join(REPO, "configs/reward.py:runlocal"))
+  final = config_utils.run(config, workdir)
+  return config, workdir, final
+
+
+@pytest.mark.slow
+def test_runlocal_trains_sft_on_demand_and_learns(trained):
+  config, workdir, final = trained
+  assert stages.is_complete(os.path.join(workdir, "sft"))
+  rows = [r for r in metrics.read_metrics(workdir) if "eval/loss" in r]
+  first, last = rows[0], rows[-1]
+  assert first["step"] == 0 and last["step"] == config.total_steps
+  assert last["eval/loss"] < first["eval/loss"]
+  # Correlation with gold on SFT-policy samples for held-out prompts rises.
+  assert last["eval/gold_pearson"] > first["eval/gold_pearson"] + 0.1
+  assert last["eval/gold_pearson"] > 0.3
+  assert last["eval/accuracy"] > 0.55
+  for key in ("eval/ece", "eval/margin", "eval/ensemble_spread", "eval/noise_ceiling"):
+    assert np.isfinite(last[key]), key
+  assert 0.5 < last["eval/noise_ceiling"] < 1.0
+  train_rows = [r for r in metrics.read_metrics(workdir) if "loss" in r]
+  for key in ("loss", "accuracy", "lr", "grad_norm", "param_norm", "update_norm", "mfu"):
+    assert all(key in r for r in train_rows), key
+  assert final == {k: v for k, v in last.items() if k.startswith("eval/")}
+  with open(os.path.join(workdir, "data", "noise_ceiling.json")) as f:
+    assert set(json.load(f)) == {"train", "eval"}
+
+
+@pytest.mark.slow
+def test_exported_ensemble_is_normalised_on_sft_samples(trained):
+  config, workdir, _ = trained
+  mesh = sharding.make_mesh((1, -1, 1))
+  rm = stages.load_reward_model(workdir, mesh)
+  assert rm.ensemble_size == config.ensemble_size
+  # Re-create the normalisation samples (deterministic) and score them.
+  policy = stages.load_policy(os.path.join(workdir, "sft"), mesh)
+  prompts = reward._train_prompts(config)
+  responses = reward.sample_responses(
+    policy,
+    prompts,
+    rng=jax.random.key(config.seed + 13),
+    config=config.data,
+    mesh=mesh,
+    rules="fsdp",
+  )
+  rows = [{"prompt": p, "response": r} for p, r in zip(prompts, responses, strict=True)]
+  batch = loader_lib.sft_collate(rows, rm.tokenizer, config.max_len)
+  with sharding.use_mesh(mesh, "fsdp"):
+    mean, spread = rm.score(batch["tokens"], batch["input_mask"])
+  mean, spread = np.asarray(mean), np.asarray(spread)
+  np.testing.assert_allclose(mean.mean(), 0.0, atol=1e-3)
+  np.testing.assert_allclose(mean.std(), 1.0, atol=1e-3)
+  # Members disagree somewhere: the spread is an uncertainty signal, not zeros.
+  assert spread.max() > 0.0
+  # Scores follow gold on these samples.
+  gold = [
+    testbed.gold_reward(p, r, config.data.testbed) for p, r in zip(prompts, responses, strict=True)
+  ]
+  assert np.corrcoef(mean, gold)[0, 1] > 0.3
+
+
+@pytest.mark.slow
+def test_rerun_reuses_finished_stages(trained):
+  config, workdir, _ = trained
+  sft_metrics = os.path.join(workdir, "sft", "metrics.jsonl")
+  before = (os.path.getmtime(sft_metrics), os.path.getmtime(os.path.join(workdir, "export.json")))
+  config_utils.run(config, workdir)
+  after = (os.path.getmtime(sft_metrics), os.path.getmtime(os.path.join(workdir, "export.json")))
+  assert before == after
+
+
+def test_loading_the_wrong_kind_of_stage_is_refused(tmp_path):
+  workdir = str(tmp_path)
+  with open(os.path.join(workdir, "export.json"), "w") as f:
+    json.dump({"kind": "policy"}, f)
+  with pytest.raises(ValueError, match="not a reward model"):
+    stages.load_reward_model(workdir, sharding.make_mesh((1, -1, 1)))
+  with pytest.raises(FileNotFoundError, match="no finished stage"):
+    stages.load_policy(str(tmp_path / "missing"), sharding.make_mesh((1, -1, 1)))
+
+
+def test_pair_collate_marks_ties_margins_and_drops():
+  tok = _testbed_tokenizer()
+  examples = [
+    {"prompt": "Review of the lamp:", "chosen": "It glows.", "rejected": "Bad.", "margin": 0.5},
+    {"prompt": "Review of the lamp:", "chosen": "Fine.", "rejected": "Okay.", "tie": True},
+    {"prompt": "Review of the lamp:", "chosen": "word " * 80, "rejected": "Bad."},
+  ]
+  batch = reward.pair_collate(examples, tok, max_len=24)
+  np.testing.assert_array_equal(batch["margin"], [0.5, 0.0, 0.0])
+  np.testing.assert_array_equal(batch["tie"], [False, True, False])
+  np.testing.assert_array_equal(batch["valid"], [True, True, False])
+  # Each row ends with EOS at its last real position (where the score is read).
+  last = batch["chosen_mask"].sum(1) - 1
+  assert batch["chosen_tokens"][0, last[0]] == tok.eos_id
+  assert batch["rejected_tokens"][1, batch["rejected_mask"][1].sum() - 1] == tok.eos_id
+
+
+def _testbed_tokenizer():
+  from rlhf_jax.data.tokenizer import Tokenizer
+
+  texts = [e["prompt"] + " " + e["response"] for e in testbed.sft_examples(300, seed=0)]
+  return Tokenizer.train(texts, 200)
