@@ -183,6 +183,9 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   mesh = common.mesh_from_config(config)
   rules = config.sharding_rules
 
+  # Config errors surface before any stage trains or any data is built.
+  tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+
   # ------------------------------------------------------------ upstream SFT
   sft_dir = ensure_policy(config, workdir)
   policy = stages.load_policy(sft_dir, mesh, rules)
@@ -212,7 +215,6 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   model_cfg = policy.module.config
   module = models.ScalarModel(model_cfg, head_init="reward")
   members = config.ensemble_size
-  tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
 
   def init_member(rng, trunk):
     params = sharding.unbox(models.init_params(module, rng))

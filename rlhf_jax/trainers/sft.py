@@ -94,6 +94,10 @@ def prepare_data(config, workdir):
 
 def train(config: Any, workdir: str) -> dict[str, float]:
   """Trains the policy with SFT; returns the final eval metrics."""
+  # Config errors surface before any data is built.
+  tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+  accum = int(config.optim.get("grad_accum_steps", 1) or 1)
+
   # ----------------------------------------------------------------- logging
   os.makedirs(workdir, exist_ok=True)
   is_primary = jax.process_index() == 0
@@ -132,8 +136,6 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   # ------------------------------------------------ model, optimizer shapes
   model_cfg = common.model_config(config.model, tok.vocab_size)
   module = models.LanguageModel(model_cfg)
-  tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
-  accum = int(config.optim.get("grad_accum_steps", 1) or 1)
 
   def init_state(rng):
     init_rng, rng = jax.random.split(rng)
