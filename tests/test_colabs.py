@@ -23,6 +23,6 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
   assert cells
   namespace = {}
   for i, source in enumerate(cells):
-    exec(compile(source, f"quickstart.ipynb cell {i}", "exec"), namespace)  # noqa: S102
+    exec(compile(source, f"quickstart.ipynb cell {i}", "exec"), namespace)
   assert "eval/accuracy" in namespace["final"]
   assert namespace["evals"][-1]["step"] == 10
