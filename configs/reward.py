@@ -23,9 +23,10 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.trainer = "reward"
   config.seed = arg.seed
-  config.total_steps = 500
-  config.batch_size = 32
-  config.max_len = 64
+  config.total_steps = 250  # two epochs of 8000 pairs
+  config.batch_size = 64
+  # BOS + prompt + response + EOS; a longer row loses the prompt's generic opening first.
+  config.max_len = 48
 
   # Upstream stage: a finished SFT workdir, or "" to train configs/sft.py into <workdir>/sft.
   config.policy_init = ""
@@ -34,7 +35,7 @@ def get_config(arg=None):
   # Data
   config.data = ml_collections.ConfigDict()
   config.data.source = "testbed"  # "testbed" | "jsonl"
-  config.data.num_train = 4000  # labelled pairs (plus the anchor pairs every rater sees)
+  config.data.num_train = 8000  # labelled pairs (plus the anchor pairs every rater sees)
   config.data.num_eval = 500
   config.data.seed = 0
   config.data.testbed = testbed_config.default_config()
@@ -48,14 +49,14 @@ def get_config(arg=None):
   config.data.data_dir = ""
 
   # Model: the SFT policy's architecture; trunk initialised from it.
-  config.ensemble_size = 3
+  config.ensemble_size = 2
   config.use_margin = True
   config.center_coef = 0.01
 
   # Optimizer
   config.optim = ml_collections.ConfigDict()
   config.optim.name = "adamw"
-  config.optim.lr = 3e-4
+  config.optim.lr = 1e-3
   config.optim.schedule = "cosine"
   config.optim.warmup_steps = 20
   config.optim.final_lr_fraction = 0.1
@@ -68,8 +69,8 @@ def get_config(arg=None):
 
   # Logging, evals, checkpoints
   config.log_every = 25
-  config.eval_every = 250
-  config.checkpoint_every = 250
+  config.eval_every = 125
+  config.checkpoint_every = 125
   config.keep_checkpoints = 3
   config.normalize_samples = 512  # SFT samples that set the score's mean 0, std 1
   config.eval = ml_collections.ConfigDict()
@@ -78,6 +79,7 @@ def get_config(arg=None):
   if arg.runlocal:
     config.total_steps = 100
     config.batch_size = 16
+    config.optim.warmup_steps = 10
     config.data.num_train = 800
     config.data.num_eval = 128
     config.data.sample_batch = 128

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from rlhf_jax import models, sharding
+from rlhf_jax import metrics, models, sharding
 from rlhf_jax.data import tokenizer as tokenizer_lib
 
 
@@ -120,3 +121,68 @@ def mirror_shardings(opt_abstract: Any, params_abstract: Any, param_shardings: A
     return rep
 
   return jax.tree_util.tree_map_with_path(one, opt_abstract)
+
+
+class LoopBookkeeping:
+  """What every train loop does after an update: timing, MFU, health checks, logs, evals.
+
+  Per step, `after_update` decides whether this step logs, evaluates or saves
+  (every `log_every` / `eval_every` / `checkpoint_every` steps and at the last
+  step), fetches the step's metrics only then (one device-to-host transfer),
+  checks them for NaN/Inf *before* any save so a bad state is never written,
+  and writes one metrics line. `should_save` then tells the loop to save.
+  """
+
+  def __init__(self, config, *, writer, progress, mesh, flops_per_step: float, dtype: str):
+    self.config = config
+    self.writer = writer
+    self.progress = progress
+    self.mesh = mesh
+    self.flops_per_step = flops_per_step
+    self.peak, _ = metrics.peak_flops_per_device(jax.devices()[0], dtype)
+    self.last_eval: dict[str, float] = {}
+    self.should_save = False
+    self._reset_timer()
+
+  def _reset_timer(self) -> None:
+    self._start, self._steps, self._tokens = time.perf_counter(), 0, 0.0
+
+  def after_update(
+    self,
+    step: int,
+    step_metrics: Any,
+    tokens: float,
+    evaluate: Callable[[], dict[str, float]],
+    *,
+    preempted: bool = False,
+  ) -> None:
+    """Bookkeeping for `step` (1-based, after its update); `tokens` counted over all hosts."""
+    cfg = self.config
+    self._steps += 1
+    self._tokens += tokens
+    last = step == cfg.total_steps
+    is_log = step % cfg.log_every == 0 or last
+    is_eval = step % cfg.eval_every == 0 or last
+    self.should_save = step % cfg.checkpoint_every == 0 or last or preempted
+    if not (is_log or is_eval or self.should_save):
+      return
+    host = to_host(step_metrics)
+    metrics.check_finite(step, host)
+    line: dict[str, float] = {}
+    if is_log:
+      elapsed = time.perf_counter() - self._start
+      host["steps_per_s"] = self._steps / elapsed
+      host["tokens_per_s"] = self._tokens / elapsed
+      if np.isfinite(self.peak):
+        host["mfu"] = metrics.mfu(
+          self.flops_per_step, elapsed / self._steps, self.mesh.size, self.peak
+        )
+      line = host
+      self._reset_timer()
+    if is_eval:
+      self.last_eval = evaluate()
+      metrics.check_finite(step, self.last_eval, context="eval")
+      line = {**line, **self.last_eval}
+    if line:
+      self.writer.write(step, line)
+      self.progress.log(step, line)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from typing import Any
 
 import jax
@@ -423,14 +422,21 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     start_step=start_step,
     metric_keys=("loss", "accuracy", "eval/accuracy"),
   )
-  peak, _ = metrics.peak_flops_per_device(jax.devices()[0], model_cfg.dtype)
-  flops_per_step = 2 * members * model_cfg.train_flops_per_token(config.max_len) * config.batch_size
+  loop = common.LoopBookkeeping(
+    config,
+    writer=writer,
+    progress=progress,
+    mesh=mesh,
+    flops_per_step=2
+    * members
+    * model_cfg.train_flops_per_token(config.max_len)
+    * config.batch_size,
+    dtype=model_cfg.dtype,
+  )
   if start_step == 0:
     first = evaluate(state)
     metrics.check_finite(0, first, context="eval")
     writer.write(0, first)
-  last_eval: dict[str, float] = {}
-  timer_start, timer_steps, timer_tokens = time.perf_counter(), 0, 0.0
   step = start_step
   try:
     while step < config.total_steps:
@@ -438,32 +444,16 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       with sharding.use_mesh(mesh, rules):
         state, step_metrics = update_fn(state, sharding.host_to_global(local, mesh))
       step += 1
-      timer_steps += 1
-      timer_tokens += float(local["chosen_mask"].sum() + local["rejected_mask"].sum())
-      is_log = step % config.log_every == 0 or step == config.total_steps
-      is_eval = step % config.eval_every == 0 or step == config.total_steps
-      is_ckpt = step % config.checkpoint_every == 0 or step == config.total_steps
       preempted = ckpt.preemption_requested(step)
-      if is_log or is_ckpt or preempted or is_eval:
-        host = common.to_host(step_metrics)
-        metrics.check_finite(step, host)
-        if is_log:
-          elapsed = time.perf_counter() - timer_start
-          host["steps_per_s"] = timer_steps / elapsed
-          host["tokens_per_s"] = timer_tokens * jax.process_count() / elapsed
-          if np.isfinite(peak):
-            host["mfu"] = metrics.mfu(flops_per_step, elapsed / timer_steps, mesh.size, peak)
-          timer_start, timer_steps, timer_tokens = time.perf_counter(), 0, 0.0
-        else:
-          host = {}
-        if is_eval:
-          last_eval = evaluate(state)
-          metrics.check_finite(step, last_eval, context="eval")
-          host.update(last_eval)
-        if host:
-          writer.write(step, host)
-          progress.log(step, host)
-      if is_ckpt or preempted:
+      tokens = float(local["chosen_mask"].sum() + local["rejected_mask"].sum())
+      loop.after_update(
+        step,
+        step_metrics,
+        tokens * jax.process_count(),
+        lambda: evaluate(state),
+        preempted=preempted,
+      )
+      if loop.should_save:
         ckpt.save(step, state, {"loader": train_loader.get_state()}, force=True)
       if preempted:
         logging.warning("SIGTERM: saved step %d and stopping; rerun to resume.", step)
@@ -500,10 +490,10 @@ def train(config: Any, workdir: str) -> dict[str, float]:
         "policy": os.path.abspath(sft_dir),
         "step": step,
         "data_content_hash": data_info["content_hash"],
-        "eval": last_eval,
+        "eval": loop.last_eval,
       },
     )
-  return last_eval
+  return loop.last_eval
 
 
 # --------------------------------------------------------------- helpers

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import time
 from typing import Any
 
 import jax
@@ -300,14 +299,18 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     start_step=start_step,
     metric_keys=("loss", "eval/loss", "lr"),
   )
-  peak, _ = metrics.peak_flops_per_device(jax.devices()[0], model_cfg.dtype)
-  flops_per_step = model_cfg.train_flops_per_token(config.max_len) * config.batch_size
+  loop = common.LoopBookkeeping(
+    config,
+    writer=writer,
+    progress=progress,
+    mesh=mesh,
+    flops_per_step=model_cfg.train_flops_per_token(config.max_len) * config.batch_size,
+    dtype=model_cfg.dtype,
+  )
   if start_step == 0:
     first = evaluate(state, 0)
     metrics.check_finite(0, first, context="eval")
     writer.write(0, first)
-  last_eval: dict[str, float] = {}
-  timer_start, timer_steps, timer_tokens = time.perf_counter(), 0, 0.0
   step = start_step
   try:
     while step < config.total_steps:
@@ -315,35 +318,12 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       with sharding.use_mesh(mesh, rules):
         state, step_metrics = update_fn(state, sharding.host_to_global(local, mesh))
       step += 1
-      timer_steps += 1
-      timer_tokens += float(local["input_mask"].sum()) * jax.process_count()
-      is_log = step % config.log_every == 0 or step == config.total_steps
-      is_eval = step % config.eval_every == 0 or step == config.total_steps
-      is_ckpt = step % config.checkpoint_every == 0 or step == config.total_steps
       preempted = ckpt.preemption_requested(step)
-      if is_log or is_ckpt or preempted:
-        host = common.to_host(step_metrics)
-        # Before any save: a NaN stops here and the last good checkpoint stays.
-        metrics.check_finite(step, host)
-        if is_log:
-          elapsed = time.perf_counter() - timer_start
-          host["steps_per_s"] = timer_steps / elapsed
-          host["tokens_per_s"] = timer_tokens / elapsed
-          step_time = elapsed / timer_steps
-          if np.isfinite(peak):
-            host["mfu"] = metrics.mfu(flops_per_step, step_time, mesh.size, peak)
-          timer_start, timer_steps, timer_tokens = time.perf_counter(), 0, 0.0
-          if is_eval:
-            last_eval = evaluate(state, step)
-            metrics.check_finite(step, last_eval, context="eval")
-            host.update(last_eval)
-          writer.write(step, host)
-          progress.log(step, host)
-      elif is_eval:
-        last_eval = evaluate(state, step)
-        metrics.check_finite(step, last_eval, context="eval")
-        writer.write(step, last_eval)
-      if is_ckpt or preempted:
+      tokens = float(local["input_mask"].sum()) * jax.process_count()
+      loop.after_update(
+        step, step_metrics, tokens, lambda: evaluate(state, step), preempted=preempted
+      )
+      if loop.should_save:
         ckpt.save(step, state, {"loader": train_loader.get_state()}, force=True)
       if preempted:
         logging.warning("SIGTERM: saved step %d and stopping; rerun to resume.", step)
@@ -363,11 +343,11 @@ def train(config: Any, workdir: str) -> dict[str, float]:
         "tokenizer": "tokenizer.model",
         "step": step,
         "data_content_hash": data_info["content_hash"],
-        "eval": last_eval,
+        "eval": loop.last_eval,
       },
     )
-  logging.info("Done at step %d: %s", step, last_eval)
-  return last_eval
+  logging.info("Done at step %d: %s", step, loop.last_eval)
+  return loop.last_eval
 
 
 # --------------------------------------------------------------- helpers
