@@ -15,12 +15,9 @@ from rlhf_jax.trainers import reward
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("reward"))
-  config = config_utils.load_config(os.path.join(REPO, "configs/reward.py:runlocal"))
-  final = config_utils.run(config, workdir)
-  return config, workdir, final
+@pytest.fixture
+def trained(reward_runlocal):
+  return reward_runlocal
 
 
 @pytest.mark.slow

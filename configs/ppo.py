@@ -1,0 +1,102 @@
+"""PPO on the testbed: SFT, reward model, then PPO with a KL penalty to the SFT policy.
+
+    python -m experiments.launch --config=configs/ppo.py
+    python -m experiments.launch --config=configs/ppo.py:runlocal
+    python -m experiments.launch --config=configs/ppo.py \
+      --config.policy_init=runs/sft --config.reward_init=runs/reward
+
+Without `policy_init` / `reward_init`, the SFT stage (configs/sft.py) and the
+reward stage (configs/reward.py, on that SFT policy) are trained first into
+<workdir>/sft and <workdir>/reward, and reused on the next run.
+"""
+
+import ml_collections
+
+from configs import common
+from configs import reward as reward_config
+from configs import sft as sft_config
+from rlhf_jax.data.testbed import config as testbed_config
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, runlocal=False, seed=0)
+  variant = "runlocal" if arg.runlocal else None
+  config = ml_collections.ConfigDict()
+  config.trainer = "ppo"
+  config.seed = arg.seed
+  config.total_steps = 60  # PPO iterations (rollout + update)
+
+  # Upstream stages: finished workdirs, or "" to train them into <workdir>/{sft,reward}.
+  config.policy_init = ""
+  config.reward_init = ""
+  config.sft = sft_config.get_config(variant)
+  config.reward = reward_config.get_config(variant)
+
+  # Prompts (the testbed's training items; eval uses held-out items)
+  config.data = ml_collections.ConfigDict()
+  config.data.num_prompts = 4096
+  config.data.seed = 3
+  config.data.testbed = testbed_config.default_config()
+
+  # Rollouts
+  config.rollout_batch_size = 64
+  config.prompt_len = 16
+  config.max_new_tokens = 40
+  config.temperature = 1.0  # sampling and log-prob recomputation use the same T
+  config.missing_eos_penalty = True
+  config.missing_eos_score = -1.0
+
+  # PPO
+  config.ppo_epochs = 4
+  config.minibatch_size = 16
+  config.clip_eps = 0.2
+  config.value_clip_eps = 0.2
+  config.vf_coef = 0.1
+  config.gamma = 1.0
+  config.lam = 0.95
+  config.whiten_rewards = False
+  config.loss_aggregation = "token_mean"  # token_mean | sequence_mean | token_sum_norm
+
+  # KL penalty to the reference (SFT) policy
+  config.kl = ml_collections.ConfigDict()
+  config.kl.estimator = "k1"  # k1 | k2 | k3, per token in the reward
+  config.kl.controller = "adaptive"  # fixed | adaptive
+  config.kl.init_coef = 0.05
+  config.kl.target = 6.0
+  config.kl.horizon = 10000.0
+
+  # Optimizers: policy and value network (learning rate annealed linearly to 0)
+  config.optim = ml_collections.ConfigDict()
+  config.optim.name = "adam_tf"
+  config.optim.lr = 3e-5
+  config.optim.schedule = "linear"
+  config.optim.grad_clip_norm = 1.0
+  config.value_optim = ml_collections.ConfigDict()
+  config.value_optim.name = "adam_tf"
+  config.value_optim.lr = 1e-4
+  config.value_optim.schedule = "linear"
+  config.value_optim.grad_clip_norm = 1.0
+
+  # Mesh and sharding
+  config.mesh = (1, -1, 1)
+  config.sharding_rules = "fsdp"
+
+  # Logging, evals, checkpoints
+  config.log_every = 5
+  config.eval_every = 20
+  config.checkpoint_every = 20
+  config.keep_checkpoints = 3
+  config.eval = ml_collections.ConfigDict()
+  config.eval.num_prompts = 128
+
+  if arg.runlocal:
+    config.total_steps = 12
+    config.rollout_batch_size = 32
+    config.minibatch_size = 16
+    config.ppo_epochs = 2
+    config.data.num_prompts = 512
+    config.log_every = 2
+    config.eval_every = 6
+    config.checkpoint_every = 6
+    config.eval.num_prompts = 64
+  return config
