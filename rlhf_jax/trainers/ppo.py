@@ -22,6 +22,7 @@ no optimizer state and `stop_gradient` on its log-probs.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import jax
@@ -40,7 +41,15 @@ from rlhf_jax.rl import sampler as sampler_lib
 from rlhf_jax.rl.logprobs import entropy_from_logits, token_logprobs
 from rlhf_jax.trainers import common
 
-TIMING_METRICS = ("tokens_per_s", "steps_per_s", "mfu")
+TIMING_METRICS = (
+  "tokens_per_s",
+  "steps_per_s",
+  "mfu",
+  "time/rollout_s",
+  "time/scoring_s",
+  "time/update_s",
+  "time/generation_fraction",
+)
 
 
 # ------------------------------------------------------------------ upstream
@@ -329,26 +338,27 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       state, policy=policy, value=value, policy_opt=policy_opt, value_opt=value_opt, rng=rng
     ), stats
 
-  def iteration(state, prompt, pmask, sample):
-    exp, exp_stats = make_experience(state, prompt, pmask, sample)
+  def update_and_control(state, exp, kl):
     state, upd_stats = ppo_update(state, exp)
     kl_state = kl_lib.update_kl_controller(
       state["kl"],
-      exp_stats["objective/kl"],
+      kl,
       rollout_batch,
       kind=config.kl.controller,
       target=config.kl.target,
       horizon=config.kl.horizon,
     )
-    state = dict(state, kl=kl_state, step=state["step"] + 1)
-    return state, {**exp_stats, **upd_stats}
+    return dict(state, kl=kl_state, step=state["step"] + 1), upd_stats
 
+  # Two programs, so the time of each phase can be measured; the experience
+  # stays on device between them.
   batch_sh = sharding.batch_sharding(mesh, 2)
   vec_sh = sharding.batch_sharding(mesh, 1)
   sample_sh = sampler_lib.SampleOutput(batch_sh, batch_sh, batch_sh, batch_sh, vec_sh, vec_sh)
-  iteration_fn = jax.jit(
-    iteration,
-    in_shardings=(state_sh, batch_sh, batch_sh, sample_sh),
+  experience_fn = jax.jit(make_experience, in_shardings=(state_sh, batch_sh, batch_sh, sample_sh))
+  update_fn = jax.jit(
+    update_and_control,
+    in_shardings=(state_sh, None, rep),
     out_shardings=(state_sh, rep),
     donate_argnums=(0,),
   )
@@ -445,8 +455,26 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       with sharding.use_mesh(mesh, rules):
         prompt = sharding.host_to_global(batch["tokens"], mesh)
         pmask = sharding.host_to_global(batch["mask"], mesh)
-        sample = sample_fn(state["policy"], prompt, pmask, rollout_rng)
-        state, stats = iteration_fn(state, prompt, pmask, sample)
+        # Phase times are measured on log steps only (blocking elsewhere would
+        # stop the host from running ahead of the device).
+        timed = (step + 1) % config.log_every == 0
+        if timed:  # the host runs ahead of the device: drain earlier iterations first
+          jax.block_until_ready(state)
+        clock = [time.perf_counter()]
+        sample = _mark(sample_fn(state["policy"], prompt, pmask, rollout_rng), timed, clock)
+        exp, exp_stats = _mark(experience_fn(state, prompt, pmask, sample), timed, clock)
+        state, upd_stats = _mark(update_fn(state, exp, exp_stats["objective/kl"]), timed, clock)
+      stats = {**exp_stats, **upd_stats}
+      if timed:
+        phases = np.diff(clock)
+        stats.update(
+          {
+            "time/rollout_s": phases[0],
+            "time/scoring_s": phases[1],
+            "time/update_s": phases[2],
+            "time/generation_fraction": phases[0] / phases.sum(),
+          }
+        )
       step += 1
       preempted = ckpt.preemption_requested(step)
       tokens = float(rollout_batch * seq)
@@ -503,6 +531,14 @@ def json_line(record: dict) -> str:
     json.dumps({k: (float(v) if isinstance(v, np.floating) else v) for k, v in record.items()})
     + "\n"
   )
+
+
+def _mark(result, timed: bool, clock: list[float]):
+  """Blocks on `result` and records the time when `timed`; returns it unchanged."""
+  if timed:
+    jax.block_until_ready(result)
+    clock.append(time.perf_counter())
+  return result
 
 
 def _drop_leading(sh: jax.sharding.NamedSharding, mesh) -> jax.sharding.NamedSharding:
