@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from rlhf_jax import config_utils, metrics, stages
+from rlhf_jax.trainers import ppo
+from tests.trainers import resume
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -65,3 +67,27 @@ def test_runlocal_on_finished_stages(reward_runlocal, tmp_path):
   ]
   # The trained policy is exported like any finished stage.
   assert stages.read_meta(workdir)["kind"] == "policy"
+
+
+@pytest.mark.slow
+def test_resume_after_kill_and_after_sigterm_is_exact(reward_runlocal, tmp_path):
+  """Params, optimizers, RNG, KL controller, prompt position: all restored exactly."""
+  _, reward_dir, _ = reward_runlocal
+  overrides = [
+    f"--config.policy_init={os.path.join(reward_dir, 'sft')}",
+    f"--config.reward_init={reward_dir}",
+    "--config.total_steps=24",
+    "--config.log_every=4",
+    "--config.eval_every=12",
+    "--config.checkpoint_every=4",
+    "--config.keep_checkpoints=10",
+    "--config.eval.num_prompts=16",
+  ]
+  resume.check_kill_and_sigterm(
+    tmp_path,
+    "configs/ppo.py:runlocal",
+    overrides,
+    total_steps=24,
+    kill_after=8,
+    timing_metrics=ppo.TIMING_METRICS,
+  )

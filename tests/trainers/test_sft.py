@@ -2,20 +2,16 @@
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 
 from rlhf_jax import config_utils, metrics, optim
 from rlhf_jax.data import builders
 from rlhf_jax.trainers import sft
+from tests.trainers import resume
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,93 +28,16 @@ RESUME_OVERRIDES = [
 ]
 
 
-def _launch(workdir, *extra):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  cmd = [
-    sys.executable,
-    "-m",
-    "experiments.launch",
-    "--config=configs/sft.py:runlocal",
-    f"--workdir={workdir}",
-    "--config.mesh=(1,-1,1)",
-    *RESUME_OVERRIDES,
-    *extra,
-  ]
-  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-
-def _committed_steps(workdir):
-  path = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(path):
-    return []
-  return sorted(int(d) for d in os.listdir(path) if d.isdigit())
-
-
-def _run_to_end(workdir):
-  proc = _launch(workdir)
-  out, _ = proc.communicate(timeout=600)
-  assert proc.returncode == 0, out.decode()[-3000:]
-
-
-def _interrupt(workdir, sig, after_step):
-  """Starts a run and sends `sig` once a checkpoint at or past `after_step` is committed."""
-  proc = _launch(workdir)
-  deadline = time.time() + 600
-  while time.time() < deadline and proc.poll() is None:
-    if any(s >= after_step for s in _committed_steps(workdir)):
-      proc.send_signal(sig)
-      break
-    time.sleep(0.02)
-  out, _ = proc.communicate(timeout=600)
-  return proc.returncode, out.decode()
-
-
-def _deterministic(rows):
-  return [{k: v for k, v in r.items() if k not in sft.TIMING_METRICS} for r in rows]
-
-
-def _final_state(workdir):
-  step = max(_committed_steps(workdir))
-  path = os.path.join(workdir, "checkpoints", str(step), "state")
-  return step, ocp.StandardCheckpointer().restore(path)
-
-
-def _assert_same_run(reference, resumed):
-  ref_rows = metrics.read_metrics(reference)
-  got_rows = metrics.read_metrics(resumed)
-  assert [r["step"] for r in got_rows] == [r["step"] for r in ref_rows]
-  assert _deterministic(got_rows) == _deterministic(ref_rows)
-  ref_step, ref_state = _final_state(reference)
-  got_step, got_state = _final_state(resumed)
-  assert ref_step == got_step == 160
-  # Bit for bit: params, optimizer state, step and RNG key.
-  jax.tree.map(np.testing.assert_array_equal, got_state, ref_state)
-  for name in sorted(os.listdir(os.path.join(reference, "samples"))):
-    with open(os.path.join(reference, "samples", name)) as a:
-      with open(os.path.join(resumed, "samples", name)) as b:
-        assert a.read() == b.read(), name
-
-
 @pytest.mark.slow
 def test_resume_after_kill_and_after_sigterm_is_exact(tmp_path):
-  reference = str(tmp_path / "straight")
-  _run_to_end(reference)
-
-  killed = str(tmp_path / "killed")
-  rc, out = _interrupt(killed, signal.SIGKILL, after_step=60)
-  assert rc == -signal.SIGKILL, out[-2000:]
-  stopped_at = max(_committed_steps(killed))
-  assert 60 <= stopped_at < 160, "the kill must land mid-run"
-  _run_to_end(killed)
-  _assert_same_run(reference, killed)
-
-  preempted = str(tmp_path / "preempted")
-  rc, out = _interrupt(preempted, signal.SIGTERM, after_step=40)
-  assert rc == 0, out[-2000:]  # SIGTERM: save and exit cleanly
-  assert "SIGTERM: saved step" in out
-  assert 40 <= max(_committed_steps(preempted)) < 160
-  _run_to_end(preempted)
-  _assert_same_run(reference, preempted)
+  resume.check_kill_and_sigterm(
+    tmp_path,
+    "configs/sft.py:runlocal",
+    ["--config.mesh=(1,-1,1)", *RESUME_OVERRIDES],
+    total_steps=160,
+    kill_after=60,
+    timing_metrics=sft.TIMING_METRICS,
+  )
 
 
 def _runlocal_config(**overrides):
@@ -189,8 +108,8 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeyp
     config_utils.run(config, workdir)
   assert err.value.step == 6
   # Checkpoints at 2 and 4 survive; nothing was saved at or after the bad step.
-  assert _committed_steps(workdir) == [2, 4]
-  _, state = _final_state(workdir)
+  assert resume.committed_steps(workdir) == [2, 4]
+  _, state = resume.final_state(workdir)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
   assert max(r["step"] for r in metrics.read_metrics(workdir)) == 5
 

@@ -1,0 +1,102 @@
+"""Kill a training run mid-way, resume it, and compare with an uninterrupted run.
+
+Shared by the trainers' exact-resume tests: each launches its config as a
+subprocess (the way a preempted job really dies), interrupts it once a
+checkpoint past `after_step` is committed, reruns it, and requires the same
+final checkpoint (bit for bit), the same deterministic metrics and the same
+samples as a straight run.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from rlhf_jax import metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def launch(config, workdir, overrides):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  cmd = [sys.executable, "-m", "experiments.launch", f"--config={config}", f"--workdir={workdir}"]
+  return subprocess.Popen(
+    [*cmd, *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+  )
+
+
+def committed_steps(workdir):
+  path = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(path):
+    return []
+  return sorted(int(d) for d in os.listdir(path) if d.isdigit())
+
+
+def run_to_end(config, workdir, overrides):
+  proc = launch(config, workdir, overrides)
+  out, _ = proc.communicate(timeout=900)
+  assert proc.returncode == 0, out.decode()[-3000:]
+
+
+def interrupt(config, workdir, overrides, sig, after_step):
+  """Starts a run and sends `sig` once a checkpoint at or past `after_step` is committed."""
+  proc = launch(config, workdir, overrides)
+  deadline = time.time() + 900
+  while time.time() < deadline and proc.poll() is None:
+    if any(s >= after_step for s in committed_steps(workdir)):
+      proc.send_signal(sig)
+      break
+    time.sleep(0.02)
+  out, _ = proc.communicate(timeout=900)
+  return proc.returncode, out.decode()
+
+
+def final_state(workdir):
+  step = max(committed_steps(workdir))
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  return step, ocp.StandardCheckpointer().restore(path)
+
+
+def assert_same_run(reference, resumed, *, total_steps, timing_metrics):
+  deterministic = lambda rows: [
+    {k: v for k, v in r.items() if k not in timing_metrics} for r in rows
+  ]
+  ref_rows = metrics.read_metrics(reference)
+  got_rows = metrics.read_metrics(resumed)
+  assert [r["step"] for r in got_rows] == [r["step"] for r in ref_rows]
+  assert deterministic(got_rows) == deterministic(ref_rows)
+  ref_step, ref_state = final_state(reference)
+  got_step, got_state = final_state(resumed)
+  assert ref_step == got_step == total_steps
+  # Bit for bit: params, optimizer state, step, RNG key (and KL controller).
+  jax.tree.map(np.testing.assert_array_equal, got_state, ref_state)
+  for name in sorted(os.listdir(os.path.join(reference, "samples"))):
+    with open(os.path.join(reference, "samples", name)) as a:
+      with open(os.path.join(resumed, "samples", name)) as b:
+        assert a.read() == b.read(), name
+
+
+def check_kill_and_sigterm(tmp_path, config, overrides, *, total_steps, kill_after, timing_metrics):
+  """The whole exact-resume check: SIGKILL + rerun, and SIGTERM + rerun, vs a straight run."""
+  reference = str(tmp_path / "straight")
+  run_to_end(config, reference, overrides)
+
+  killed = str(tmp_path / "killed")
+  rc, out = interrupt(config, killed, overrides, signal.SIGKILL, after_step=kill_after)
+  assert rc == -signal.SIGKILL, out[-2000:]
+  assert kill_after <= max(committed_steps(killed)) < total_steps, "the kill must land mid-run"
+  run_to_end(config, killed, overrides)
+  assert_same_run(reference, killed, total_steps=total_steps, timing_metrics=timing_metrics)
+
+  preempted = str(tmp_path / "preempted")
+  rc, out = interrupt(config, preempted, overrides, signal.SIGTERM, after_step=kill_after)
+  assert rc == 0, out[-2000:]  # SIGTERM: save and exit cleanly
+  assert "SIGTERM: saved" in out
+  assert kill_after <= max(committed_steps(preempted)) < total_steps
+  run_to_end(config, preempted, overrides)
+  assert_same_run(reference, preempted, total_steps=total_steps, timing_metrics=timing_metrics)
