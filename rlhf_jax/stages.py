@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import checkpoint, models, sharding
+from rlhf_jax import checkpoint, models, sharding, utils
 from rlhf_jax.data.tokenizer import Tokenizer
 from rlhf_jax.rl.reward import last_token_scores
 
@@ -47,10 +47,7 @@ def export(workdir: str, params: Any, meta: dict[str, Any]) -> None:
     ckpt.save(0, params, meta, force=True)
     ckpt.wait()
   if jax.process_index() == 0:
-    tmp = os.path.join(workdir, f".{EXPORT_META}.tmp")
-    with open(tmp, "w") as f:
-      json.dump(meta, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(workdir, EXPORT_META))
+    utils.write_json_atomic(os.path.join(workdir, EXPORT_META), meta)
 
 
 def read_meta(workdir: str) -> dict[str, Any]:

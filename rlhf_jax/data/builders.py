@@ -33,7 +33,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 # TFDS 4.9.10 also needs `importlib_resources` to prepare a builder defined
 # in a package, without declaring it on Python >= 3.9
@@ -178,8 +178,12 @@ def _normalise_splits(paths: Sequence[PathLike] | Mapping[str, Sequence[PathLike
 
 
 @dataclasses.dataclass(kw_only=True)
-class SftJsonlConfig(tfds.core.BuilderConfig):
-  """Which JSONL files make which split; built by `from_paths`.
+class FileSplitsConfig(tfds.core.BuilderConfig):
+  """Which local files make which split, keyed by their content; built by `from_paths`.
+
+  The base of every file-backed builder config (SFT JSONL here, preference
+  JSONL/Parquet in preferences.py); subclasses only set `KIND`, the
+  description's prefix.
 
   Attributes:
     splits: split name -> absolute JSONL paths, read in this order.
@@ -188,6 +192,8 @@ class SftJsonlConfig(tfds.core.BuilderConfig):
     content_hash: sha256 over the split names and `split_hashes`: the key of
       the whole dataset, from which the config name (the directory) comes.
   """
+
+  KIND: ClassVar[str] = "files"
 
   splits: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
   skip_invalid: bool = False
@@ -200,8 +206,8 @@ class SftJsonlConfig(tfds.core.BuilderConfig):
     paths: PathLike | Sequence[PathLike] | Mapping[str, Sequence[PathLike]],
     *,
     skip_invalid: bool = False,
-  ) -> SftJsonlConfig:
-    """A config for JSONL files: a path or list (the "train" split) or {split: paths}."""
+  ):
+    """A config for a path or list (the "train" split) or {split: paths}."""
     splits = _normalise_splits(paths)
     split_hashes = {split: content_hash(files) for split, files in splits.items()}
     digest = hashlib.sha256()
@@ -215,12 +221,19 @@ class SftJsonlConfig(tfds.core.BuilderConfig):
     name = f"sha256_{full_hash[:16]}" + ("_skip_invalid" if skip_invalid else "")
     return cls(
       name=name,
-      description=f"prompt/response JSONL: {splits}",
+      description=f"{cls.KIND}: {splits}",
       splits=splits,
       skip_invalid=skip_invalid,
       split_hashes=split_hashes,
       content_hash=full_hash,
     )
+
+
+@dataclasses.dataclass(kw_only=True)
+class SftJsonlConfig(FileSplitsConfig):
+  """prompt/response JSONL files per split."""
+
+  KIND: ClassVar[str] = "prompt/response JSONL"
 
 
 class SftJsonl(tfds.core.GeneratorBasedBuilder):

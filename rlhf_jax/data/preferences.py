@@ -65,7 +65,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import ml_collections
 import numpy as np
@@ -75,10 +75,9 @@ from rlhf_jax.data import testbed
 from rlhf_jax.data.builders import (
   _MAX_RECORDED_ERRORS,
   DataError,
+  FileSplitsConfig,
   PathLike,
-  _normalise_splits,
   _type_name,
-  content_hash,
 )
 
 TEXT_FIELDS = ("prompt", "chosen", "rejected")
@@ -417,38 +416,10 @@ class _PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
 
 @dataclasses.dataclass(kw_only=True)
-class PreferenceFilesConfig(tfds.core.BuilderConfig):
-  """Which files make which split (as SftJsonlConfig in builders.py); see `from_paths`."""
+class PreferenceFilesConfig(FileSplitsConfig):
+  """Which JSONL/Parquet preference files make which split; see `FileSplitsConfig`."""
 
-  splits: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
-  skip_invalid: bool = False
-  split_hashes: dict[str, str] = dataclasses.field(default_factory=dict)
-  content_hash: str = ""
-
-  @classmethod
-  def from_paths(
-    cls,
-    paths: PathLike | Sequence[PathLike] | Mapping[str, Sequence[PathLike]],
-    *,
-    skip_invalid: bool = False,
-  ) -> PreferenceFilesConfig:
-    """A config for a path or list (the "train" split) or {split: paths}."""
-    splits = _normalise_splits(paths)
-    split_hashes = {split: content_hash(files) for split, files in splits.items()}
-    digest = hashlib.sha256()
-    for split in sorted(splits):
-      digest.update(f"{split}\0{split_hashes[split]}\0".encode())
-    full_hash = digest.hexdigest()
-    # A lenient build is never reused by a strict run, which must see the errors.
-    name = f"sha256_{full_hash[:16]}" + ("_skip_invalid" if skip_invalid else "")
-    return cls(
-      name=name,
-      description=f"preference JSONL/Parquet: {splits}",
-      splits=splits,
-      skip_invalid=skip_invalid,
-      split_hashes=split_hashes,
-      content_hash=full_hash,
-    )
+  KIND: ClassVar[str] = "preference JSONL/Parquet"
 
 
 class PreferenceFiles(_PreferenceBuilder):

@@ -6,7 +6,6 @@ these helpers only remove code that would otherwise be copied verbatim.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -19,6 +18,7 @@ from absl import logging
 
 from rlhf_jax import metrics, models, sharding
 from rlhf_jax.data import tokenizer as tokenizer_lib
+from rlhf_jax.utils import write_json_atomic  # noqa: F401 (trainers use common.write_json_atomic)
 
 
 def model_config(section: Any, vocab_size: int) -> models.ModelConfig:
@@ -27,13 +27,6 @@ def model_config(section: Any, vocab_size: int) -> models.ModelConfig:
   preset = fields.pop("preset")
   fields["vocab_size"] = vocab_size
   return models.get_model_config(preset, **fields)
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
 
 
 def get_tokenizer(config: Any, workdir: str, texts_fn) -> tokenizer_lib.Tokenizer:

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from rlhf_jax import checkpoint, config_utils, metrics, models, optim, sharding, stages
+from rlhf_jax import checkpoint, config_utils, metrics, models, optim, sharding, stages, utils
 from rlhf_jax.data import loader as loader_lib
 from rlhf_jax.rl import advantages as adv_lib
 from rlhf_jax.rl import kl as kl_lib
@@ -404,14 +404,11 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     texts, proxy, kl, out = sample_texts(state["policy"], eval_rng)
     gold = np.asarray([gold_fn(p, r) for p, r in zip(eval_prompts, texts, strict=True)])
     if is_primary:
-      os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-      path = os.path.join(workdir, "samples", f"step_{step:07d}.jsonl")
-      with open(path + ".tmp", "w") as f:
-        for p, r, g, s in zip(eval_prompts, texts, gold, proxy, strict=True):
-          f.write(
-            json_line({"step": step, "prompt": p, "response": r, "gold_reward": g, "proxy": s})
-          )
-      os.replace(path + ".tmp", path)
+      records = [
+        {"step": step, "prompt": p, "response": r, "gold_reward": g, "proxy": s}
+        for p, r, g, s in zip(eval_prompts, texts, gold, proxy, strict=True)
+      ]
+      utils.write_jsonl_atomic(os.path.join(workdir, "samples", f"step_{step:07d}.jsonl"), records)
     return {
       "eval/gold_reward": float(gold.mean()),
       "eval/proxy_reward": float(np.mean(proxy)),
@@ -522,15 +519,6 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
 
 # --------------------------------------------------------------- helpers
-
-
-def json_line(record: dict) -> str:
-  import json
-
-  return (
-    json.dumps({k: (float(v) if isinstance(v, np.floating) else v) for k, v in record.items()})
-    + "\n"
-  )
 
 
 def _mark(result, timed: bool, clock: list[float]):

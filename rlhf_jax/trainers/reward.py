@@ -17,6 +17,7 @@ After training, scores of SFT-policy samples are normalised to mean 0, std 1.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from typing import Any
 
@@ -145,7 +146,6 @@ def prepare_pairs(config, workdir, policy, mesh, rules):
 
 
 def _read_json(path):
-  import json
 
   with open(path) as f:
     return json.load(f)

@@ -12,7 +12,6 @@ same workdir continues from the latest checkpoint with the same batches.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from rlhf_jax import checkpoint, metrics, models, optim, sharding, stages
+from rlhf_jax import checkpoint, metrics, models, optim, sharding, stages, utils
 from rlhf_jax.data import builders
 from rlhf_jax.data import loader as loader_lib
 from rlhf_jax.rl import sampler as sampler_lib
@@ -281,15 +280,13 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     else:
       gold = [None] * n
     if is_primary:
-      os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-      path = os.path.join(workdir, "samples", f"step_{step:07d}.jsonl")
-      with open(path + ".tmp", "w") as f:
-        for e, p, r, g in zip(examples, prompts, texts, gold, strict=True):
-          rec = {"step": step, "prompt": p, "response": r, "reference": _text(e["response"])}
-          if g is not None:
-            rec["gold_reward"] = g
-          f.write(json.dumps(rec) + "\n")
-      os.replace(path + ".tmp", path)
+      records = []
+      for e, p, r, g in zip(examples, prompts, texts, gold, strict=True):
+        rec = {"step": step, "prompt": p, "response": r, "reference": _text(e["response"])}
+        if g is not None:
+          rec["gold_reward"] = g
+        records.append(rec)
+      utils.write_jsonl_atomic(os.path.join(workdir, "samples", f"step_{step:07d}.jsonl"), records)
     return result
 
   # ----------------------------------------------------------- train loop
