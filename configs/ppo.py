@@ -55,6 +55,9 @@ def get_config(arg=None):
   config.gamma = 1.0
   config.lam = 0.95
   config.whiten_rewards = False
+  # Critic: "separate" (a value network initialised from the reward model) or
+  # "policy_head" (a zero-initialised value head on the policy's trunk).
+  config.value_model = "separate"
   config.loss_aggregation = "token_mean"  # token_mean | sequence_mean | token_sum_norm
 
   # KL penalty to the reference (SFT) policy
@@ -90,13 +93,15 @@ def get_config(arg=None):
   config.eval.num_prompts = 128
 
   if arg.runlocal:
-    config.total_steps = 12
+    # A small policy and few iterations: a larger step size than the full run's.
+    config.total_steps = 20
+    config.optim.lr = 1e-3
     config.rollout_batch_size = 32
     config.minibatch_size = 16
     config.ppo_epochs = 2
     config.data.num_prompts = 512
     config.log_every = 2
-    config.eval_every = 6
-    config.checkpoint_every = 6
+    config.eval_every = 10
+    config.checkpoint_every = 10
     config.eval.num_prompts = 64
   return config

@@ -3,8 +3,8 @@
     python -m experiments.launch --config=configs/ppo.py
 
 Sections, in order: logging, mesh, upstream stages (SFT, reward model),
-prompts, networks and optimizers, sharded state, experience, update,
-checkpoint restore, evaluators, train loop, summary.
+networks and optimizers, sharded state, experience, update, checkpoint
+restore, evaluator, train loop, summary.
 
 One iteration: sample responses for a batch of prompts with the jitted KV-cache
 sampler; in one jitted function recompute the policy's and the reference's
@@ -14,9 +14,12 @@ and whitened advantages; then, in one jitted update, several epochs over
 shuffled minibatches of the clipped policy and value losses. No Python loop
 over tokens and no host round trip inside an update.
 
-The value network is separate and initialised from the reward model (the
-"N+ implementation details"); the reference is the SFT policy, frozen twice:
-no optimizer state and `stop_gradient` on its log-probs.
+The critic is, by `config.value_model`, either a separate value network
+initialised from the reward model (`separate`, the "N+ implementation
+details" default) or a zero-initialised value head on the policy's trunk
+(`policy_head`, one forward pass, value loss shaping the shared trunk). The
+reference is the SFT policy, frozen twice: no optimizer state and
+`stop_gradient` on its log-probs.
 """
 
 from __future__ import annotations
@@ -27,19 +30,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
 
-from rlhf_jax import checkpoint, config_utils, metrics, models, optim, sharding, stages, utils
-from rlhf_jax.data import loader as loader_lib
+from rlhf_jax import checkpoint, metrics, models, optim, sharding, stages
 from rlhf_jax.rl import advantages as adv_lib
 from rlhf_jax.rl import kl as kl_lib
 from rlhf_jax.rl import ppo_losses
 from rlhf_jax.rl import sampler as sampler_lib
 from rlhf_jax.rl.logprobs import entropy_from_logits, token_logprobs
-from rlhf_jax.trainers import common
+from rlhf_jax.trainers import common, rl_common
 
 TIMING_METRICS = (
   "tokens_per_s",
@@ -51,32 +52,10 @@ TIMING_METRICS = (
   "time/generation_fraction",
 )
 
+VALUE_MODELS = ("separate", "policy_head")
 
-# ------------------------------------------------------------------ upstream
-
-
-def ensure_stages(config, workdir) -> tuple[str, str]:
-  """Workdirs of the SFT and reward stages, trained on demand into <workdir>/{sft,reward}."""
-  sft_dir = config.policy_init or os.path.join(workdir, "sft")
-  if not stages.is_complete(sft_dir):
-    if config.policy_init:
-      raise FileNotFoundError(f"config.policy_init={sft_dir!r} holds no finished SFT stage.")
-    logging.info("Training the SFT stage into %s", sft_dir)
-    config_utils.run(config.sft, sft_dir)
-  reward_dir = config.reward_init or os.path.join(workdir, "reward")
-  if not stages.is_complete(reward_dir):
-    if config.reward_init:
-      raise FileNotFoundError(f"config.reward_init={reward_dir!r} holds no finished reward stage.")
-    reward_cfg = ml_collections.ConfigDict(config.reward.to_dict())
-    reward_cfg.policy_init = sft_dir
-    logging.info("Training the reward stage into %s", reward_dir)
-    config_utils.run(reward_cfg, reward_dir)
-  return sft_dir, reward_dir
-
-
-def _gather_last(values: jax.Array, index: jax.Array) -> jax.Array:
-  """values [..., S] at index [B] along the last axis -> [..., B]."""
-  return jnp.take_along_axis(values, index[..., None], axis=-1)[..., 0]
+# Kept for callers of the PPO module; the shared implementation lives in rl_common.
+ensure_stages = rl_common.ensure_stages
 
 
 # ---------------------------------------------------------------------- train
@@ -94,6 +73,9 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       f"config.rollout_batch_size={rollout_batch} must be a multiple of "
       f"config.minibatch_size={config.minibatch_size}."
     )
+  if config.value_model not in VALUE_MODELS:
+    raise ValueError(f"config.value_model={config.value_model!r}; expected one of {VALUE_MODELS}.")
+  head = config.value_model == "policy_head"
   updates_per_iter = config.ppo_epochs * num_minibatches
   # Config errors surface before any stage trains.
   policy_tx, policy_lr = optim.make_optimizer(config.optim, config.total_steps * updates_per_iter)
@@ -104,15 +86,16 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   rules = config.sharding_rules
 
   # -------------------------------------------------------- upstream stages
-  sft_dir, reward_dir = ensure_stages(config, workdir)
+  sft_dir, reward_dir = rl_common.ensure_stages(config, workdir)
+  clock_start = time.perf_counter()
   sft = stages.load_policy(sft_dir, mesh, rules)
   rm = stages.load_reward_model(reward_dir, mesh, rules)
   tok = sft.tokenizer
   if is_primary:
     tok.save(os.path.join(workdir, "tokenizer.model"))
-  policy_module = sft.module
-  value_module = models.ScalarModel(rm.module.config, head_init="zeros")
+  lm_module = sft.module  # the policy as a language model: sampling and log-probs
   temperature = config.temperature
+  p_len, n_new = config.prompt_len, config.max_new_tokens
 
   ckpt = checkpoint.Checkpointer(
     os.path.join(workdir, "checkpoints"),
@@ -121,28 +104,34 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   )
   start_step = ckpt.latest_step() or 0
   writer = metrics.MetricWriter(workdir, resume_step=start_step or -1)
+  prompt_loader = rl_common.prompt_loader(config, tok, rollout_batch)
 
-  # ----------------------------------------------------------------- prompts
-  from rlhf_jax.data import testbed
+  # ------------------------------------------------ networks and their init
+  if head:
+    # The value head joins the policy's params as a "value" subtree; the critic
+    # slot of the state stays empty.
+    policy_module = models.LanguageModel(lm_module.config, value_head=True)
+    boxed = jax.eval_shape(lambda: models.init_params(policy_module, jax.random.key(0)))
+    head_shapes = sharding.unbox(boxed["value"])
+    head_sh = sharding.tree_shardings(
+      head_shapes, sharding.logical_specs(boxed["value"]), mesh, rules
+    )
+    head_init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), head_shapes)
+    policy_init = {**sft.params, "value": head_init}
+    policy_sh = {**sft.shardings, "value": head_sh}
+    value_init, value_sh = {}, {}
+  else:
+    policy_module = lm_module
+    value_module = models.ScalarModel(rm.module.config, head_init="zeros")
+    policy_init, policy_sh = sft.params, sft.shardings
+    value_init = jax.tree.map(lambda x: x[0], rm.params)  # reward member 0: trunk and head
+    value_sh = jax.tree.map(lambda s: rl_common.drop_leading(s, mesh), rm.shardings)
 
-  tb = config.data.testbed
-  train_prompts = [
-    {"prompt": p} for p in testbed.prompts("train", config.data.num_prompts, config.data.seed, tb)
-  ]
-  eval_prompts = testbed.prompts("eval", config.eval.num_prompts, config.data.seed + 1, tb)
-
-  def prompt_collate(examples):
-    tokens, mask = common.left_pad_prompts(tok, [e["prompt"] for e in examples], config.prompt_len)
-    return {"tokens": tokens, "mask": mask}
-
-  prompt_loader = loader_lib.Loader(
-    train_prompts, global_batch_size=rollout_batch, seed=config.seed, collate=prompt_collate
-  )
+  def lm_params(policy):
+    """The language-model part of the policy's params (what the sampler and the evals see)."""
+    return {k: v for k, v in policy.items() if k != "value"} if head else policy
 
   # ------------------------------------------------------- sharded state
-  value_init = jax.tree.map(lambda x: x[0], rm.params)  # reward member 0: trunk and head
-  value_sh = jax.tree.map(lambda s: _drop_leading(s, mesh), rm.shardings)
-
   def init_state(policy_params, value_params, rng):
     return dict(
       policy=policy_params,
@@ -154,14 +143,12 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       rng=rng,
     )
 
-  abstract = jax.eval_shape(init_state, sft.params, value_init, jax.random.key(config.seed))
+  abstract = jax.eval_shape(init_state, policy_init, value_init, jax.random.key(config.seed))
   rep = common.replicated(mesh)
   state_sh = dict(
-    policy=sft.shardings,
+    policy=policy_sh,
     value=value_sh,
-    policy_opt=common.mirror_shardings(
-      abstract["policy_opt"], abstract["policy"], sft.shardings, mesh
-    ),
+    policy_opt=common.mirror_shardings(abstract["policy_opt"], abstract["policy"], policy_sh, mesh),
     value_opt=common.mirror_shardings(abstract["value_opt"], abstract["value"], value_sh, mesh),
     kl=jax.tree.map(lambda _: rep, abstract["kl"]),
     step=rep,
@@ -173,59 +160,40 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
   # --------------------------------------------------------------- sampler
   sample_cfg = sampler_lib.SamplerConfig(
-    max_new_tokens=config.max_new_tokens,
-    eos_id=tok.eos_id,
-    pad_id=tok.pad_id,
-    temperature=temperature,
+    max_new_tokens=n_new, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=temperature
   )
   sample_fn = sampler_lib.make_sampler(
-    policy_module, sample_cfg, mesh=mesh, rules=rules, param_shardings=sft.shardings
+    lm_module, sample_cfg, mesh=mesh, rules=rules, param_shardings=sft.shardings
   )
-  p_len, n_new = config.prompt_len, config.max_new_tokens
 
   # ------------------------------------------------------------ experience
-  def forward_logps(params, full, fmask, response):
-    """Log-probs [B, N] of the response tokens at the sampling temperature, and logits."""
-    logits, _ = policy_module.apply(
-      {"params": params},
-      full,
-      models.positions_from_mask(fmask),
-      models.causal_attention_mask(fmask),
-    )
-    resp_logits = logits[:, p_len - 1 : p_len + n_new - 1]
-    return token_logprobs(resp_logits, response, temperature), resp_logits
+  ref_logps = rl_common.response_logps_fn(lm_module, p_len, n_new, temperature)
+  rm_score = rl_common.rm_score_fn(rm, p_len)
 
-  def forward_values(params, full, fmask):
-    """V(s_t) [B, N]: the value before each response token (at the position that predicts it)."""
-    values = value_module.apply(
-      {"params": params},
-      full,
-      models.positions_from_mask(fmask),
-      models.causal_attention_mask(fmask),
-    )
-    return values[:, p_len - 1 : p_len + n_new - 1]
+  def forward(policy, value, full, fmask, response):
+    """Log-probs [B, N] at the sampling T, response logits, and V(s_t) [B, N].
 
-  def rm_score(full, fmask, rmask):
-    """Normalised ensemble-mean RM score, read at the last response token."""
-    last = p_len + jnp.maximum(jnp.sum(rmask, axis=-1) - 1, 0)
+    V(s_t) is read at the position that predicts response token t, i.e. the
+    value of the state before that token.
+    """
     positions = models.positions_from_mask(fmask)
     attn = models.causal_attention_mask(fmask)
-
-    def member(params):
-      values = rm.module.apply({"params": params}, full, positions, attn)
-      return _gather_last(values, last)
-
-    raw = jax.vmap(member)(rm.params)
-    return jnp.mean(rm.gain * raw + rm.bias, axis=0)
+    if head:
+      logits, _, values = policy_module.apply({"params": policy}, full, positions, attn)
+    else:
+      logits, _ = policy_module.apply({"params": policy}, full, positions, attn)
+      values = value_module.apply({"params": value}, full, positions, attn)
+    window = slice(p_len - 1, p_len + n_new - 1)
+    resp_logits = logits[:, window]
+    return token_logprobs(resp_logits, response, temperature), resp_logits, values[:, window]
 
   def make_experience(state, prompt, pmask, sample):
     response, rmask = sample.tokens, sample.response_mask
     full = jnp.concatenate([prompt, response], axis=1)
     fmask = jnp.concatenate([pmask, rmask], axis=1)
-    logp, resp_logits = forward_logps(state["policy"], full, fmask, response)
-    ref_logp, _ = forward_logps(sft.params, full, fmask, response)
+    logp, resp_logits, values = forward(state["policy"], state["value"], full, fmask, response)
+    ref_logp, _ = ref_logps(sft.params, full, fmask, response)
     ref_logp = jax.lax.stop_gradient(ref_logp)
-    values = forward_values(state["value"], full, fmask)
     scores = rm_score(full, fmask, rmask)
     kl = kl_lib.kl_penalty(logp, ref_logp, config.kl.estimator, rmask)
     rewards, non_score, used_scores = adv_lib.assemble_rewards(
@@ -269,7 +237,9 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
   # ---------------------------------------------------------------- update
   def minibatch_loss(policy_params, value_params, mb):
-    logp, resp_logits = forward_logps(policy_params, mb["full"], mb["fmask"], mb["response"])
+    logp, resp_logits, vpred = forward(
+      policy_params, value_params, mb["full"], mb["fmask"], mb["response"]
+    )
     pg_loss, pg_stats = ppo_losses.policy_loss(
       logp,
       mb["old_logp"],
@@ -278,7 +248,6 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       clip_eps=config.clip_eps,
       mode=config.loss_aggregation,
     )
-    vpred = forward_values(value_params, mb["full"], mb["fmask"])
     vf_loss, vf_stats = ppo_losses.value_loss(
       vpred,
       mb["old_values"],
@@ -315,8 +284,11 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       u_policy, policy_opt = policy_tx.update(g_policy, policy_opt, policy)
       u_value, value_opt = value_tx.update(g_value, value_opt, value)
       stats["policy/grad_norm"] = optim.l2_norm(g_policy)
-      stats["val/grad_norm"] = optim.l2_norm(g_value)
       stats["policy/update_norm"] = optim.l2_norm(u_policy)
+      if head:
+        stats["val/grad_norm"] = optim.l2_norm(g_policy["value"])
+      else:
+        stats["val/grad_norm"] = optim.l2_norm(g_value)
       new = (
         optax.apply_updates(policy, u_policy),
         optax.apply_updates(value, u_value),
@@ -333,7 +305,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     (policy, value, policy_opt, value_opt), stats = jax.lax.scan(one_minibatch, carry, indices)
     stats = jax.tree.map(jnp.mean, stats)
     stats["lr"] = policy_lr(state["step"] * updates_per_iter)
-    stats["policy/param_norm"] = optim.l2_norm(policy)
+    stats["policy/param_norm"] = optim.l2_norm(lm_params(policy))
     return dict(
       state, policy=policy, value=value, policy_opt=policy_opt, value_opt=value_opt, rng=rng
     ), stats
@@ -364,61 +336,23 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   )
 
   # ------------------------------------------------------ load checkpoint
+  previous_time = 0.0
   with sharding.use_mesh(mesh, rules):
     if start_step:
       state, meta = ckpt.restore(start_step, target=abstract_state)
       prompt_loader.set_state(meta["loader"])
+      previous_time = float(meta.get("wall_time_s", 0.0))
       logging.info("Resumed from iteration %d", start_step)
     else:
       init = jax.jit(init_state, out_shardings=state_sh)
-      state = init(sft.params, value_init, jax.random.key(config.seed))
+      state = init(policy_init, value_init, jax.random.key(config.seed))
   ckpt.install_sigterm_handler()
+  stage_clock = rl_common.StageClock(previous_time - (time.perf_counter() - clock_start))
 
-  # ------------------------------------------------------------ evaluators
-  eval_tokens, eval_mask = common.left_pad_prompts(tok, eval_prompts, p_len)
-  eval_rng = jax.random.key(config.seed + 101)
-  rm_score_jit, logps_jit = jax.jit(rm_score), jax.jit(forward_logps)
-
-  def sample_texts(params, rng):
-    with sharding.use_mesh(mesh, rules):
-      out = sample_fn(
-        params,
-        sharding.global_from_full(eval_tokens, mesh),
-        sharding.global_from_full(eval_mask, mesh),
-        rng,
-      )
-      full = jnp.concatenate([jnp.asarray(eval_tokens), out.tokens], axis=1)
-      fmask = jnp.concatenate([jnp.asarray(eval_mask), out.response_mask], axis=1)
-      proxy = rm_score_jit(full, fmask, out.response_mask)
-      logp, _ = logps_jit(params, full, fmask, out.tokens)
-      ref, _ = logps_jit(sft.params, full, fmask, out.tokens)
-    texts = tok.decode_batch(sharding.fetch(out.tokens))
-    kl = np.asarray(sharding.fetch(jnp.sum((logp - ref) * out.response_mask, axis=-1)))
-    return texts, sharding.fetch(proxy), kl, jax.tree.map(sharding.fetch, out)
-
-  gold_fn = lambda p, r: testbed.gold_reward(p, r, tb)
-  sft_texts, _, _, _ = sample_texts(sft.params, eval_rng)
-  sft_gold = np.asarray([gold_fn(p, r) for p, r in zip(eval_prompts, sft_texts, strict=True)])
-
-  def evaluate(state, step) -> dict[str, float]:
-    texts, proxy, kl, out = sample_texts(state["policy"], eval_rng)
-    gold = np.asarray([gold_fn(p, r) for p, r in zip(eval_prompts, texts, strict=True)])
-    if is_primary:
-      records = [
-        {"step": step, "prompt": p, "response": r, "gold_reward": g, "proxy": s}
-        for p, r, g, s in zip(eval_prompts, texts, gold, proxy, strict=True)
-      ]
-      utils.write_jsonl_atomic(os.path.join(workdir, "samples", f"step_{step:07d}.jsonl"), records)
-    return {
-      "eval/gold_reward": float(gold.mean()),
-      "eval/proxy_reward": float(np.mean(proxy)),
-      "eval/win_rate_vs_sft": testbed.win_rate(gold, sft_gold),
-      "eval/kl_to_ref": float(kl.mean()),
-      "eval/sqrt_kl": float(np.sqrt(max(kl.mean(), 0.0))),
-      "eval/response_length": float(out.lengths.mean()),
-      "eval/frac_no_eos": float(1.0 - out.has_eos.mean()),
-      "eval/distinct_2": testbed.distinct_n(texts, 2),
-    }
+  # ------------------------------------------------------------- evaluator
+  evaluate = rl_common.Evaluator(
+    config, workdir, sft=sft, rm=rm, sample_fn=sample_fn, logps_fn=ref_logps, mesh=mesh, rules=rules
+  )
 
   # ----------------------------------------------------------- train loop
   progress = metrics.ProgressLogger(
@@ -427,21 +361,18 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     start_step=start_step,
     metric_keys=("objective/scores", "objective/kl", "eval/gold_reward"),
   )
-  cfg_model = policy_module.config
+  cfg_model = lm_module.config
   seq = p_len + n_new
+  per_seq = seq * cfg_model.train_flops_per_token(seq)
+  networks = 1 if head else 2  # policy (+ separate value net) forward-backward per epoch
   flops = (
-    rollout_batch
-    * seq
-    * cfg_model.train_flops_per_token(seq)
-    * config.ppo_epochs
-    * 2  # policy + value
-    + rollout_batch * seq * cfg_model.train_flops_per_token(seq) / 3 * (2 + rm.ensemble_size)
+    rollout_batch * per_seq * (config.ppo_epochs * networks + (1 + networks + rm.ensemble_size) / 3)
   )
   loop = common.LoopBookkeeping(
     config, writer=writer, progress=progress, mesh=mesh, flops_per_step=flops, dtype=cfg_model.dtype
   )
   if start_step == 0:
-    first = evaluate(state, 0)
+    first = evaluate(lm_params(state["policy"]), 0)
     metrics.check_finite(0, first, context="eval")
     writer.write(0, first)
   step = start_step
@@ -458,9 +389,13 @@ def train(config: Any, workdir: str) -> dict[str, float]:
         if timed:  # the host runs ahead of the device: drain earlier iterations first
           jax.block_until_ready(state)
         clock = [time.perf_counter()]
-        sample = _mark(sample_fn(state["policy"], prompt, pmask, rollout_rng), timed, clock)
-        exp, exp_stats = _mark(experience_fn(state, prompt, pmask, sample), timed, clock)
-        state, upd_stats = _mark(update_fn(state, exp, exp_stats["objective/kl"]), timed, clock)
+        sample = rl_common.timed(
+          sample_fn(lm_params(state["policy"]), prompt, pmask, rollout_rng), timed, clock
+        )
+        exp, exp_stats = rl_common.timed(experience_fn(state, prompt, pmask, sample), timed, clock)
+        state, upd_stats = rl_common.timed(
+          update_fn(state, exp, exp_stats["objective/kl"]), timed, clock
+        )
       stats = {**exp_stats, **upd_stats}
       if timed:
         phases = np.diff(clock)
@@ -475,9 +410,12 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       step += 1
       preempted = ckpt.preemption_requested(step)
       tokens = float(rollout_batch * seq)
-      loop.after_update(step, stats, tokens, lambda: evaluate(state, step), preempted=preempted)
+      loop.after_update(
+        step, stats, tokens, lambda: evaluate(lm_params(state["policy"]), step), preempted=preempted
+      )
       if loop.should_save:
-        ckpt.save(step, state, {"loader": prompt_loader.get_state()}, force=True)
+        meta = {"loader": prompt_loader.get_state(), "wall_time_s": stage_clock.elapsed()}
+        ckpt.save(step, state, meta, force=True)
       if preempted:
         logging.warning("SIGTERM: saved iteration %d and stopping; rerun to resume.", step)
         break
@@ -488,48 +426,19 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
   # --------------------------------------------------------------- summary
   if step >= config.total_steps:
-    final = loop.last_eval
-    rows = metrics.read_metrics(workdir)
-    first = next(r for r in rows if r["step"] == 0)
-    summary = {
-      "sft_gold_reward": first["eval/gold_reward"],
-      "ppo_gold_reward": final["eval/gold_reward"],
-      "gold_reward_gain": final["eval/gold_reward"] - first["eval/gold_reward"],
-      "sft_proxy_reward": first["eval/proxy_reward"],
-      "ppo_proxy_reward": final["eval/proxy_reward"],
-      "kl_to_ref": final["eval/kl_to_ref"],
-      "win_rate_vs_sft": final["eval/win_rate_vs_sft"],
-    }
-    if is_primary:
-      common.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
-    logging.info("PPO summary: %s", summary)
-    if step >= config.total_steps and not stages.is_complete(workdir):
+    rl_common.write_summary(
+      workdir, "ppo", stage_clock.elapsed(), kl_coef=float(jax.device_get(state["kl"].kl_coef))
+    )
+    if not stages.is_complete(workdir):
       stages.export(
         workdir,
-        state["policy"],
+        lm_params(state["policy"]),
         {
           "kind": "policy",
           "model": cfg_model.to_dict(),
           "tokenizer": "tokenizer.model",
           "step": step,
-          "eval": final,
+          "eval": loop.last_eval,
         },
       )
   return loop.last_eval
-
-
-# --------------------------------------------------------------- helpers
-
-
-def _mark(result, timed: bool, clock: list[float]):
-  """Blocks on `result` and records the time when `timed`; returns it unchanged."""
-  if timed:
-    jax.block_until_ready(result)
-    clock.append(time.perf_counter())
-  return result
-
-
-def _drop_leading(sh: jax.sharding.NamedSharding, mesh) -> jax.sharding.NamedSharding:
-  """The sharding of one ensemble member from the stacked [E, ...] sharding."""
-  spec = tuple(sh.spec)[1:]
-  return jax.sharding.NamedSharding(mesh, jax.P(*spec))

@@ -1,0 +1,54 @@
+"""Best-of-n against the reward model on the testbed: gold and proxy reward against KL.
+
+    python -m experiments.launch --config=configs/best_of_n.py
+    python -m experiments.launch --config=configs/best_of_n.py:runlocal
+    python -m experiments.launch --config=configs/best_of_n.py \
+      --config.policy_init=runs/sft --config.reward_init=runs/reward
+
+Without `policy_init` / `reward_init`, the SFT and reward stages are trained
+first into <workdir>/sft and <workdir>/reward (as for configs/ppo.py).
+"""
+
+import ml_collections
+
+from configs import common
+from configs import reward as reward_config
+from configs import sft as sft_config
+from rlhf_jax.data.testbed import config as testbed_config
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, runlocal=False, seed=0)
+  variant = "runlocal" if arg.runlocal else None
+  config = ml_collections.ConfigDict()
+  config.trainer = "best_of_n"
+  config.seed = arg.seed
+
+  config.policy_init = ""
+  config.reward_init = ""
+  config.sft = sft_config.get_config(variant)
+  config.reward = reward_config.get_config(variant)
+
+  # Held-out prompts come from the testbed, as for every other method.
+  config.data = ml_collections.ConfigDict()
+  config.data.seed = 3
+  config.data.testbed = testbed_config.default_config()
+
+  # Sampling: N samples per held-out prompt; best-of-n for every n in ns (n <= N).
+  config.num_samples = 128
+  config.ns = (1, 2, 4, 8, 16, 32, 64, 128)
+  config.prompt_len = 16
+  config.max_new_tokens = 40
+  config.temperature = 1.0
+  config.prompts_per_chunk = 8  # prompts per sampling batch (x num_samples rows)
+
+  config.mesh = (1, -1, 1)
+  config.sharding_rules = "fsdp"
+  config.eval = ml_collections.ConfigDict()
+  config.eval.num_prompts = 128
+
+  if arg.runlocal:
+    config.num_samples = 16
+    config.ns = (1, 2, 4, 8, 16)
+    config.eval.num_prompts = 32
+  return config
