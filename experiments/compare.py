@@ -9,7 +9,8 @@ into <workdir>/sft and <workdir>/reward and shared by every run, so all
 methods start from the same policy and optimise the same proxy (DPO learns
 from the very pairs the reward model was trained on). Each method then runs
 once per KL budget (its KL knob: PPO's fixed beta, DPO's beta, the GRPO and
-RLOO KL coefficients; best-of-n's n, all from one run) into
+RLOO KL coefficients; best-of-n's n, all from one run; evals made more
+frequent than the configs' defaults, for the curves) into
 <workdir>/<method>/<knob>=<value>. Finished runs are reused and interrupted
 ones resume, so the command can be rerun until it completes.
 
@@ -43,13 +44,13 @@ SWEEPS: dict[str, tuple[str, str | None, tuple, tuple, dict[str, Any]]] = {
   "ppo": (
     "configs/ppo.py",
     "kl.init_coef",
-    (0.01, 0.05, 0.2),
+    (0.005, 0.05, 0.2),
     (0.01, 0.1),
-    {"kl.controller": "fixed"},
+    {"kl.controller": "fixed", "eval_every": 10},
   ),
-  "dpo": ("configs/dpo.py", "beta", (0.03, 0.1, 0.3), (0.1,), {}),
-  "grpo": ("configs/grpo.py", "kl.coef", (0.0, 0.04, 0.2), (0.04,), {}),
-  "rloo": ("configs/rloo.py", "kl.coef", (0.0, 0.04, 0.2), (0.04,), {}),
+  "dpo": ("configs/dpo.py", "beta", (0.1, 0.3, 1.0), (0.3,), {"eval_every": 50}),
+  "grpo": ("configs/grpo.py", "kl.coef", (0.0, 0.04, 0.2), (0.04,), {"eval_every": 10}),
+  "rloo": ("configs/rloo.py", "kl.coef", (0.0, 0.05, 0.2), (0.05,), {"eval_every": 10}),
   "best_of_n": ("configs/best_of_n.py", None, (None,), (None,), {}),
 }
 METHODS = tuple(SWEEPS)

@@ -22,8 +22,16 @@ from rlhf_jax import metrics
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def launch(config, workdir, overrides):
+def launch(config, workdir, overrides, cache_dir=None):
+  """Starts `experiments.launch` as a subprocess on 2 fake CPU devices.
+
+  With `cache_dir`, the runs share JAX's persistent compilation cache: the
+  first fills it, the others load the same executables (bit-exactness is
+  unaffected; most of a short run's time is compilation).
+  """
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  if cache_dir:
+    env.update(JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   cmd = [sys.executable, "-m", "experiments.launch", f"--config={config}", f"--workdir={workdir}"]
   return subprocess.Popen(
     [*cmd, *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -37,15 +45,15 @@ def committed_steps(workdir):
   return sorted(int(d) for d in os.listdir(path) if d.isdigit())
 
 
-def run_to_end(config, workdir, overrides):
-  proc = launch(config, workdir, overrides)
+def run_to_end(config, workdir, overrides, cache_dir=None):
+  proc = launch(config, workdir, overrides, cache_dir)
   out, _ = proc.communicate(timeout=900)
   assert proc.returncode == 0, out.decode()[-3000:]
 
 
-def interrupt(config, workdir, overrides, sig, after_step):
+def interrupt(config, workdir, overrides, sig, after_step, cache_dir=None):
   """Starts a run and sends `sig` once a checkpoint at or past `after_step` is committed."""
-  proc = launch(config, workdir, overrides)
+  proc = launch(config, workdir, overrides, cache_dir)
   deadline = time.time() + 900
   while time.time() < deadline and proc.poll() is None:
     if any(s >= after_step for s in committed_steps(workdir)):
@@ -83,20 +91,25 @@ def assert_same_run(reference, resumed, *, total_steps, timing_metrics):
 
 def check_kill_and_sigterm(tmp_path, config, overrides, *, total_steps, kill_after, timing_metrics):
   """The whole exact-resume check: SIGKILL + rerun, and SIGTERM + rerun, vs a straight run."""
+  cache = str(tmp_path / "jax_cache")
   reference = str(tmp_path / "straight")
-  run_to_end(config, reference, overrides)
+  run_to_end(config, reference, overrides, cache)
 
   killed = str(tmp_path / "killed")
-  rc, out = interrupt(config, killed, overrides, signal.SIGKILL, after_step=kill_after)
+  rc, out = interrupt(
+    config, killed, overrides, signal.SIGKILL, after_step=kill_after, cache_dir=cache
+  )
   assert rc == -signal.SIGKILL, out[-2000:]
   assert kill_after <= max(committed_steps(killed)) < total_steps, "the kill must land mid-run"
-  run_to_end(config, killed, overrides)
+  run_to_end(config, killed, overrides, cache)
   assert_same_run(reference, killed, total_steps=total_steps, timing_metrics=timing_metrics)
 
   preempted = str(tmp_path / "preempted")
-  rc, out = interrupt(config, preempted, overrides, signal.SIGTERM, after_step=kill_after)
+  rc, out = interrupt(
+    config, preempted, overrides, signal.SIGTERM, after_step=kill_after, cache_dir=cache
+  )
   assert rc == 0, out[-2000:]  # SIGTERM: save and exit cleanly
   assert "SIGTERM: saved" in out
   assert kill_after <= max(committed_steps(preempted)) < total_steps
-  run_to_end(config, preempted, overrides)
+  run_to_end(config, preempted, overrides, cache)
   assert_same_run(reference, preempted, total_steps=total_steps, timing_metrics=timing_metrics)

@@ -67,11 +67,12 @@ def test_killed_run_resumes_to_the_same_curve(reward_runlocal, tmp_path):
     "--config.prompts_per_chunk=2",
   ]
   config = "configs/best_of_n.py:runlocal"
+  cache = str(tmp_path / "jax_cache")
   reference = str(tmp_path / "straight")
-  resume.run_to_end(config, reference, overrides)
+  resume.run_to_end(config, reference, overrides, cache)
 
   killed = str(tmp_path / "killed")
-  proc = resume.launch(config, killed, overrides)
+  proc = resume.launch(config, killed, overrides, cache)
   chunks = os.path.join(killed, "candidates")
   deadline = time.time() + 600
   while time.time() < deadline and proc.poll() is None:
@@ -82,7 +83,7 @@ def test_killed_run_resumes_to_the_same_curve(reward_runlocal, tmp_path):
   proc.communicate(timeout=600)
   assert proc.returncode == -signal.SIGKILL
   assert 2 <= len(os.listdir(chunks)) < 8, "the kill must land mid-run"
-  resume.run_to_end(config, killed, overrides)
+  resume.run_to_end(config, killed, overrides, cache)
   assert metrics.read_metrics(killed) == metrics.read_metrics(reference)
   for name in sorted(os.listdir(os.path.join(reference, "samples"))):
     with open(os.path.join(reference, "samples", name)) as a:

@@ -1,0 +1,156 @@
+"""Direct preference optimisation: sequence log-probs and the DPO loss family.
+
+RLHF_NOTES.md, critic-free and offline section. With y_w the chosen and y_l the
+rejected response of a pair, and log-probs summed over response tokens,
+
+    h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))
+
+  "sigmoid"       -log sigmoid(beta * h)                      (Rafailov et al. 2023)
+  "hinge"         max(0, 1 - beta * h)                        (SLiC-style)
+  "ipo"           (h_mean - 1 / (2 * beta))^2, with h_mean built from
+                  length-averaged log-ratios                  (Azar et al. 2023)
+  "conservative"  -(1 - eps) log sigmoid(beta * h) - eps log sigmoid(-beta * h),
+                  eps = label_smoothing, the chance a label is flipped (cDPO)
+
+Ties: a pair labelled a tie has a preference probability of 1/2, so the
+probabilistic losses give it the soft target 1/2: sigmoid and conservative use
+-(1/2) log sigmoid(beta h) - (1/2) log sigmoid(-beta h) (minimised at h = 0,
+the reward model's tie loss), IPO regresses h_mean onto 0. The hinge loss has
+no target for "equally good": a tie pair's hinge loss is 0.
+
+Everything is float32, pure and jittable. Shape legend: B pairs, T length.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.rl.logprobs import shift_for_next_token, token_logprobs
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "conservative")
+
+
+def sequence_logps(token_logps: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-sequence sums of response-token log-probs, and the number of those tokens.
+
+  Positions outside `mask` are read through `jnp.where`, so NaN or inf there
+  (e.g. at padding) reaches neither the sum nor its gradient.
+
+  Args:
+    token_logps: [B, T] float log-probs of each target token.
+    mask: [B, T] bool, True on response targets (response tokens and EOS).
+
+  Returns:
+    sums [B] float32 and counts [B] float32.
+  """
+  mask = mask.astype(jnp.bool_)
+  sums = jnp.sum(jnp.where(mask, token_logps.astype(jnp.float32), 0.0), axis=-1)
+  return sums, jnp.sum(mask, axis=-1).astype(jnp.float32)
+
+
+def response_logps(
+  logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array, temperature: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+  """Sequence log-prob sums and token counts of right-padded SFT-layout rows.
+
+  Logit t predicts token t + 1 (`shift_for_next_token`), so the response's
+  log-prob is read from the positions just before its tokens.
+
+  Args:
+    logits: [B, T, V] the model's logits on `tokens`.
+    tokens: [B, T] int, rows `BOS + prompt + response + EOS + PAD...`.
+    loss_mask: [B, T] bool, True where `tokens` holds a response token or the
+      EOS (`loader.sft_collate`'s loss_mask).
+    temperature: logits are divided by it (1 = the model's own distribution).
+
+  Returns:
+    sums [B] float32 and counts [B] float32 (`sequence_logps`).
+  """
+  targets, target_mask = shift_for_next_token(tokens, loss_mask)
+  return sequence_logps(token_logprobs(logits, targets, temperature), target_mask)
+
+
+def dpo_loss(
+  policy_chosen_logps: jax.Array,
+  policy_rejected_logps: jax.Array,
+  ref_chosen_logps: jax.Array,
+  ref_rejected_logps: jax.Array,
+  *,
+  beta: float,
+  loss_type: str,
+  label_smoothing: float = 0.0,
+  chosen_lengths: jax.Array | None = None,
+  rejected_lengths: jax.Array | None = None,
+  tie: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Per-pair DPO loss (see the module docstring for the four forms).
+
+  Args:
+    policy_chosen_logps, policy_rejected_logps: [B] float, log pi of each
+      response summed over its tokens (`sequence_logps`).
+    ref_chosen_logps, ref_rejected_logps: [B] float, the same under the frozen
+      reference; no gradient flows into them.
+    beta: > 0, the inverse temperature of the implicit reward beta * log(pi/ref).
+    loss_type: "sigmoid" | "ipo" | "hinge" | "conservative".
+    label_smoothing: eps in [0, 1/2] of "conservative" (0 gives "sigmoid");
+      must be 0 for the other loss types.
+    chosen_lengths, rejected_lengths: [B] float response token counts; needed
+      by "ipo" (its log-ratios are length-averaged), unused otherwise.
+    tie: [B] bool, the pair was labelled a tie (soft target 1/2); None = none.
+
+  Returns:
+    (loss [B] float32, metrics: dict of [B] float32):
+      rewards/chosen    beta * (log pi(y_w) - log ref(y_w)), the implicit reward
+      rewards/rejected  beta * (log pi(y_l) - log ref(y_l))
+      rewards/margins   rewards/chosen - rewards/rejected (= beta * h)
+      rewards/accuracies  1 where rewards/chosen > rewards/rejected, else 0
+      logps/chosen, logps/rejected  the policy's sequence log-probs
+  Raises:
+    ValueError: unknown loss_type, beta <= 0, label_smoothing outside [0, 1/2]
+      or set for a loss other than "conservative", "ipo" without lengths.
+  """
+  if loss_type not in LOSS_TYPES:
+    raise ValueError(f"Unknown DPO loss_type {loss_type!r}; expected one of {LOSS_TYPES}.")
+  if isinstance(beta, int | float) and beta <= 0:
+    raise ValueError(f"DPO beta must be > 0, got {beta!r}.")
+  if not 0.0 <= label_smoothing <= 0.5:
+    raise ValueError(f"DPO label_smoothing must be in [0, 0.5], got {label_smoothing!r}.")
+  if label_smoothing and loss_type != "conservative":
+    raise ValueError(
+      f"DPO label_smoothing={label_smoothing!r} is used by loss_type='conservative' only, "
+      f"not {loss_type!r}."
+    )
+  f32 = lambda x: jnp.asarray(x, jnp.float32)
+  policy_chosen_logps, policy_rejected_logps = f32(policy_chosen_logps), f32(policy_rejected_logps)
+  chosen_ratio = policy_chosen_logps - jax.lax.stop_gradient(f32(ref_chosen_logps))
+  rejected_ratio = policy_rejected_logps - jax.lax.stop_gradient(f32(ref_rejected_logps))
+  h = chosen_ratio - rejected_ratio
+  tie = jnp.zeros(h.shape, jnp.bool_) if tie is None else jnp.asarray(tie, jnp.bool_)
+
+  if loss_type == "ipo":
+    if chosen_lengths is None or rejected_lengths is None:
+      raise ValueError("DPO loss_type='ipo' needs chosen_lengths and rejected_lengths.")
+    h_mean = chosen_ratio / jnp.maximum(f32(chosen_lengths), 1.0) - rejected_ratio / jnp.maximum(
+      f32(rejected_lengths), 1.0
+    )
+    target = jnp.where(tie, 0.0, 1.0 / (2.0 * beta))
+    loss = jnp.square(h_mean - target)
+  elif loss_type == "hinge":
+    loss = jnp.where(tie, 0.0, jax.nn.relu(1.0 - beta * h))
+  else:
+    # sigmoid is conservative with eps = 0; a tie is eps = 1/2.
+    eps = jnp.where(tie, 0.5, label_smoothing if loss_type == "conservative" else 0.0)
+    loss = -(1.0 - eps) * jax.nn.log_sigmoid(beta * h) - eps * jax.nn.log_sigmoid(-beta * h)
+
+  chosen_rewards = jax.lax.stop_gradient(beta * chosen_ratio)
+  rejected_rewards = jax.lax.stop_gradient(beta * rejected_ratio)
+  metrics = {
+    "rewards/chosen": chosen_rewards,
+    "rewards/rejected": rejected_rewards,
+    "rewards/margins": chosen_rewards - rejected_rewards,
+    "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(jnp.float32),
+    "logps/chosen": jax.lax.stop_gradient(policy_chosen_logps),
+    "logps/rejected": jax.lax.stop_gradient(policy_rejected_logps),
+  }
+  return loss, metrics

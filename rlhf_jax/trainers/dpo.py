@@ -1,0 +1,486 @@
+"""DPO (and its IPO, hinge and conservative variants) on preference pairs, offline.
+
+    python -m experiments.launch --config=configs/dpo.py
+
+Sections, in order: logging, mesh, upstream stages (SFT, reward model),
+preference data, reference log-probs, model and optimizer shapes, sharded
+state, update step, checkpoint restore, evaluators, train loop, summary.
+
+The policy starts from the SFT policy, which is also the frozen reference.
+Pairs come, by `config.data.source`, from the reward stage's own labelled
+pairs (`reward_stage`, the default: DPO and the reward model learn from the
+same labels), from fresh panel-labelled SFT samples (`testbed`, as the
+reward trainer makes them) or from JSONL/Parquet files (`jsonl`). Every pair
+is tokenized once into SFT rows (`loader.sft_collate`: BOS + prompt +
+response + EOS). The reference's sequence log-probs of every train and eval
+pair are computed once, by a jitted batched pass of the SFT policy, and kept
+in `<workdir>/data/ref_logps.npz`, keyed by the tokenized data and the SFT
+stage (a stale file is rebuilt); a resumed run reuses it. The loader yields
+pair indices and its collate attaches the stored values, so an update is one
+forward-backward pass of the policy on [chosen; rejected] rows and no
+reference forward.
+
+Ties: by `config.ties`, "soft" (default) gives a tie pair the preference
+probability 1/2, as the reward model's loss does (sigmoid/conservative:
+-(1/2) log sigmoid(beta h) - (1/2) log sigmoid(-beta h); IPO: h_mean -> 0;
+hinge: no loss), so the comparison with the reward model uses the same
+labels the same way; "skip" gives ties weight 0. Ties never count in
+`rewards/accuracies`. Log-probs are the model's own (temperature 1); the
+temperature only sets the evaluation's sampling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from rlhf_jax import checkpoint, metrics, models, optim, sharding, stages
+from rlhf_jax.data import loader as loader_lib
+from rlhf_jax.rl import dpo as dpo_lib
+from rlhf_jax.rl import reward as reward_lib
+from rlhf_jax.rl import sampler as sampler_lib
+from rlhf_jax.trainers import common, reward, rl_common
+
+TIMING_METRICS = ("tokens_per_s", "steps_per_s", "mfu")
+
+SOURCES = ("reward_stage", "testbed", "jsonl")
+TIE_MODES = ("soft", "skip")
+REF_LOGPS_FILE = "ref_logps.npz"
+ROW_FIELDS = ("tokens", "mask", "loss_mask")  # of each side of a pair: SFT-layout rows
+
+
+# ------------------------------------------------------------------- data
+
+
+def check_config(config) -> None:
+  """Raises ValueError naming the config field for values DPO cannot run with."""
+  if config.loss_type not in dpo_lib.LOSS_TYPES:
+    raise ValueError(
+      f"config.loss_type={config.loss_type!r}; expected one of {dpo_lib.LOSS_TYPES}."
+    )
+  if not config.beta > 0:
+    raise ValueError(f"config.beta={config.beta!r} must be > 0.")
+  if not 0.0 <= config.label_smoothing <= 0.5:
+    raise ValueError(f"config.label_smoothing={config.label_smoothing!r} must be in [0, 0.5].")
+  if config.label_smoothing and config.loss_type != "conservative":
+    raise ValueError(
+      f"config.label_smoothing={config.label_smoothing!r} is used by "
+      f"config.loss_type='conservative' only (got {config.loss_type!r})."
+    )
+  if config.ties not in TIE_MODES:
+    raise ValueError(f"config.ties={config.ties!r}; expected one of {TIE_MODES}.")
+  if config.data.source not in SOURCES:
+    raise ValueError(f"config.data.source={config.data.source!r}; expected one of {SOURCES}.")
+  if config.total_steps <= 0:
+    raise ValueError(f"config.total_steps={config.total_steps!r} must be positive.")
+
+
+def prepare_pairs(config, workdir, reward_dir, sft, mesh, rules):
+  """Train/eval preference sources and their info, through `reward.prepare_pairs`."""
+  cfg = ml_collections.ConfigDict(config.to_dict())
+  data = cfg.data
+  # Testbed pairs are sampled the way the evaluation samples.
+  data.prompt_len, data.max_new_tokens = config.prompt_len, config.max_new_tokens
+  data.temperature = config.temperature
+  if data.source == "reward_stage":
+    pair_dir = os.path.join(reward_dir, "data")
+    train_file = os.path.join(pair_dir, "pairs_train.jsonl")
+    if not os.path.exists(train_file):
+      raise FileNotFoundError(
+        f"config.data.source='reward_stage' but the reward stage {reward_dir!r} "
+        f"(config.reward_init) holds no {train_file}: it was not trained on testbed pairs. "
+        "Set config.data.source='testbed' or 'jsonl'."
+      )
+    eval_file = os.path.join(pair_dir, "pairs_eval.jsonl")
+    data.source = "jsonl"
+    data.train_files = (train_file,)
+    data.eval_files = (eval_file,) if os.path.exists(eval_file) else ()
+  elif data.source == "jsonl":
+    for field in ("train_files", "eval_files"):
+      for path in data[field]:
+        if not os.path.exists(path):
+          raise FileNotFoundError(f"config.data.{field}: {path!r} does not exist.")
+  train, evals, info = reward.prepare_pairs(cfg, workdir, sft, mesh, rules)
+  info["source"] = config.data.source
+  return train, evals, info
+
+
+def tokenize_pairs(source, tokenizer, max_len: int) -> dict[str, np.ndarray]:
+  """Every pair of `source` as SFT rows: the table the loader and the reference pass index.
+
+  Returns arrays with a leading pair axis [N]: {chosen,rejected}_{tokens,mask,loss_mask}
+  [N, T], tie [N] bool, valid [N] bool (False where a row did not fit in max_len).
+  """
+  examples = [source[i] for i in range(len(source))]
+  table = {}
+  for side in ("chosen", "rejected"):
+    rows = [{"prompt": e["prompt"], "response": e[side]} for e in examples]
+    out = loader_lib.sft_collate(rows, tokenizer, max_len)
+    table[f"{side}_tokens"] = out["tokens"]
+    table[f"{side}_mask"] = out["input_mask"]
+    table[f"{side}_loss_mask"] = out["loss_mask"]
+    table[f"{side}_dropped"] = out["dropped"]
+  table["tie"] = np.asarray([bool(e["tie"]) for e in examples], np.bool_)
+  table["valid"] = ~(table.pop("chosen_dropped") | table.pop("rejected_dropped"))
+  return table
+
+
+def ref_logps_key(tables: dict[str, dict[str, np.ndarray]], sft_dir: str) -> str:
+  """sha256 of the tokenized pairs and the SFT stage (its path and export.json)."""
+  digest = hashlib.sha256()
+  for split in sorted(tables):
+    for name in sorted(tables[split]):
+      digest.update(f"{split}/{name}".encode())
+      digest.update(np.ascontiguousarray(tables[split][name]).tobytes())
+  digest.update(os.path.abspath(sft_dir).encode())
+  with open(os.path.join(sft_dir, stages.EXPORT_META), "rb") as f:
+    digest.update(f.read())
+  return digest.hexdigest()
+
+
+def load_ref_logps(path: str, key: str) -> dict[str, np.ndarray] | None:
+  """The stored reference log-probs if `path` holds them for `key`, else None."""
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as stored:
+    if str(stored["key"]) != key:
+      logging.info("%s is stale (other data or SFT stage): recomputing.", path)
+      return None
+    return {k: stored[k] for k in stored.files if k != "key"}
+
+
+def save_ref_logps(path: str, key: str, values: dict[str, np.ndarray]) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.tmp"
+  with open(tmp, "wb") as f:
+    np.savez(f, key=np.asarray(key), **values)
+  os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------- train
+
+
+def train(config: Any, workdir: str) -> dict[str, float]:
+  """Runs DPO; returns the final eval metrics and writes `<workdir>/summary.json`."""
+  # ----------------------------------------------------------------- logging
+  os.makedirs(workdir, exist_ok=True)
+  is_primary = jax.process_index() == 0
+  check_config(config)
+  # Config errors surface before any stage trains.
+  tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+  batch_size = config.batch_size
+
+  # -------------------------------------------------------------------- mesh
+  mesh = common.mesh_from_config(config)
+  rules = config.sharding_rules
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % shards:
+    raise ValueError(
+      f"config.batch_size={batch_size} must be a multiple of the mesh's batch shards "
+      f"(data x fsdp = {shards})."
+    )
+
+  # -------------------------------------------------------- upstream stages
+  sft_dir, reward_dir = rl_common.ensure_stages(config, workdir)
+  clock_start = time.perf_counter()
+  sft = stages.load_policy(sft_dir, mesh, rules)
+  rm = stages.load_reward_model(reward_dir, mesh, rules)
+  tok = sft.tokenizer
+  if is_primary:
+    tok.save(os.path.join(workdir, "tokenizer.model"))
+  lm_module = sft.module
+  p_len, n_new = config.prompt_len, config.max_new_tokens
+
+  ckpt = checkpoint.Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    max_to_keep=config.keep_checkpoints,
+    save_interval_steps=config.checkpoint_every,
+  )
+  start_step = ckpt.latest_step() or 0
+  writer = metrics.MetricWriter(workdir, resume_step=start_step or -1)
+
+  # -------------------------------------------------------- preference data
+  train_source, eval_source, data_info = prepare_pairs(
+    config, workdir, reward_dir, sft, mesh, rules
+  )
+  tables = {"train": tokenize_pairs(train_source, tok, config.max_len)}
+  if eval_source is not None:
+    tables["eval"] = tokenize_pairs(eval_source, tok, config.max_len)
+  for split, table in tables.items():
+    data_info[f"num_{split}_ties"] = int(table["tie"].sum())
+    data_info[f"num_{split}_too_long"] = int((~table["valid"]).sum())
+  if len(tables["train"]["tie"]) < batch_size:
+    raise ValueError(
+      f"config.batch_size={batch_size} exceeds the {len(tables['train']['tie'])} training pairs."
+    )
+
+  # ------------------------------------------------ networks and their shapes
+  row_fields = [f"{side}_{name}" for side in ("chosen", "rejected") for name in ROW_FIELDS]
+
+  def pair_logps(params, batch):
+    """Sequence log-prob sums and token counts [B] of chosen and rejected rows, one pass."""
+    cat = lambda name: jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]])
+    tokens, mask = cat("tokens"), cat("mask")
+    logits, *_ = lm_module.apply(
+      {"params": params},
+      tokens,
+      models.positions_from_mask(mask),
+      models.causal_attention_mask(mask),
+    )
+    sums, counts = dpo_lib.response_logps(logits, tokens, cat("loss_mask"))
+    b = batch["chosen_tokens"].shape[0]
+    return dict(chosen=sums[:b], rejected=sums[b:], chosen_len=counts[:b], rejected_len=counts[b:])
+
+  def pair_terms(logps, batch):
+    """Per-pair loss [B] and metrics, loss weights [B] and accuracy weights [B] (strict pairs)."""
+    soft_ties = config.ties == "soft"
+    loss, pair_metrics = dpo_lib.dpo_loss(
+      logps["chosen"],
+      logps["rejected"],
+      batch["ref_chosen"],
+      batch["ref_rejected"],
+      beta=config.beta,
+      loss_type=config.loss_type,
+      label_smoothing=config.label_smoothing,
+      chosen_lengths=logps["chosen_len"],
+      rejected_lengths=logps["rejected_len"],
+      tie=batch["tie"] if soft_ties else None,
+    )
+    valid = jnp.asarray(batch["valid"], jnp.float32)
+    strict = valid * (1.0 - jnp.asarray(batch["tie"], jnp.float32))
+    return loss, pair_metrics, valid if soft_ties else strict, strict
+
+  # One compiled forward pass serves the reference pass and the held-out pair eval.
+  logps_fn = jax.jit(
+    pair_logps,
+    in_shardings=(sft.shardings, {k: sharding.batch_sharding(mesh, 2) for k in row_fields}),
+  )
+
+  def all_logps(params, table) -> dict[str, np.ndarray]:
+    """pair_logps over every pair of a table, in fixed-size batches (the last one padded)."""
+    n = len(table["tie"])
+    outs = []
+    for start in range(0, n, batch_size):
+      idx = np.arange(start, start + batch_size) % n  # padding rows repeat the first pairs
+      with sharding.use_mesh(mesh, rules):
+        out = logps_fn(
+          params, {k: sharding.global_from_full(table[k][idx], mesh) for k in row_fields}
+        )
+      outs.append({k: sharding.fetch(v)[: min(batch_size, n - start)] for k, v in out.items()})
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+  # -------------------------------------------------- reference log-probs
+  ref_path = os.path.join(workdir, "data", REF_LOGPS_FILE)
+  ref_key = ref_logps_key(tables, sft_dir)
+  ref = load_ref_logps(ref_path, ref_key)
+  data_info["ref_logps"] = {"path": ref_path, "key": ref_key, "reused": ref is not None}
+  if ref is None:
+    ref_start = time.perf_counter()
+    ref = {}
+    for split, table in tables.items():
+      logps = all_logps(sft.params, table)
+      ref[f"{split}_chosen"], ref[f"{split}_rejected"] = logps["chosen"], logps["rejected"]
+    if is_primary:
+      save_ref_logps(ref_path, ref_key, ref)
+    logging.info("Reference log-probs computed in %.1fs", time.perf_counter() - ref_start)
+  else:
+    logging.info("Reusing the reference log-probs in %s", ref_path)
+  for split, table in tables.items():
+    table["ref_chosen"] = ref[f"{split}_chosen"].astype(np.float32)
+    table["ref_rejected"] = ref[f"{split}_rejected"].astype(np.float32)
+  if is_primary:
+    common.write_json_atomic(os.path.join(workdir, "data_info.json"), data_info)
+  logging.info("Preference data: %s", data_info)
+
+  # The loader walks pair indices; its collate gathers the rows and stored reference values.
+  train_table = tables["train"]
+  table_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in train_table.items()}
+  train_loader = loader_lib.Loader(
+    range(len(train_table["tie"])),
+    global_batch_size=batch_size,
+    seed=config.seed,
+    collate=lambda indices: {k: v[np.asarray(indices)] for k, v in train_table.items()},
+  )
+
+  # ------------------------------------------------------- sharded state
+  def init_state(params):
+    return dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+
+  abstract = jax.eval_shape(init_state, sft.params)
+  rep = common.replicated(mesh)
+  state_sh = dict(
+    params=sft.shardings,
+    opt_state=common.mirror_shardings(
+      abstract["opt_state"], abstract["params"], sft.shardings, mesh
+    ),
+    step=rep,
+  )
+  abstract_state = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
+  )
+
+  # ---------------------------------------------------------- update step
+  def weighted_mean(x, weight):
+    return jnp.sum(x * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+  def update(state, batch):
+    def loss_fn(params):
+      loss, pair_metrics, weight, strict = pair_terms(pair_logps(params, batch), batch)
+      return weighted_mean(loss, weight), (pair_metrics, weight, strict)
+
+    (loss, (pair_metrics, weight, strict)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state["params"]
+    )
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    step_metrics = {
+      "loss": loss,
+      **{k: weighted_mean(v, weight) for k, v in pair_metrics.items()},
+      # A tie has no right answer: accuracy is over strict preferences only.
+      "rewards/accuracies": weighted_mean(pair_metrics["rewards/accuracies"], strict),
+      "lr": schedule(state["step"]),
+      "grad_norm": optim.l2_norm(grads),
+      "param_norm": optim.l2_norm(params),
+      "update_norm": optim.l2_norm(updates),
+    }
+    return dict(params=params, opt_state=opt_state, step=state["step"] + 1), step_metrics
+
+  update_fn = jax.jit(
+    update,
+    in_shardings=(state_sh, table_sh),
+    out_shardings=(state_sh, rep),
+    donate_argnums=(0,),
+  )
+  pair_terms_fn = jax.jit(pair_terms)
+
+  # ------------------------------------------------------ load checkpoint
+  previous_time = 0.0
+  with sharding.use_mesh(mesh, rules):
+    if start_step:
+      state, meta = ckpt.restore(start_step, target=abstract_state)
+      train_loader.set_state(meta["loader"])
+      previous_time = float(meta.get("wall_time_s", 0.0))
+      logging.info("Resumed from step %d", start_step)
+    else:
+      state = jax.jit(init_state, out_shardings=state_sh)(sft.params)
+  ckpt.install_sigterm_handler()
+  stage_clock = rl_common.StageClock(previous_time - (time.perf_counter() - clock_start))
+
+  # ------------------------------------------------------------ evaluators
+  sample_fn = sampler_lib.make_sampler(
+    lm_module,
+    sampler_lib.SamplerConfig(
+      max_new_tokens=n_new, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=config.temperature
+    ),
+    mesh=mesh,
+    rules=rules,
+    param_shardings=sft.shardings,
+  )
+  generation_eval = rl_common.Evaluator(
+    config,
+    workdir,
+    sft=sft,
+    rm=rm,
+    sample_fn=sample_fn,
+    logps_fn=rl_common.response_logps_fn(lm_module, p_len, n_new, config.temperature),
+    mesh=mesh,
+    rules=rules,
+  )
+
+  def pair_eval(params) -> dict[str, float]:
+    """The held-out pairs' DPO loss and implicit-reward accuracy."""
+    if "eval" not in tables:
+      return {}
+    table = tables["eval"]
+    labels = {k: table[k] for k in ("ref_chosen", "ref_rejected", "tie", "valid")}
+    loss, pair_metrics, weight, strict = jax.device_get(
+      pair_terms_fn(all_logps(params, table), labels)
+    )
+    strict = strict > 0
+    out = {"eval/pref_loss": float(np.sum(loss * weight) / max(weight.sum(), 1))}
+    if strict.any():
+      # As the reward model's eval/accuracy: an exact tie of implicit rewards counts half.
+      margins = pair_metrics["rewards/margins"][strict]
+      out["eval/pref_accuracy"] = reward_lib.preference_accuracy(margins)
+      out["eval/pref_margin"] = float(margins.mean())
+    return out
+
+  def evaluate(params, step) -> dict[str, float]:
+    return {**pair_eval(params), **generation_eval(params, step)}
+
+  # ----------------------------------------------------------- train loop
+  progress = metrics.ProgressLogger(
+    config.total_steps,
+    every_n_steps=config.log_every,
+    start_step=start_step,
+    metric_keys=("loss", "rewards/accuracies", "eval/gold_reward"),
+  )
+  cfg_model = lm_module.config
+  rows_per_step = 2 * batch_size  # chosen and rejected, forward and backward
+  loop = common.LoopBookkeeping(
+    config,
+    writer=writer,
+    progress=progress,
+    mesh=mesh,
+    flops_per_step=rows_per_step * config.max_len * cfg_model.train_flops_per_token(config.max_len),
+    dtype=cfg_model.dtype,
+  )
+  if start_step == 0:
+    first = evaluate(state["params"], 0)
+    metrics.check_finite(0, first, context="eval")
+    writer.write(0, first)
+  step = start_step
+  try:
+    while step < config.total_steps:
+      local = next(train_loader)
+      with sharding.use_mesh(mesh, rules):
+        state, step_metrics = update_fn(state, sharding.host_to_global(local, mesh))
+      step += 1
+      preempted = ckpt.preemption_requested(step)
+      tokens = float(local["chosen_mask"].sum() + local["rejected_mask"].sum())
+      loop.after_update(
+        step,
+        step_metrics,
+        tokens * jax.process_count(),
+        lambda: evaluate(state["params"], step),
+        preempted=preempted,
+      )
+      if loop.should_save:
+        meta = {"loader": train_loader.get_state(), "wall_time_s": stage_clock.elapsed()}
+        ckpt.save(step, state, meta, force=True)
+      if preempted:
+        logging.warning("SIGTERM: saved step %d and stopping; rerun to resume.", step)
+        break
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+
+  # --------------------------------------------------------------- summary
+  if step >= config.total_steps:
+    rl_common.write_summary(
+      workdir, "dpo", stage_clock.elapsed(), beta=config.beta, loss_type=config.loss_type
+    )
+    if not stages.is_complete(workdir):
+      stages.export(
+        workdir,
+        state["params"],
+        {
+          "kind": "policy",
+          "model": cfg_model.to_dict(),
+          "tokenizer": "tokenizer.model",
+          "step": step,
+          "data_content_hash": data_info["content_hash"],
+          "eval": loop.last_eval,
+        },
+      )
+  return loop.last_eval

@@ -1,0 +1,169 @@
+"""DPO trainer: runlocal on finished SFT and reward stages; metrics, reference cache, resume."""
+
+import json
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+
+from rlhf_jax import config_utils, metrics, stages
+from rlhf_jax.trainers import dpo
+from tests.trainers import resume
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# The names researchers read in TRL's DPO logs (RLHF_NOTES.md), plus the optimizer's.
+TRAIN_METRICS = (
+  "loss",
+  "rewards/chosen",
+  "rewards/rejected",
+  "rewards/margins",
+  "rewards/accuracies",
+  "logps/chosen",
+  "logps/rejected",
+  "lr",
+  "grad_norm",
+)
+EVAL_METRICS = (
+  "eval/pref_loss",
+  "eval/pref_accuracy",
+  "eval/gold_reward",
+  "eval/proxy_reward",
+  "eval/kl_to_ref",
+  "eval/win_rate_vs_sft",
+)
+
+
+def runlocal_config(reward_dir):
+  config = config_utils.load_config(os.path.join(REPO, "configs/dpo.py:runlocal"))
+  config.policy_init = os.path.join(reward_dir, "sft")
+  config.reward_init = reward_dir
+  return config
+
+
+def test_bad_config_values_name_the_field():
+  config = config_utils.load_config(os.path.join(REPO, "configs/dpo.py:runlocal"))
+  dpo.check_config(config)
+  for field, value in (
+    ("loss_type", "kto"),
+    ("beta", 0.0),
+    ("label_smoothing", 0.1),  # with loss_type="sigmoid"
+    ("ties", "drop"),
+    ("total_steps", 0),
+  ):
+    bad = config_utils.load_config(os.path.join(REPO, "configs/dpo.py:runlocal"))
+    bad[field] = value
+    with pytest.raises(ValueError, match=re.escape(f"config.{field}=")):
+      dpo.check_config(bad)
+  bad.total_steps = 12
+  bad.data.source = "hub"
+  with pytest.raises(ValueError, match=re.escape("config.data.source=")):
+    dpo.check_config(bad)
+
+
+def test_ref_logps_file_is_keyed_by_data_and_sft_stage(tmp_path):
+  sft_dir = tmp_path / "sft"
+  sft_dir.mkdir()
+  (sft_dir / "export.json").write_text('{"kind": "policy", "step": 10}')
+  tables = {"train": {"chosen_tokens": np.arange(6).reshape(2, 3), "tie": np.zeros(2, bool)}}
+  key = dpo.ref_logps_key(tables, str(sft_dir))
+  path = str(tmp_path / "data" / dpo.REF_LOGPS_FILE)
+  assert dpo.load_ref_logps(path, key) is None  # no file yet
+  values = {"train_chosen": np.array([-3.0, -4.5], np.float32)}
+  dpo.save_ref_logps(path, key, values)
+  np.testing.assert_array_equal(dpo.load_ref_logps(path, key)["train_chosen"], [-3.0, -4.5])
+  # Other tokens, or another SFT export, make the stored values stale.
+  tables["train"]["chosen_tokens"] = tables["train"]["chosen_tokens"] + 1
+  other_data = dpo.ref_logps_key(tables, str(sft_dir))
+  (sft_dir / "export.json").write_text('{"kind": "policy", "step": 20}')
+  other_sft = dpo.ref_logps_key(tables, str(sft_dir))
+  assert len({key, other_data, other_sft}) == 3
+  assert dpo.load_ref_logps(path, other_data) is None
+
+
+@pytest.mark.slow
+def test_runlocal_on_finished_stages(reward_runlocal, tmp_path):
+  _, reward_dir, _ = reward_runlocal
+  workdir = str(tmp_path / "dpo")
+  config = runlocal_config(reward_dir)
+  config.log_every = 1  # step 1's loss is the loss at the reference
+  final = config_utils.run(config, workdir)
+
+  rows = metrics.read_metrics(workdir)
+  evals = [r for r in rows if "eval/gold_reward" in r]
+  # Measured before any update and at each eval.
+  assert [r["step"] for r in evals] == [0, 6, 12]
+  for key in EVAL_METRICS:
+    assert all(np.isfinite(r[key]) for r in evals), key
+  # Before any update the policy is the reference: h = 0 for every pair.
+  assert evals[0]["eval/pref_loss"] == pytest.approx(math.log(2), abs=1e-5)
+  assert evals[0]["eval/kl_to_ref"] == pytest.approx(0.0, abs=1e-4)
+  train_rows = [r for r in rows if "rewards/margins" in r]
+  assert [r["step"] for r in train_rows] == list(range(1, 13))
+  for key in TRAIN_METRICS:
+    assert all(np.isfinite(r[key]) for r in train_rows), key
+  assert train_rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+  assert train_rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+  # The policy moved away from the reference.
+  assert evals[-1]["eval/kl_to_ref"] > 1e-3
+  assert train_rows[-1]["logps/chosen"] != train_rows[0]["logps/chosen"]
+  assert 0.0 <= final["eval/win_rate_vs_sft"] <= 1.0
+
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
+  assert summary["method"] == "dpo"
+  assert summary["beta"] == config.beta and summary["loss_type"] == "sigmoid"
+  for key in ("sft_gold_reward", "gold_reward", "kl_to_ref", "win_rate_vs_sft", "wall_time_s"):
+    assert np.isfinite(summary[key]), key
+  assert summary["gold_reward_gain"] == pytest.approx(
+    summary["gold_reward"] - summary["sft_gold_reward"]
+  )
+  assert sorted(os.listdir(os.path.join(workdir, "samples"))) == [
+    f"step_{s:07d}.jsonl" for s in (0, 6, 12)
+  ]
+  export = stages.read_meta(workdir)
+  assert export["kind"] == "policy" and export["step"] == 12
+
+  # The reference log-probs are computed once, for every train and eval pair.
+  with open(os.path.join(workdir, "data_info.json")) as f:
+    info = json.load(f)
+  assert info["source"] == "reward_stage" and info["ref_logps"]["reused"] is False
+  with np.load(os.path.join(workdir, "data", dpo.REF_LOGPS_FILE)) as stored:
+    assert stored["train_chosen"].shape == (info["num_train"],)
+    assert stored["eval_rejected"].shape == (info["num_eval"],)
+    assert np.all(stored["train_chosen"] < 0)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_and_after_sigterm_is_exact(reward_runlocal, tmp_path):
+  """Params, optimizer state, step and the loader's position: all restored exactly."""
+  _, reward_dir, _ = reward_runlocal
+  overrides = [
+    f"--config.policy_init={os.path.join(reward_dir, 'sft')}",
+    f"--config.reward_init={reward_dir}",
+    "--config.total_steps=24",
+    "--config.log_every=4",
+    "--config.eval_every=12",
+    "--config.checkpoint_every=4",
+    "--config.keep_checkpoints=10",
+    "--config.eval.num_prompts=16",
+  ]
+  resume.check_kill_and_sigterm(
+    tmp_path,
+    "configs/dpo.py:runlocal",
+    overrides,
+    total_steps=24,
+    kill_after=8,
+    timing_metrics=dpo.TIMING_METRICS,
+  )
+  # The resumed runs reused the reference log-probs their first run stored.
+  ref_file = os.path.join("data", dpo.REF_LOGPS_FILE)
+  with np.load(tmp_path / "straight" / ref_file) as straight:
+    for name in ("killed", "preempted"):
+      with open(tmp_path / name / "data_info.json") as f:
+        assert json.load(f)["ref_logps"]["reused"] is True, name
+      with np.load(tmp_path / name / ref_file) as stored:
+        for key in straight.files:
+          np.testing.assert_array_equal(stored[key], straight[key])
