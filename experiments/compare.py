@@ -198,8 +198,22 @@ def report(workdir: str, rows: Sequence[dict[str, Any]], note: str = "") -> None
   plots.reward_vs_kl(
     curves,
     os.path.join(workdir, "reward_vs_kl.png"),
-    title="Gold and proxy reward against sqrt(KL to SFT), every eval point",
+    title="Gold and proxy reward against sqrt(KL to SFT): every eval point, in training order",
+    styles=_styles(rows),
   )
+
+
+def _styles(rows) -> dict[str, dict[str, Any]]:
+  """One colour per method; the KL budgets of a method differ by line style."""
+  colors = dict(zip(METHODS, ("C0", "C1", "C2", "C3", "k"), strict=True))
+  dashes = ("-", "--", ":", "-.")
+  seen: dict[str, int] = {}
+  styles = {}
+  for r in rows:
+    index = seen.setdefault(r["method"], 0)
+    seen[r["method"]] += 1
+    styles[r["label"]] = {"color": colors.get(r["method"]), "ls": dashes[index % len(dashes)]}
+  return styles
 
 
 def compare(workdir: str, runs: Sequence[Run], size: str, shared: dict[str, Any]) -> list[dict]:

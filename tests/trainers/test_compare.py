@@ -6,6 +6,7 @@ import os
 import pytest
 
 from experiments import compare
+from rlhf_jax import config_utils
 
 
 def test_plan_covers_every_method_at_several_budgets():
@@ -23,6 +24,16 @@ def test_plan_covers_every_method_at_several_budgets():
   local = compare.plan("runlocal", ["ppo"], overrides={"seed": 2})
   assert all(r.config.endswith("configs/ppo.py:runlocal") for r in local)
   assert all(r.overrides["seed"] == 2 for r in local)
+
+
+@pytest.mark.parametrize("size", ["full", "runlocal"])
+def test_every_planned_key_exists_in_its_config(size):
+  """A sweep knob or override that a config lacks would fail only after hours of runs."""
+  for run in compare.plan(size):
+    config = config_utils.load_config(run.config)
+    for key in [*run.overrides, *([run.knob] if run.knob else [])]:
+      config_utils.check_key(config, key, source=run.label)
+    assert "policy_init" in config and "reward_init" in config
 
 
 def test_plan_errors():
