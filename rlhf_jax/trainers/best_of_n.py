@@ -31,7 +31,6 @@ from absl import logging
 
 from rlhf_jax import metrics, sharding, stages, utils
 from rlhf_jax.rl import best_of_n
-from rlhf_jax.rl import sampler as sampler_lib
 from rlhf_jax.trainers import common, rl_common
 
 TIMING_METRICS = ()
@@ -68,15 +67,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   if is_primary:
     tok.save(os.path.join(workdir, "tokenizer.model"))
   p_len, n_new, n_samples = config.prompt_len, config.max_new_tokens, config.num_samples
-  sample_fn = sampler_lib.make_sampler(
-    sft.module,
-    sampler_lib.SamplerConfig(
-      max_new_tokens=n_new, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=config.temperature
-    ),
-    mesh=mesh,
-    rules=rules,
-    param_shardings=sft.shardings,
-  )
+  sample_fn = rl_common.policy_sampler(sft.module, sft, config, mesh, rules)
   logps_fn = rl_common.response_logps_fn(sft.module, p_len, n_new, config.temperature)
   evaluate = rl_common.Evaluator(
     config, workdir, sft=sft, rm=rm, sample_fn=sample_fn, logps_fn=logps_fn, mesh=mesh, rules=rules

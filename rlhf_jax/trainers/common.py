@@ -57,6 +57,13 @@ def state_shardings(abstract_state: Any) -> Any:
   return jax.tree.map(lambda x: x.sharding, abstract_state)
 
 
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `abstract` carrying `shardings`: a restore target for Orbax."""
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
+
+
 def replicated(mesh) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.P())
 

@@ -47,7 +47,6 @@ from rlhf_jax import checkpoint, metrics, models, optim, sharding, stages
 from rlhf_jax.data import loader as loader_lib
 from rlhf_jax.rl import dpo as dpo_lib
 from rlhf_jax.rl import reward as reward_lib
-from rlhf_jax.rl import sampler as sampler_lib
 from rlhf_jax.trainers import common, reward, rl_common
 
 TIMING_METRICS = ("tokens_per_s", "steps_per_s", "mfu")
@@ -324,9 +323,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     ),
     step=rep,
   )
-  abstract_state = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
-  )
+  abstract_state = common.with_shardings(abstract, state_sh)
 
   # ---------------------------------------------------------- update step
   def weighted_mean(x, weight):
@@ -376,15 +373,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   stage_clock = rl_common.StageClock(previous_time - (time.perf_counter() - clock_start))
 
   # ------------------------------------------------------------ evaluators
-  sample_fn = sampler_lib.make_sampler(
-    lm_module,
-    sampler_lib.SamplerConfig(
-      max_new_tokens=n_new, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=config.temperature
-    ),
-    mesh=mesh,
-    rules=rules,
-    param_shardings=sft.shardings,
-  )
+  sample_fn = rl_common.policy_sampler(lm_module, sft, config, mesh, rules)
   generation_eval = rl_common.Evaluator(
     config,
     workdir,

@@ -217,17 +217,10 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     step=rep,
     rng=rep,
   )
-  abstract_state = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
-  )
+  abstract_state = common.with_shardings(abstract, state_sh)
 
   # --------------------------------------------------------------- sampler
-  sample_cfg = sampler_lib.SamplerConfig(
-    max_new_tokens=n_new, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=temperature
-  )
-  sample_fn = sampler_lib.make_sampler(
-    module, sample_cfg, mesh=mesh, rules=rules, param_shardings=sft.shardings
-  )
+  sample_fn = rl_common.policy_sampler(module, sft, config, mesh, rules)
 
   # ------------------------------------------------------------ experience
   # Log-probs of the response tokens at the sampling temperature, from the

@@ -154,17 +154,10 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     step=rep,
     rng=rep,
   )
-  abstract_state = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
-  )
+  abstract_state = common.with_shardings(abstract, state_sh)
 
   # --------------------------------------------------------------- sampler
-  sample_cfg = sampler_lib.SamplerConfig(
-    max_new_tokens=n_new, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=temperature
-  )
-  sample_fn = sampler_lib.make_sampler(
-    lm_module, sample_cfg, mesh=mesh, rules=rules, param_shardings=sft.shardings
-  )
+  sample_fn = rl_common.policy_sampler(lm_module, sft, config, mesh, rules)
 
   # ------------------------------------------------------------ experience
   ref_logps = rl_common.response_logps_fn(lm_module, p_len, n_new, temperature)

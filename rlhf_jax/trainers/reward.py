@@ -240,9 +240,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   opt_sh = common.mirror_shardings(abstract["opt_state"], abstract["params"], param_sh, mesh)
   rep = common.replicated(mesh)
   state_sh = dict(params=param_sh, opt_state=opt_sh, step=rep, rng=rep)
-  abstract_state = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
-  )
+  abstract_state = common.with_shardings(abstract, state_sh)
 
   # ----------------------------------------------------------- update step
   apply_scores = functools.partial(stages.ensemble_scores, module)

@@ -22,6 +22,7 @@ from absl import logging
 
 from rlhf_jax import config_utils, metrics, models, sharding, stages, utils
 from rlhf_jax.data import loader as loader_lib
+from rlhf_jax.rl import sampler as sampler_lib
 from rlhf_jax.rl.logprobs import token_logprobs
 from rlhf_jax.trainers import common
 
@@ -80,6 +81,23 @@ def response_logps_fn(module, prompt_len: int, max_new_tokens: int, temperature:
     return token_logprobs(resp_logits, response, temperature), resp_logits
 
   return fn
+
+
+def policy_sampler(module, policy: stages.Policy, config, mesh, rules):
+  """The jitted, sharded sampler of `module` with `config.max_new_tokens` and `.temperature`.
+
+  Params passed to it must have `policy.shardings` (the SFT policy's layout).
+  """
+  tok = policy.tokenizer
+  sample_cfg = sampler_lib.SamplerConfig(
+    max_new_tokens=config.max_new_tokens,
+    eos_id=tok.eos_id,
+    pad_id=tok.pad_id,
+    temperature=config.temperature,
+  )
+  return sampler_lib.make_sampler(
+    module, sample_cfg, mesh=mesh, rules=rules, param_shardings=policy.shardings
+  )
 
 
 def gather_last(values: jax.Array, index: jax.Array) -> jax.Array:

@@ -162,9 +162,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     )
     init = jax.jit(lambda r: sharding.unbox(init_state(r)), out_shardings=state_sh)
     abstract_state = jax.eval_shape(init, jax.random.key(config.seed))
-    abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh
-    )
+    abstract_state = common.with_shardings(abstract_state, state_sh)
   num_params = common.tree_size(abstract_state["params"])
   logging.info("Model %s: %d parameters", model_cfg, num_params)
 
