@@ -463,6 +463,10 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
   # ------------------------------------------------- normalisation, export
   if step >= config.total_steps and not stages.is_complete(workdir):
+    if start_step >= config.total_steps:
+      # Stopped after the final checkpoint, before the export: its final eval is not in
+      # memory. The restored state is the final one, so this gives the same figures.
+      loop.last_eval = evaluate(state)
     prompts = _train_prompts(config)
     responses = sample_responses(
       policy,

@@ -1,16 +1,19 @@
-"""Reward trainer: runlocal end to end (SFT trained on demand), export, reuse."""
+"""Reward trainer: runlocal end to end (SFT trained on demand), export, reuse, resume."""
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from rlhf_jax import config_utils, metrics, sharding, stages
 from rlhf_jax.data import loader as loader_lib
 from rlhf_jax.data import testbed
 from rlhf_jax.trainers import reward
+from tests.trainers import resume
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -118,3 +121,82 @@ def _testbed_tokenizer():
 
   texts = [e["prompt"] + " " + e["response"] for e in testbed.sft_examples(300, seed=0)]
   return Tokenizer.train(texts, 200)
+
+
+@pytest.mark.slow
+def test_resume_after_kill_and_after_sigterm_is_exact(reward_runlocal, tmp_path):
+  """Ensemble params, optimizer state, step, RNG, loader position; pairs and export too."""
+  _, reward_dir, _ = reward_runlocal
+  sft_dir = os.path.join(reward_dir, "sft")
+  config = "configs/reward.py:runlocal"
+  overrides = [
+    f"--config.policy_init={sft_dir}",  # the fixture's SFT stage: not retrained
+    "--config.total_steps=16",
+    "--config.optim.warmup_steps=4",
+    "--config.data.num_train=64",  # plus the anchor pairs: the runs cross epoch ends
+    "--config.data.num_eval=32",
+    "--config.data.sample_batch=32",
+    "--config.normalize_samples=32",
+    "--config.eval.num_gold_samples=32",
+    "--config.log_every=4",
+    "--config.eval_every=8",
+    "--config.checkpoint_every=4",
+    "--config.keep_checkpoints=10",
+  ]
+  resume.check_kill_and_sigterm(
+    tmp_path,
+    config,
+    overrides,
+    total_steps=16,
+    kill_after=8,
+    timing_metrics=reward.TIMING_METRICS,
+    samples=False,
+  )
+  straight = str(tmp_path / "straight")
+  ref_meta = stages.read_meta(straight)
+  assert ref_meta["step"] == 16 and ref_meta["policy"] == os.path.abspath(sft_dir)
+  assert np.isfinite(ref_meta["gain"]) and ref_meta["gain"] > 0 and np.isfinite(ref_meta["bias"])
+  last = metrics.read_metrics(straight)[-1]
+  assert last["step"] == 16
+  assert ref_meta["eval"] == {k: v for k, v in last.items() if k.startswith("eval/")}
+  assert "eval/gold_pearson" in ref_meta["eval"]
+  _, ref_export = _export_params(straight)
+  ref_info = _read_json(os.path.join(straight, "data_info.json"))
+  assert ref_info["num_train"] > 0 and ref_info["num_eval"] > 0
+
+  # Stopped after the final checkpoint but before the export (normalisation is a second
+  # of sampling and scoring): the rerun exports the same stage.
+  late = str(tmp_path / "late")
+  shutil.copytree(str(tmp_path / "killed"), late)
+  os.remove(os.path.join(late, stages.EXPORT_META))
+  shutil.rmtree(os.path.join(late, stages.EXPORT_DIR))
+  resume.run_to_end(config, late, overrides, str(tmp_path / "jax_cache"))
+
+  for name in ("killed", "preempted", "late"):
+    workdir = str(tmp_path / name)
+    # The labelled pairs, written on the first (interrupted) run, and their noise ceiling.
+    for file in ("pairs_train.jsonl", "pairs_eval.jsonl", "noise_ceiling.json"):
+      with open(os.path.join(straight, "data", file), "rb") as a:
+        with open(os.path.join(workdir, "data", file), "rb") as b:
+          expected = a.read()
+          assert expected and b.read() == expected, (name, file)
+    info = _read_json(os.path.join(workdir, "data_info.json"))
+    for key in ("content_hash", "num_train", "num_eval", "skipped", "noise_ceiling"):
+      assert info[key] == ref_info[key], (name, key)
+    # The exported stage: metadata (gain, bias, final eval) and the ensemble, bit for bit.
+    assert stages.read_meta(workdir) == ref_meta, name
+    step, params = _export_params(workdir)
+    assert step == 0
+    jax.tree.map(np.testing.assert_array_equal, params, ref_export)
+
+
+def _export_params(workdir):
+  steps = [int(d) for d in os.listdir(os.path.join(workdir, stages.EXPORT_DIR)) if d.isdigit()]
+  assert len(steps) == 1, steps
+  path = os.path.join(workdir, stages.EXPORT_DIR, str(steps[0]), "state")
+  return steps[0], ocp.StandardCheckpointer().restore(path)
+
+
+def _read_json(path):
+  with open(path) as f:
+    return json.load(f)
