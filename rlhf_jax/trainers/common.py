@@ -186,3 +186,20 @@ class LoopBookkeeping:
     if line:
       self.writer.write(step, line)
       self.progress.log(step, line)
+
+  def final_eval(
+    self, start_step: int, evaluate: Callable[[], dict[str, float]]
+  ) -> dict[str, float]:
+    """The final state's eval metrics, for the stage's export; sets and returns `last_eval`.
+
+    After the loop's last step that is the eval `after_update` took. A run stopped
+    after its final checkpoint but before its export restores at `total_steps` and
+    skips the loop, so nothing is in memory: then `evaluate()` is run on the
+    restored final state, which gives the figures an uninterrupted run exported
+    (nothing is written to the metrics, which already hold that step's line).
+    Call it only when the export is still to be written.
+    """
+    if start_step >= self.config.total_steps:
+      self.last_eval = evaluate()
+      metrics.check_finite(start_step, self.last_eval, context="eval")
+    return self.last_eval

@@ -456,10 +456,14 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
   # --------------------------------------------------------------- summary
   if step >= config.total_steps:
+    exported = stages.is_complete(workdir)
+    if not exported:
+      # The loop's last eval (recomputed if the run stopped after its final checkpoint).
+      loop.final_eval(start_step, lambda: evaluate(state["params"], step))
     rl_common.write_summary(
       workdir, "dpo", stage_clock.elapsed(), beta=config.beta, loss_type=config.loss_type
     )
-    if not stages.is_complete(workdir):
+    if not exported:
       stages.export(
         workdir,
         state["params"],

@@ -437,6 +437,10 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
   # --------------------------------------------------------------- summary
   if step >= config.total_steps:
+    exported = stages.is_complete(workdir)
+    if not exported:
+      # The loop's last eval (recomputed if the run stopped after its final checkpoint).
+      loop.final_eval(start_step, lambda: evaluate(state["policy"], step))
     rl_common.write_summary(
       workdir,
       config.advantage,
@@ -446,7 +450,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       group_size=group_size,
       reward_fn=config.reward_fn,
     )
-    if not stages.is_complete(workdir):
+    if not exported:
       stages.export(
         workdir,
         state["policy"],

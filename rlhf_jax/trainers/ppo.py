@@ -419,10 +419,14 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
   # --------------------------------------------------------------- summary
   if step >= config.total_steps:
+    exported = stages.is_complete(workdir)
+    if not exported:
+      # The loop's last eval (recomputed if the run stopped after its final checkpoint).
+      loop.final_eval(start_step, lambda: evaluate(lm_params(state["policy"]), step))
     rl_common.write_summary(
       workdir, "ppo", stage_clock.elapsed(), kl_coef=float(jax.device_get(state["kl"].kl_coef))
     )
-    if not stages.is_complete(workdir):
+    if not exported:
       stages.export(
         workdir,
         lm_params(state["policy"]),

@@ -96,8 +96,11 @@ def prepare_pairs(config, workdir, policy, mesh, rules):
 
     pair_dir = os.path.join(workdir, "data")
     paths = {s: [os.path.join(pair_dir, f"pairs_{s}.jsonl")] for s in ("train", "eval")}
+    ceiling_path = os.path.join(pair_dir, "noise_ceiling.json")
     ceilings = {}
-    if not all(os.path.exists(p[0]) for p in paths.values()):
+    # The ceiling is written last: a run stopped before it left pairs but no ceiling, and
+    # redoes all three (same samples and labels: fixed seeds).
+    if not all(os.path.exists(p) for p in (paths["train"][0], paths["eval"][0], ceiling_path)):
       os.makedirs(pair_dir, exist_ok=True)
       panel = testbed.RaterPanel(data.testbed)
       for split, n, seed in (
@@ -122,8 +125,8 @@ def prepare_pairs(config, workdir, policy, mesh, rules):
           written = preferences.write_preference_jsonl(records, paths[split][0], skip_invalid=True)
           ceilings[split]["num_pairs_skipped"] = len(records) - written
       if jax.process_index() == 0:
-        common.write_json_atomic(os.path.join(pair_dir, "noise_ceiling.json"), ceilings)
-    info["noise_ceiling"] = _read_json(os.path.join(pair_dir, "noise_ceiling.json"))
+        common.write_json_atomic(ceiling_path, ceilings)
+    info["noise_ceiling"] = _read_json(ceiling_path)
   elif data.source == "jsonl":
     if not data.train_files:
       raise ValueError("config.data.train_files is empty but config.data.source='jsonl'.")
@@ -463,10 +466,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
   # ------------------------------------------------- normalisation, export
   if step >= config.total_steps and not stages.is_complete(workdir):
-    if start_step >= config.total_steps:
-      # Stopped after the final checkpoint, before the export: its final eval is not in
-      # memory. The restored state is the final one, so this gives the same figures.
-      loop.last_eval = evaluate(state)
+    # The loop's last eval (recomputed if the run stopped after its final checkpoint).
+    loop.final_eval(start_step, lambda: evaluate(state))
     prompts = _train_prompts(config)
     responses = sample_responses(
       policy,

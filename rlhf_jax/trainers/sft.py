@@ -328,6 +328,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     ckpt.close()
     writer.close()
   if step >= config.total_steps and not stages.is_complete(workdir):
+    # The loop's last eval (recomputed if the run stopped after its final checkpoint).
+    loop.final_eval(start_step, lambda: evaluate(state, step))
     # The stage is done: later stages load this export (see rlhf_jax/stages.py).
     stages.export(
       workdir,

@@ -4,10 +4,13 @@ Shared by the trainers' exact-resume tests: each launches its config as a
 subprocess (the way a preempted job really dies), interrupts it once a
 checkpoint past `after_step` is committed, reruns it, and requires the same
 final checkpoint (bit for bit), the same deterministic metrics and the same
-samples as a straight run.
+samples as a straight run. `rerun_after_late_stop` adds the stop that lands
+after the final checkpoint but before the stage's export.
 """
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rlhf_jax import metrics
+from rlhf_jax import metrics, stages
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -128,3 +131,56 @@ def check_kill_and_sigterm(
   assert_same_run(
     reference, preempted, total_steps=total_steps, timing_metrics=timing_metrics, samples=samples
   )
+
+
+def rerun_after_late_stop(tmp_path, config, overrides, *, also_remove=()):
+  """A run stopped after its final checkpoint, before its export, rerun: its workdir.
+
+  After `check_kill_and_sigterm`: copies its finished `killed` workdir to `tmp_path` /
+  late, deletes the export (export.json, export/) and `also_remove` (other paths,
+  relative to the workdir, written after the final checkpoint), and reruns it.
+  """
+  late = str(tmp_path / "late")
+  shutil.copytree(str(tmp_path / "killed"), late)
+  for name in (stages.EXPORT_META, stages.EXPORT_DIR, *also_remove):
+    path = os.path.join(late, name)
+    assert os.path.exists(path), name
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    else:
+      os.remove(path)
+  run_to_end(config, late, overrides, str(tmp_path / "jax_cache"))
+  return late
+
+
+def final_eval(workdir):
+  """The eval metrics of the last metrics line (the final step's); never empty."""
+  last = metrics.read_metrics(workdir)[-1]
+  evals = {k: v for k, v in last.items() if k.startswith("eval/")}
+  assert evals, last
+  return evals
+
+
+def export_params(workdir):
+  """(step, params) of the stage's export: one Orbax step, 0."""
+  steps = [int(d) for d in os.listdir(os.path.join(workdir, stages.EXPORT_DIR)) if d.isdigit()]
+  assert len(steps) == 1, steps
+  path = os.path.join(workdir, stages.EXPORT_DIR, str(steps[0]), "state")
+  return steps[0], ocp.StandardCheckpointer().restore(path)
+
+
+def assert_same_export(reference, workdir):
+  """The same export.json (final eval included) and exported params, bit for bit."""
+  assert stages.read_meta(workdir) == stages.read_meta(reference), workdir
+  ref_step, ref_params = export_params(reference)
+  step, params = export_params(workdir)
+  assert step == ref_step == 0
+  jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+
+
+def read_summary(workdir, timing=("wall_time_s",)):
+  """summary.json (the policy optimisers'), less its timing entries."""
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
+  assert all(k in summary for k in timing), summary
+  return {k: v for k, v in summary.items() if k not in timing}

@@ -1,4 +1,5 @@
-"""SFT trainer: the runlocal smoke test, exact resume after a kill, NaN stop, bad data."""
+"""SFT trainer: the runlocal smoke test, exact resume after a kill (and after a stop before
+the export), NaN stop, bad data."""
 
 import json
 import os
@@ -8,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax import config_utils, metrics, optim
+from rlhf_jax import config_utils, metrics, optim, stages
 from rlhf_jax.data import builders
 from rlhf_jax.trainers import sft
 from tests.trainers import resume
@@ -30,14 +31,18 @@ RESUME_OVERRIDES = [
 
 @pytest.mark.slow
 def test_resume_after_kill_and_after_sigterm_is_exact(tmp_path):
+  config, overrides = "configs/sft.py:runlocal", ["--config.mesh=(1,-1,1)", *RESUME_OVERRIDES]
   resume.check_kill_and_sigterm(
-    tmp_path,
-    "configs/sft.py:runlocal",
-    ["--config.mesh=(1,-1,1)", *RESUME_OVERRIDES],
-    total_steps=160,
-    kill_after=60,
-    timing_metrics=sft.TIMING_METRICS,
+    tmp_path, config, overrides, total_steps=160, kill_after=60, timing_metrics=sft.TIMING_METRICS
   )
+  straight = str(tmp_path / "straight")
+  assert stages.read_meta(straight)["eval"] == resume.final_eval(straight)
+  # Stopped after the final checkpoint but before the export: the rerun recomputes the
+  # final eval (same samples file, no new metrics line) and exports the same stage.
+  late = resume.rerun_after_late_stop(tmp_path, config, overrides)
+  resume.assert_same_run(straight, late, total_steps=160, timing_metrics=sft.TIMING_METRICS)
+  for name in ("killed", "preempted", "late"):
+    resume.assert_same_export(straight, str(tmp_path / name))
 
 
 def _runlocal_config(**overrides):
