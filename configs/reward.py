@@ -23,7 +23,7 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.trainer = "reward"
   config.seed = arg.seed
-  config.total_steps = 250  # two epochs of 8000 pairs
+  config.total_steps = 500  # one epoch of 32000 pairs (more epochs or labels: no gain)
   config.batch_size = 64
   # BOS + prompt + response + EOS; a longer row loses the prompt's generic opening first.
   config.max_len = 48
@@ -35,8 +35,8 @@ def get_config(arg=None):
   # Data
   config.data = ml_collections.ConfigDict()
   config.data.source = "testbed"  # "testbed" | "jsonl"
-  config.data.num_train = 8000  # labelled pairs (plus the anchor pairs every rater sees)
-  config.data.num_eval = 500
+  config.data.num_train = 32000  # labelled pairs (plus the anchor pairs every rater sees)
+  config.data.num_eval = 2000
   config.data.seed = 0
   config.data.testbed = testbed_config.default_config()
   config.data.temperature = 1.0  # SFT sampling for pairs
@@ -69,8 +69,8 @@ def get_config(arg=None):
 
   # Logging, evals, checkpoints
   config.log_every = 25
-  config.eval_every = 125
-  config.checkpoint_every = 125
+  config.eval_every = 250
+  config.checkpoint_every = 250
   config.keep_checkpoints = 3
   config.normalize_samples = 512  # SFT samples that set the score's mean 0, std 1
   config.eval = ml_collections.ConfigDict()

@@ -88,6 +88,8 @@ class Policy:
   shardings: Any
   tokenizer: Tokenizer
   meta: dict[str, Any]
+  # Compiled samplers, keyed by their settings: one compile per setting, not per call.
+  samplers: dict[Any, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
 def load_policy(workdir: str, mesh, rules: str = "fsdp") -> Policy:

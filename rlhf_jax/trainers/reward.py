@@ -54,18 +54,18 @@ def ensure_policy(config, workdir) -> str:
 def sample_responses(policy, prompts, *, rng, config, mesh, rules) -> list[str]:
   """Texts sampled from `policy` for each prompt (batched, jitted, sharded)."""
   tok = policy.tokenizer
-  fn = sampler_lib.make_sampler(
-    policy.module,
-    sampler_lib.SamplerConfig(
-      max_new_tokens=config.max_new_tokens,
-      eos_id=tok.eos_id,
-      pad_id=tok.pad_id,
-      temperature=config.temperature,
-    ),
-    mesh=mesh,
-    rules=rules,
-    param_shardings=policy.shardings,
+  sampler_cfg = sampler_lib.SamplerConfig(
+    max_new_tokens=config.max_new_tokens,
+    eos_id=tok.eos_id,
+    pad_id=tok.pad_id,
+    temperature=config.temperature,
   )
+  key = (sampler_cfg, mesh, str(rules))
+  if key not in policy.samplers:
+    policy.samplers[key] = sampler_lib.make_sampler(
+      policy.module, sampler_cfg, mesh=mesh, rules=rules, param_shardings=policy.shardings
+    )
+  fn = policy.samplers[key]
   batch = config.sample_batch
   out: list[str] = []
   for start in range(0, len(prompts), batch):

@@ -61,6 +61,13 @@ def test_exported_ensemble_is_normalised_on_sft_samples(trained):
     mesh=mesh,
     rules="fsdp",
   )
+  # The compiled sampler is built once per setting and reused: same samples, no new entry.
+  first = prompts[: config.data.sample_batch]
+  again = reward.sample_responses(
+    policy, first, rng=jax.random.key(config.seed + 13), config=config.data, mesh=mesh, rules="fsdp"
+  )
+  assert again == responses[: len(first)]
+  assert len(policy.samplers) == 1
   rows = [{"prompt": p, "response": r} for p, r in zip(prompts, responses, strict=True)]
   batch = loader_lib.sft_collate(rows, rm.tokenizer, config.max_len)
   with sharding.use_mesh(mesh, "fsdp"):
