@@ -6,8 +6,11 @@
 
 Without `policy_init`, the SFT stage (configs/sft.py, same size variant) is
 trained first into <workdir>/sft, and reused on the next run. On the testbed,
-pairs are two SFT samples per prompt labelled by the simulated panel; with
-`data.source=jsonl`, `data.train_files` are JSONL/Parquet preference files
+four SFT samples are drawn per prompt and all six pairs are labelled by the
+simulated panel; training takes the six comparisons of a prompt from one forward
+pass over its four responses, with soft labels from the raters' stated
+confidence (see BUILD_NOTES.md for the measurements behind these defaults).
+With `data.source=jsonl`, `data.train_files` are JSONL/Parquet preference files
 (prompt, chosen, rejected, optional rater_id, tie, margin, confidence).
 """
 
@@ -23,8 +26,9 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.trainer = "reward"
   config.seed = arg.seed
-  config.total_steps = 500  # one epoch of 32000 pairs (more epochs or labels: no gain)
-  config.batch_size = 64
+  # 3 epochs of 10667 prompts x 6 comparisons; a batch is 32 prompts' groups (128 responses).
+  config.total_steps = 1000
+  config.batch_size = 32  # comparison groups (prompts) per step; rows = batch_size x K
   # BOS + prompt + response + EOS; a longer row loses the prompt's generic opening first.
   config.max_len = 48
 
@@ -35,8 +39,13 @@ def get_config(arg=None):
   # Data
   config.data = ml_collections.ConfigDict()
   config.data.source = "testbed"  # "testbed" | "jsonl"
-  config.data.num_train = 32000  # labelled pairs (plus the anchor pairs every rater sees)
+  config.data.num_train = 64000  # labelled pairs (plus the anchor pairs every rater sees)
   config.data.num_eval = 2000
+  # K: training prompts get this many SFT samples and every pair of them is labelled; the
+  # trainer scores each response once for its K-1 comparisons (InstructGPT's K-wise
+  # batches). With JSONL files, consecutive same-prompt records are grouped up to K
+  # responses. Eval pairs are always two samples per prompt.
+  config.data.responses_per_prompt = 4
   config.data.seed = 0
   config.data.testbed = testbed_config.default_config()
   config.data.temperature = 1.0  # SFT sampling for pairs
@@ -48,9 +57,15 @@ def get_config(arg=None):
   config.data.skip_invalid = False
   config.data.data_dir = ""
 
-  # Model: the SFT policy's architecture; trunk initialised from it.
+  # Model: the SFT policy's trunk, plus `extra_layers` blocks on top (initialised as the
+  # identity; they let every position see the policy's next-token predictions).
+  config.extra_layers = 0
   config.ensemble_size = 2
   config.use_margin = True
+  # Labels: "none" = hard (chosen wins with probability 1); "confidence" = soft targets
+  # from the rater's stated confidence, confidence_range[0] -> 0.5 ... [1] -> 1.
+  config.soft_labels = "confidence"
+  config.confidence_range = (1.0, 5.0)
   config.center_coef = 0.01
 
   # Optimizer
@@ -78,9 +93,9 @@ def get_config(arg=None):
 
   if arg.runlocal:
     config.total_steps = 100
-    config.batch_size = 16
+    config.batch_size = 8
     config.optim.warmup_steps = 10
-    config.data.num_train = 800
+    config.data.num_train = 1200
     config.data.num_eval = 128
     config.data.sample_batch = 128
     config.ensemble_size = 2

@@ -674,6 +674,78 @@ class PreferenceSource:
     return f"PreferenceSource({self._data_source!r})"
 
 
+def comparison_groups(source: Any, max_responses: int, max_records: int) -> list[list[int]]:
+  """Record indices grouped for K-wise reward-model training (InstructGPT-style).
+
+  A group is a run of consecutive records with the same prompt, cut so that it holds at
+  most `max_records` records and `max_responses` distinct responses; a trainer scores each
+  distinct response once and takes every comparison of the group from those scores. Any
+  grouping of same-prompt records is valid (it only saves forward passes), so only
+  neighbours are merged: a file that writes the K(K-1)/2 pairs of each prompt's K
+  responses together (the testbed does) gets groups of K responses. With
+  `max_responses=2, max_records=1` every record is its own group, read nothing.
+
+  Args:
+    source: random-access preference records (`PreferenceSource`, a list of dicts).
+    max_responses: R >= 2, distinct responses a group may hold.
+    max_records: P >= 1, comparisons a group may hold.
+  """
+  if max_responses < 2 or max_records < 1:
+    raise ValueError(
+      f"need max_responses >= 2 and max_records >= 1, got {max_responses}, {max_records}."
+    )
+  if max_records == 1:
+    return [[i] for i in range(len(source))]
+  groups: list[list[int]] = []
+  prompt, responses = None, set()
+  for i, record in iter_records(source):
+    pair = {record["chosen"], record["rejected"]}
+    if (
+      not groups
+      or record["prompt"] != prompt
+      or len(groups[-1]) == max_records
+      or len(responses | pair) > max_responses
+    ):
+      groups.append([])
+      prompt, responses = record["prompt"], set()
+    groups[-1].append(i)
+    responses |= pair
+  return groups
+
+
+def iter_records(source: Any, chunk: int = 4096) -> Iterator[tuple[int, dict[str, Any]]]:
+  """(index, record) for every record of a random-access source, read in batched chunks."""
+  for start in range(0, len(source), chunk):
+    indices = list(range(start, min(len(source), start + chunk)))
+    if hasattr(source, "__getitems__"):
+      records = source.__getitems__(indices)
+    else:
+      records = [source[i] for i in indices]
+    yield from zip(indices, records, strict=True)
+
+
+class GroupedSource:
+  """A random-access source of record groups: `source[i]` is the list of group i's records."""
+
+  def __init__(self, source: Any, groups: Sequence[Sequence[int]]):
+    self._source = source
+    self._groups = [list(g) for g in groups]
+
+  def __len__(self) -> int:
+    return len(self._groups)
+
+  def __getitem__(self, index: int) -> list[dict[str, Any]]:
+    return self.__getitems__([index])[0]
+
+  def __getitems__(self, indices: Sequence[int]) -> list[list[dict[str, Any]]]:
+    flat = [i for g in indices for i in self._groups[g]]
+    if hasattr(self._source, "__getitems__"):
+      records = iter(self._source.__getitems__(flat))
+    else:
+      records = iter(self._source[i] for i in flat)
+    return [[next(records) for _ in self._groups[g]] for g in indices]
+
+
 def _decode(record: Mapping[str, Any]) -> dict[str, Any]:
   out = {}
   for field in FIELDS:

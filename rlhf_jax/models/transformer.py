@@ -404,6 +404,41 @@ def value_model(config: ModelConfig) -> ScalarModel:
   return ScalarModel(config, head_init="zeros")
 
 
+# Parameters that end a block's residual branches: zeroing them makes the block the identity.
+_BRANCH_OUTPUTS = frozenset({"o", "o_bias", "down", "down_bias"})
+
+
+def grow_trunk(fresh: Any, base: Any, num_base_layers: int, scan_layers: bool) -> Any:
+  """A deeper trunk whose first layers (and embeddings, final norm) come from `base`.
+
+  `fresh` holds the plain (unboxed) parameters of a trunk with more layers, `base`
+  those of a trained trunk with `num_base_layers` of them. The layers on top keep
+  their fresh initialisation, except the projections that end their residual
+  branches (attention "o", MLP "down", and their biases), which are zeroed: each new
+  block starts as the identity, so the grown trunk computes exactly what `base`
+  computes until training moves it. A reward model grows its trunk this way to get
+  layers that sit above the policy's top layer, where the next-token predictions of
+  every position are visible to the positions after it.
+  """
+
+  def zero_branch_ends(layer):
+    return jax.tree.map_with_path(
+      lambda path, x: jnp.zeros_like(x) if path[-1].key in _BRANCH_OUTPUTS else x, layer
+    )
+
+  out = dict(base)  # embeddings, final norm and the base layers
+  if scan_layers:  # leaves [num_layers, ...]: the base rows, then the fresh ones
+    top = zero_branch_ends(jax.tree.map(lambda x: x[num_base_layers:], fresh["layers"]))
+    out["layers"] = jax.tree.map(
+      lambda old, new: jnp.concatenate([old, new.astype(old.dtype)]), base["layers"], top
+    )
+  else:
+    num_layers = sum(key.startswith("layer_") for key in fresh)
+    for i in range(num_base_layers, num_layers):
+      out[f"layer_{i}"] = zero_branch_ends(fresh[f"layer_{i}"])
+  return out
+
+
 def init_params(module: nn.Module, rng: jax.Array, seq_len: int = 8) -> Any:
   """Boxed (logically partitioned) parameters of `module` for a [1, seq_len] input.
 

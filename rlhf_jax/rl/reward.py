@@ -34,20 +34,26 @@ def bradley_terry_loss(
   *,
   margin: jax.Array | None = None,
   tie: jax.Array | None = None,
+  target: jax.Array | None = None,
   weight: jax.Array | None = None,
   center_coef: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Bradley-Terry preference loss with margins, ties and centering.
+  """Bradley-Terry preference loss with margins, soft labels, ties and centering.
 
-  For a strict preference: -log sigmoid(r_c - r_r - margin). For a tie the
-  target probability is 0.5 (cross-entropy with a soft label) and no margin
-  applies: -0.5 log sigmoid(d) - 0.5 log sigmoid(-d), minimised at d = 0.
-  Centering adds center_coef * mean((r_c + r_r)^2).
+  With z = r_c - r_r - margin and t the target probability that the chosen
+  response is preferred, the loss is the cross-entropy -t log sigmoid(z) -
+  (1 - t) log sigmoid(-z). A hard label (t = 1, the default) gives
+  -log sigmoid(r_c - r_r - margin). A tie has t = 0.5 and no margin:
+  -0.5 log sigmoid(d) - 0.5 log sigmoid(-d), minimised at d = 0. A soft
+  label (e.g. from the rater's stated confidence) is minimised at
+  sigmoid(z) = t. Centering adds center_coef * mean((r_c + r_r)^2).
 
   Args:
     chosen, rejected: [B] float32 scores.
     margin: [B] float32 required score gap (0 for none).
-    tie: [B] bool, the pair was labelled a tie.
+    tie: [B] bool, the pair was labelled a tie (target 0.5, margin 0).
+    target: [B] float32 in [0, 1], probability that chosen is preferred
+      (1 for none); ties override it with 0.5.
     weight: [B] float32 per-pair weights (e.g. bootstrap weights); the loss
       is the weighted mean.
     center_coef: coefficient of the centering term (~0.01; 0 = off).
@@ -58,14 +64,32 @@ def bradley_terry_loss(
   diff = chosen - rejected
   margin = jnp.zeros_like(diff) if margin is None else margin.astype(jnp.float32)
   tie = jnp.zeros(diff.shape, jnp.bool_) if tie is None else tie.astype(jnp.bool_)
+  target = jnp.ones_like(diff) if target is None else target.astype(jnp.float32)
   weight = jnp.ones_like(diff) if weight is None else weight.astype(jnp.float32)
-  strict = -jax.nn.log_sigmoid(diff - margin)
-  soft = -0.5 * (jax.nn.log_sigmoid(diff) + jax.nn.log_sigmoid(-diff))
-  nll = jnp.where(tie, soft, strict)
+  z = jnp.where(tie, diff, diff - margin)
+  t = jnp.where(tie, 0.5, target)
+  nll = -(t * jax.nn.log_sigmoid(z) + (1.0 - t) * jax.nn.log_sigmoid(-z))
   loss = jnp.sum(weight * nll) / jnp.maximum(jnp.sum(weight), 1e-6)
   if center_coef:
     loss = loss + center_coef * jnp.mean(jnp.square(chosen + rejected))
   return loss, {"nll": nll, "diff": diff}
+
+
+def confidence_targets(
+  confidence: np.ndarray, low: float, high: float, *, missing: float = 1.0
+) -> np.ndarray:
+  """Soft labels from rater-stated confidence: P(chosen preferred) per pair.
+
+  Confidence `low` (a guess) maps to 0.5 and `high` (certain) to 1, linearly
+  in between and clipped: on the testbed, where a rater reports
+  c = 1 + round(4 |2p - 1|) on 1..5, this inverts the report to p ~ 0.5 + (c - 1) / 8.
+  A missing (NaN) confidence gives `missing` (a hard label by default).
+  """
+  if not high > low:
+    raise ValueError(f"confidence range ({low}, {high}): high must exceed low.")
+  c = np.asarray(confidence, np.float64)
+  t = 0.5 + 0.5 * np.clip((c - low) / (high - low), 0.0, 1.0)
+  return np.where(np.isnan(c), missing, t).astype(np.float32)
 
 
 def preference_accuracy(diff: np.ndarray, tie: np.ndarray | None = None) -> float:

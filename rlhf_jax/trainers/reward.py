@@ -6,18 +6,28 @@ Sections, in order: logging, mesh, upstream SFT stage, preference data,
 model and optimizer shapes, sharded state, update step, checkpoint restore,
 evaluators, train loop, normalisation and export.
 
-On the testbed, as in real RLHF, the pairs are two samples of the SFT policy
-for one prompt, labelled by the simulated rater panel (anchors shown to every
-rater). The reward trunk starts from the SFT policy's trunk; each ensemble
-member gets its own head initialisation and online-bootstrap weights
-(Poisson(1) per pair and member), so members disagree where data is thin.
-After training, scores of SFT-policy samples are normalised to mean 0, std 1.
+On the testbed, as in real RLHF, the pairs are samples of the SFT policy for
+one prompt, labelled by the simulated rater panel (anchors shown to every
+rater): K samples per prompt and all K(K-1)/2 pairs of them
+(`data.responses_per_prompt`). Training batches are comparison groups, as in
+InstructGPT: each distinct response of a group is scored once and every
+comparison among them is taken from those scores, so a step does K-1 times the
+comparisons of plain pairs for the same forward passes. Labels are hard (the
+chosen response wins) or, with `soft_labels="confidence"`, soft targets from
+the rater's stated confidence. The reward trunk starts from the SFT policy's
+trunk (optionally grown by `extra_layers` identity-initialised blocks); each
+ensemble member gets its own head initialisation and online-bootstrap weights
+(Poisson(1) per comparison and member), so members disagree where data is
+thin. After training, scores of SFT-policy samples are normalised to mean 0,
+std 1.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
+import math
 import os
 from typing import Any
 
@@ -86,6 +96,30 @@ def sample_responses(policy, prompts, *, rng, config, mesh, rules) -> list[str]:
   return out
 
 
+def sample_comparisons(policy, n, k, split, seed, data, mesh, rules) -> list[tuple[str, str, str]]:
+  """n (prompt, a, b) triples: k policy samples per testbed prompt, every pair of them.
+
+  Prompts are drawn until n pairs are made (k(k-1)/2 per prompt; the last prompt's pairs
+  are cut at n). Sample i of every prompt uses the key fold_in(key(seed), i), so k=2
+  gives pairs (sample 0, sample 1), and a larger k extends the same samples.
+  """
+  from rlhf_jax.data import testbed
+
+  if k < 2:
+    raise ValueError(f"config.data.responses_per_prompt={k}; need at least 2.")
+  pairs = list(itertools.combinations(range(k), 2))
+  prompts = testbed.prompts(split, -(-n // len(pairs)), seed, data.testbed)
+  rng = jax.random.key(seed)
+  samples = [
+    sample_responses(
+      policy, prompts, rng=jax.random.fold_in(rng, i), config=data, mesh=mesh, rules=rules
+    )
+    for i in range(k)
+  ]
+  triples = [(p, samples[a][j], samples[b][j]) for j, p in enumerate(prompts) for a, b in pairs]
+  return triples[:n]
+
+
 def prepare_pairs(config, workdir, policy, mesh, rules):
   """Train/eval preference sources, and the noise ceiling on the testbed."""
   data = config.data
@@ -103,21 +137,14 @@ def prepare_pairs(config, workdir, policy, mesh, rules):
     if not all(os.path.exists(p) for p in (paths["train"][0], paths["eval"][0], ceiling_path)):
       os.makedirs(pair_dir, exist_ok=True)
       panel = testbed.RaterPanel(data.testbed)
-      for split, n, seed in (
-        ("train", data.num_train, data.seed),
-        ("eval", data.num_eval, data.seed + 1),
+      for split, n, seed, k in (
+        ("train", data.num_train, data.seed, data.responses_per_prompt),
+        ("eval", data.num_eval, data.seed + 1, 2),
       ):
-        prompts = testbed.prompts(split, n, seed, data.testbed)
-        rng = jax.random.key(seed)
-        a = sample_responses(
-          policy, prompts, rng=jax.random.fold_in(rng, 0), config=data, mesh=mesh, rules=rules
-        )
-        b = sample_responses(
-          policy, prompts, rng=jax.random.fold_in(rng, 1), config=data, mesh=mesh, rules=rules
-        )
+        triples = sample_comparisons(policy, n, k, split, seed, data, mesh, rules)
         label_rng = np.random.default_rng([seed, 7])
         records = panel.label_anchors(label_rng) if split == "train" else []
-        records += panel.label(list(zip(prompts, a, b, strict=True)), label_rng)
+        records += panel.label(triples, label_rng)
         ceilings[split] = testbed.noise_ceiling([r for r in records if not r.get("anchor")])
         if jax.process_index() == 0:
           # Policy samples can be empty (EOS first) or identical; such pairs carry no
@@ -149,26 +176,100 @@ def prepare_pairs(config, workdir, policy, mesh, rules):
 
 
 def _read_json(path):
-
   with open(path) as f:
     return json.load(f)
 
 
-def pair_collate(examples, tokenizer, max_len) -> dict[str, np.ndarray]:
-  """Chosen and rejected rows (BOS + prompt + response + EOS), margins, ties, validity."""
-  sides = {}
-  for side in ("chosen", "rejected"):
-    rows = [{"prompt": e["prompt"], "response": e[side]} for e in examples]
-    sides[side] = loader_lib.sft_collate(rows, tokenizer, max_len)
+def check_confidence_range(source, confidence_range) -> None:
+  """Refuses soft labels from confidences outside `confidence_range` (another scale).
+
+  A file whose raters report confidence on, say, 0..1 would otherwise map every label to
+  the 1/2 of a guess. Records without a confidence keep hard labels and pass.
+  """
+  low, high = confidence_range
+  for i, record in preferences.iter_records(source):
+    c = _float(record.get("confidence"))
+    if not math.isnan(c) and not low <= c <= high:
+      raise ValueError(
+        f"training record {i}: field 'confidence' = {c} is outside "
+        f"config.confidence_range={confidence_range}; set the range of this data's "
+        "confidence scale, or config.soft_labels='none'."
+      )
+
+
+SOFT_LABELS = ("none", "confidence")
+LABEL_FIELDS = ("margin", "target", "tie", "valid")  # per comparison, [G, P] in a batch
+
+
+def group_collate(
+  groups,
+  tokenizer,
+  max_len,
+  *,
+  responses=2,
+  pairs=1,
+  soft_labels="none",
+  confidence_range=(1.0, 5.0),
+) -> dict[str, np.ndarray]:
+  """G comparison groups (lists of same-prompt pair records) -> one batch.
+
+  Each group's distinct responses become rows (BOS + prompt + response + EOS), scored
+  once however many comparisons they are in; each record becomes a comparison of two of
+  its group's rows. A group has at most `responses` rows and `pairs` comparisons
+  (`preferences.comparison_groups` cuts them so); unused slots are padding, with
+  `valid` False. Plain pairs are groups of one record (responses=2, pairs=1).
+
+  Returns (R = responses, P = pairs):
+    tokens, mask: [G, R, T] rows; an unused row repeats the group's first.
+    chosen, rejected: [G, P] int32, rows of the group compared.
+    margin [G, P] float32; target [G, P] float32, the probability that chosen is
+      preferred: 1 (a hard label), or with soft_labels="confidence" the rater's
+      stated confidence mapped onto [0.5, 1] over `confidence_range` (a record
+      without a confidence keeps the hard label); tie [G, P] bool; valid [G, P]
+      bool, False for padding and for a pair with a row too long for max_len.
+  """
+  if soft_labels not in SOFT_LABELS:
+    raise ValueError(f"config.soft_labels={soft_labels!r}; expected one of {SOFT_LABELS}.")
+  g = len(groups)
+  rows, chosen, rejected = [], np.zeros((g, pairs), np.int32), np.zeros((g, pairs), np.int32)
+  records = []
+  for gi, group in enumerate(groups):
+    if len(group) > pairs:
+      raise ValueError(f"a group of {len(group)} comparisons; at most {pairs} fit.")
+    index: dict[str, int] = {}
+    for pi, record in enumerate(group):
+      for side, out in (("chosen", chosen), ("rejected", rejected)):
+        out[gi, pi] = index.setdefault(record[side], len(index))
+      records.append((gi, pi, record))
+    if len(index) > responses:
+      raise ValueError(f"a group of {len(index)} distinct responses; at most {responses} fit.")
+    texts = list(index) + [next(iter(index))] * (responses - len(index))
+    rows += [{"prompt": group[0]["prompt"], "response": t} for t in texts]
+  batch = loader_lib.sft_collate(rows, tokenizer, max_len)
+  dropped = batch["dropped"].reshape(g, responses)
+  margin = np.zeros((g, pairs), np.float32)
+  target = np.ones((g, pairs), np.float32)
+  confidence = np.full((g, pairs), np.nan)
+  tie = np.zeros((g, pairs), np.bool_)
+  valid = np.zeros((g, pairs), np.bool_)
+  for gi, pi, record in records:
+    margin[gi, pi] = float(record.get("margin", 0.0) or 0.0)
+    confidence[gi, pi] = _float(record.get("confidence"))
+    tie[gi, pi] = bool(record.get("tie", False))
+    # A pair with a row too long for max_len (dropped by the collate) gets weight 0.
+    valid[gi, pi] = not (dropped[gi, chosen[gi, pi]] or dropped[gi, rejected[gi, pi]])
+  if soft_labels == "confidence":
+    target = reward_lib.confidence_targets(confidence, *confidence_range)
+  shape = (g, responses, batch["tokens"].shape[-1])
   return {
-    "chosen_tokens": sides["chosen"]["tokens"],
-    "chosen_mask": sides["chosen"]["input_mask"],
-    "rejected_tokens": sides["rejected"]["tokens"],
-    "rejected_mask": sides["rejected"]["input_mask"],
-    "margin": np.asarray([float(e.get("margin", 0.0) or 0.0) for e in examples], np.float32),
-    "tie": np.asarray([bool(e.get("tie", False)) for e in examples], np.bool_),
-    # A pair too long for max_len is dropped by the collate: weight 0.
-    "valid": ~(sides["chosen"]["dropped"] | sides["rejected"]["dropped"]),
+    "tokens": batch["tokens"].reshape(shape),
+    "mask": batch["input_mask"].reshape(shape),
+    "chosen": chosen,
+    "rejected": rejected,
+    "margin": margin,
+    "target": target,
+    "tie": tie,
+    "valid": valid,
   }
 
 
@@ -187,6 +288,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
   # Config errors surface before any stage trains or any data is built.
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+  if config.soft_labels not in SOFT_LABELS:
+    raise ValueError(f"config.soft_labels={config.soft_labels!r}; expected one of {SOFT_LABELS}.")
 
   # ------------------------------------------------------------ upstream SFT
   sft_dir = ensure_policy(config, workdir)
@@ -205,22 +308,49 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
   # -------------------------------------------------------- preference data
   train_source, eval_source, data_info = prepare_pairs(config, workdir, policy, mesh, rules)
+  if config.soft_labels == "confidence":
+    check_confidence_range(train_source, tuple(config.confidence_range))
+  # K-wise groups: a batch is config.batch_size groups of up to K responses each, every
+  # response scored once for all its comparisons. Eval pairs are plain pairs.
+  k = config.data.responses_per_prompt
+  shape = dict(responses=k, pairs=k * (k - 1) // 2)
+  train_groups = preferences.GroupedSource(
+    train_source, preferences.comparison_groups(train_source, shape["responses"], shape["pairs"])
+  )
+  data_info["num_train_groups"] = len(train_groups)
+
+  def collate(responses, pairs):
+    return functools.partial(
+      group_collate,
+      tokenizer=tok,
+      max_len=config.max_len,
+      responses=responses,
+      pairs=pairs,
+      soft_labels=config.soft_labels,
+      confidence_range=tuple(config.confidence_range),
+    )
+
+  train_loader = loader_lib.Loader(
+    train_groups, global_batch_size=config.batch_size, seed=config.seed, collate=collate(**shape)
+  )
   if is_primary:
     common.write_json_atomic(os.path.join(workdir, "data_info.json"), data_info)
   logging.info("Preference data: %s", data_info)
-  collate = functools.partial(pair_collate, tokenizer=tok, max_len=config.max_len)
-  train_loader = loader_lib.Loader(
-    train_source, global_batch_size=config.batch_size, seed=config.seed, collate=collate
-  )
 
   # ------------------------------------------------ model, optimizer shapes
-  model_cfg = policy.module.config
+  policy_cfg = policy.module.config
+  if config.extra_layers < 0:
+    raise ValueError(f"config.extra_layers={config.extra_layers}; expected >= 0.")
+  model_cfg = policy_cfg.replace(num_layers=policy_cfg.num_layers + config.extra_layers)
   module = models.ScalarModel(model_cfg, head_init="reward")
   members = config.ensemble_size
 
   def init_member(rng, trunk):
     params = sharding.unbox(models.init_params(module, rng))
-    return {**params, "trunk": trunk}  # trunk from the SFT policy; head fresh per member
+    # The SFT policy's trunk, grown by `extra_layers` identity-initialised blocks; the
+    # head (and any new block) is fresh per member.
+    trunk = models.grow_trunk(params["trunk"], trunk, policy_cfg.num_layers, model_cfg.scan_layers)
+    return {**params, "trunk": trunk}
 
   def init_state(rng, trunk):
     init_rng, rng = jax.random.split(rng)
@@ -249,14 +379,19 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   apply_scores = functools.partial(stages.ensemble_scores, module)
 
   def pair_scores(params, batch):
-    chosen = apply_scores(params, batch["chosen_tokens"], batch["chosen_mask"])
-    rejected = apply_scores(params, batch["rejected_tokens"], batch["rejected_mask"])
-    return chosen, rejected  # [E, B] each
+    """Scores of each comparison's chosen and rejected rows: [E, G * P] each."""
+    g, r, t = batch["tokens"].shape
+    scores = apply_scores(
+      params, batch["tokens"].reshape(g * r, t), batch["mask"].reshape(g * r, t)
+    ).reshape(-1, g, r)  # every distinct response once: [E, G, R]
+    read = lambda rows: jnp.take_along_axis(scores, rows[None], axis=2).reshape(-1, rows.size)
+    return read(batch["chosen"]), read(batch["rejected"])
 
   def update(state, batch):
     rng, boot_rng = jax.random.split(state["rng"])
-    b = batch["margin"].shape[0]
-    valid = batch["valid"].astype(jnp.float32)
+    labels = {k: batch[k].reshape(-1) for k in LABEL_FIELDS}  # per comparison: [G * P]
+    b = labels["margin"].shape[0]
+    valid = labels["valid"].astype(jnp.float32)
     if members > 1:
       weights = jax.random.poisson(boot_rng, 1.0, (members, b)).astype(jnp.float32) * valid
     else:
@@ -268,8 +403,9 @@ def train(config: Any, workdir: str) -> dict[str, float]:
         lambda c, r, w: reward_lib.bradley_terry_loss(
           c,
           r,
-          margin=batch["margin"] if config.use_margin else None,
-          tie=batch["tie"],
+          margin=labels["margin"] if config.use_margin else None,
+          tie=labels["tie"],
+          target=labels["target"],
           weight=w,
           center_coef=config.center_coef,
         )[0]
@@ -283,12 +419,13 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     updates, opt_state = jax.vmap(tx.update)(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     diff = jnp.mean(chosen - rejected, axis=0)
-    strict = (~batch["tie"]).astype(jnp.float32) * valid
+    strict = (~labels["tie"]).astype(jnp.float32) * valid
     step_metrics = dict(
       loss=jnp.mean(member_loss),
       accuracy=jnp.sum((diff > 0) * strict) / jnp.maximum(jnp.sum(strict), 1.0),
       margin=jnp.sum(diff * strict) / jnp.maximum(jnp.sum(strict), 1.0),
-      score_mean=jnp.mean(chosen + rejected) / 2,
+      score_mean=jnp.sum((chosen + rejected) * valid)
+      / jnp.maximum(2 * members * jnp.sum(valid), 1.0),
       lr=schedule(state["step"]),
       grad_norm=optim.l2_norm(grads),
       param_norm=optim.l2_norm(params),
@@ -298,15 +435,13 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     return new_state, step_metrics
 
   batch_sh = sharding.batch_sharding(mesh, 2)
-  vec_sh = sharding.batch_sharding(mesh, 1)
+  rows_sh = sharding.batch_sharding(mesh, 3)
   batch_shardings = dict(
-    chosen_tokens=batch_sh,
-    chosen_mask=batch_sh,
-    rejected_tokens=batch_sh,
-    rejected_mask=batch_sh,
-    margin=vec_sh,
-    tie=vec_sh,
-    valid=vec_sh,
+    tokens=rows_sh,
+    mask=rows_sh,
+    chosen=batch_sh,
+    rejected=batch_sh,
+    **dict.fromkeys(LABEL_FIELDS, batch_sh),
   )
   update_fn = jax.jit(
     update,
@@ -336,12 +471,12 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     if eval_source is None:
       return {}
     loader = loader_lib.Loader(
-      eval_source,
+      preferences.GroupedSource(eval_source, [[i] for i in range(len(eval_source))]),
       global_batch_size=config.batch_size,
       shuffle=False,
       drop_remainder=False,
       num_epochs=1,
-      collate=collate,
+      collate=collate(responses=2, pairs=1),  # plain pairs
     )
     diffs, spreads, ties, nlls = [], [], [], []
     for batch in loader:
@@ -352,10 +487,10 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       chosen, rejected = sharding.fetch(chosen)[:, :n], sharding.fetch(rejected)[:, :n]
       member_diff = chosen - rejected
       diff = member_diff.mean(0)
-      valid = batch["valid"][:n]
+      valid = batch["valid"][:n, 0]
       diffs.append(diff[valid])
       spreads.append(member_diff.std(0)[valid])
-      ties.append(batch["tie"][:n][valid])
+      ties.append(batch["tie"][:n, 0][valid])
       nll, _ = reward_lib.bradley_terry_loss(diff[valid], np.zeros_like(diff[valid]), tie=ties[-1])
       nlls.append(float(nll) * int(valid.sum()))
     diff, tie = np.concatenate(diffs), np.concatenate(ties)
@@ -428,7 +563,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     writer=writer,
     progress=progress,
     mesh=mesh,
-    flops_per_step=2
+    flops_per_step=shape["responses"]
     * members
     * model_cfg.train_flops_per_token(config.max_len)
     * config.batch_size,
@@ -446,7 +581,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
         state, step_metrics = update_fn(state, sharding.host_to_global(local, mesh))
       step += 1
       preempted = ckpt.preemption_requested(step)
-      tokens = float(local["chosen_mask"].sum() + local["rejected_mask"].sum())
+      tokens = float(local["mask"].sum())
       loop.after_update(
         step,
         step_metrics,
@@ -524,6 +659,10 @@ def _train_prompts(config) -> list[str]:
     "Normalisation needs SFT-policy prompts: with config.data.source='jsonl', set "
     "config.data.source='testbed' or provide prompts (not supported yet)."
   )
+
+
+def _float(value) -> float:
+  return math.nan if value is None else float(value)
 
 
 def _pad_rows(batch, rows):

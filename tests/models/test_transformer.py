@@ -265,3 +265,39 @@ def test_positions_and_masks():
   assert m.shape == (2, 5, 5)
   assert not m[0, 4, 1] and m[0, 4, 2] and not m[0, 2, 3]
   assert m[1].sum() == 15
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+@pytest.mark.parametrize("scan", [True, False])
+def test_grown_trunk_starts_as_the_base_and_its_new_layers_train(style, scan):
+  base_cfg = _config(style, scan_layers=scan)
+  deep_cfg = base_cfg.replace(num_layers=base_cfg.num_layers + 2)
+  base = _init(models.ScalarModel(base_cfg), seed=1)
+  deep = models.ScalarModel(deep_cfg)
+  fresh = _init(deep, seed=2)
+  params = {**fresh, "trunk": models.grow_trunk(fresh["trunk"], base["trunk"], 2, scan)}
+  params["head"] = base["head"]
+  shapes = jax.tree.map(jnp.shape, fresh)
+  assert jax.tree.map(jnp.shape, params) == shapes
+  tokens = jnp.asarray(np.random.default_rng(0).integers(4, 200, (2, 9)), jnp.int32)
+  # Identity-initialised blocks on top: the grown model computes what the base computes.
+  np.testing.assert_allclose(
+    deep.apply({"params": params}, tokens),
+    models.ScalarModel(base_cfg).apply({"params": base}, tokens),
+    rtol=1e-5,
+    atol=1e-6,
+  )
+  # The new blocks are not stuck at the identity: their branch ends get gradients.
+  grads = jax.grad(lambda p: jnp.sum(deep.apply({"params": p}, tokens) ** 2))(params)
+  trunk = grads["trunk"]
+  top = (
+    jax.tree.map(lambda g: g[2:], trunk["layers"])
+    if scan
+    else {k: trunk[k] for k in ("layer_2", "layer_3")}
+  )
+  assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(top))
+  if scan:
+    np.testing.assert_array_equal(
+      params["trunk"]["layers"]["attn"]["q"][2:], fresh["trunk"]["layers"]["attn"]["q"][2:]
+    )
+    assert not np.any(params["trunk"]["layers"]["attn"]["o"][2:])

@@ -47,6 +47,35 @@ def test_tie_loss_is_minimised_at_equal_scores():
   assert int(jnp.argmin(terms["nll"])) == 20
 
 
+def test_soft_target_hand_worked_and_minimised_at_its_probability():
+  chosen, rejected = jnp.array([1.0, 1.0, 1.0]), jnp.zeros(3)
+  target = jnp.array([0.75, 1.0, 0.75])
+  tie = jnp.array([False, False, True])
+  _, terms = reward.bradley_terry_loss(chosen, rejected, target=target, tie=tie)
+  # -(0.75 log s(1) + 0.25 log s(-1)); target 1 is the hard label; a tie ignores its target.
+  soft = 0.75 * math.log1p(math.exp(-1.0)) + 0.25 * math.log1p(math.exp(1.0))
+  hard = math.log1p(math.exp(-1.0))
+  tie_nll = 0.5 * (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(1.0)))
+  np.testing.assert_allclose(terms["nll"], [soft, hard, tie_nll], rtol=1e-6)
+  # The soft loss is minimised where sigmoid(d) = t: d = logit(0.75) = log 3.
+  diffs = jnp.linspace(0.0, 2.2, 221)
+  _, terms = reward.bradley_terry_loss(diffs, jnp.zeros_like(diffs), target=jnp.full(221, 0.75))
+  assert float(diffs[jnp.argmin(terms["nll"])]) == pytest.approx(math.log(3.0), abs=0.01)
+  # With a margin m the minimum moves to d = m + log 3.
+  _, terms = reward.bradley_terry_loss(
+    diffs, jnp.zeros_like(diffs), target=jnp.full(221, 0.75), margin=jnp.full(221, 0.5)
+  )
+  assert float(diffs[jnp.argmin(terms["nll"])]) == pytest.approx(0.5 + math.log(3.0), abs=0.01)
+
+
+def test_confidence_targets():
+  t = reward.confidence_targets(np.array([1.0, 2.0, 3.0, 5.0, 7.0, 0.0, np.nan]), 1.0, 5.0)
+  np.testing.assert_allclose(t, [0.5, 0.625, 0.75, 1.0, 1.0, 0.5, 1.0])
+  assert reward.confidence_targets(np.array([np.nan]), 0, 1, missing=0.5)[0] == 0.5
+  with pytest.raises(ValueError, match="high must exceed low"):
+    reward.confidence_targets(np.array([1.0]), 5.0, 1.0)
+
+
 def test_accuracy_ece_and_correlations():
   assert reward.preference_accuracy(np.array([1.0, -1.0, 0.0, 2.0])) == pytest.approx(0.625)
   assert reward.preference_accuracy(np.array([1.0, -1.0]), np.array([False, True])) == 1.0

@@ -9,7 +9,7 @@ import pytest
 
 from rlhf_jax import config_utils, metrics, sharding, stages
 from rlhf_jax.data import loader as loader_lib
-from rlhf_jax.data import testbed
+from rlhf_jax.data import preferences, testbed
 from rlhf_jax.trainers import reward
 from tests.trainers import resume
 
@@ -104,6 +104,10 @@ def test_loading_the_wrong_kind_of_stage_is_refused(tmp_path):
     stages.load_policy(str(tmp_path / "missing"), sharding.make_mesh((1, -1, 1)))
 
 
+def _pairs(examples):
+  return [[e] for e in examples]  # plain pairs: one comparison per group
+
+
 def test_pair_collate_marks_ties_margins_and_drops():
   tok = _testbed_tokenizer()
   examples = [
@@ -111,14 +115,77 @@ def test_pair_collate_marks_ties_margins_and_drops():
     {"prompt": "Review of the lamp:", "chosen": "Fine.", "rejected": "Okay.", "tie": True},
     {"prompt": "Review of the lamp:", "chosen": "word " * 80, "rejected": "Bad."},
   ]
-  batch = reward.pair_collate(examples, tok, max_len=24)
-  np.testing.assert_array_equal(batch["margin"], [0.5, 0.0, 0.0])
-  np.testing.assert_array_equal(batch["tie"], [False, True, False])
-  np.testing.assert_array_equal(batch["valid"], [True, True, False])
+  batch = reward.group_collate(_pairs(examples), tok, max_len=24)
+  assert batch["tokens"].shape == (3, 2, 24)
+  np.testing.assert_array_equal(batch["margin"][:, 0], [0.5, 0.0, 0.0])
+  np.testing.assert_array_equal(batch["tie"][:, 0], [False, True, False])
+  np.testing.assert_array_equal(batch["valid"][:, 0], [True, True, False])
+  np.testing.assert_array_equal(batch["chosen"][:, 0], [0, 0, 0])
+  np.testing.assert_array_equal(batch["rejected"][:, 0], [1, 1, 1])
   # Each row ends with EOS at its last real position (where the score is read).
-  last = batch["chosen_mask"].sum(1) - 1
-  assert batch["chosen_tokens"][0, last[0]] == tok.eos_id
-  assert batch["rejected_tokens"][1, batch["rejected_mask"][1].sum() - 1] == tok.eos_id
+  mask = batch["mask"]
+  assert batch["tokens"][0, 0, mask[0, 0].sum() - 1] == tok.eos_id
+  assert batch["tokens"][1, 1, mask[1, 1].sum() - 1] == tok.eos_id
+
+
+def test_kwise_groups_score_each_response_once():
+  tok = _testbed_tokenizer()
+  p, q = "Review of the lamp:", "Review of the kettle:"
+  records = [
+    {"prompt": p, "chosen": "It glows.", "rejected": "It is bad."},
+    {"prompt": p, "chosen": "It glows.", "rejected": "It is fine."},
+    {"prompt": p, "chosen": "It is fine.", "rejected": "It is bad.", "tie": True},
+    {"prompt": p, "chosen": "It dims.", "rejected": "It is bad."},  # a 4th response: new group
+    {"prompt": q, "chosen": "It is hot.", "rejected": "It is cold."},  # another prompt: new group
+    {"prompt": p, "chosen": "It glows.", "rejected": "It is bad."},  # not a neighbour: new group
+  ]
+  groups = preferences.comparison_groups(records, max_responses=3, max_records=3)
+  assert groups == [[0, 1, 2], [3], [4], [5]]
+  assert preferences.comparison_groups(records, 3, 2) == [[0, 1], [2, 3], [4], [5]]
+  assert preferences.comparison_groups(records, 2, 1) == [[i] for i in range(6)]
+  source = preferences.GroupedSource(records, groups)
+  assert len(source) == 4 and source[1] == [records[3]]
+  batch = reward.group_collate(source.__getitems__([0, 1]), tok, 24, responses=3, pairs=3)
+  assert batch["tokens"].shape == (2, 3, 24)
+  # Group 0: rows "It glows.", "It is bad.", "It is fine." once each; comparisons index into them.
+  np.testing.assert_array_equal(batch["chosen"], [[0, 0, 2], [0, 0, 0]])
+  np.testing.assert_array_equal(batch["rejected"], [[1, 2, 1], [1, 0, 0]])
+  np.testing.assert_array_equal(batch["valid"], [[True, True, True], [True, False, False]])
+  np.testing.assert_array_equal(batch["tie"][0], [False, False, True])
+  rows = [tok.decode_batch(batch["tokens"][g])[:n] for g, n in ((0, 3), (1, 2))]
+  assert [r[-len("It is fine.") :] for r in rows[0]][2] == "It is fine."
+  assert rows[1][0].endswith("It dims.") and rows[1][1].endswith("It is bad.")
+  with pytest.raises(ValueError, match="at most 2 fit"):
+    reward.group_collate([records[:3]], tok, 24, responses=3, pairs=2)
+
+
+def test_pair_collate_soft_labels_from_confidence():
+  tok = _testbed_tokenizer()
+  examples = [
+    {"prompt": "Review of the lamp:", "chosen": "It glows.", "rejected": "Bad.", "confidence": c}
+    for c in (1.0, 3.0, 5.0, float("nan"))
+  ]
+  assert reward.group_collate(_pairs(examples), tok, 24)["target"].tolist() == [[1.0]] * 4
+  batch = reward.group_collate(_pairs(examples), tok, 24, soft_labels="confidence")
+  # 1..5 onto 0.5..1; a record without a confidence keeps its hard label.
+  np.testing.assert_allclose(batch["target"][:, 0], [0.5, 0.75, 1.0, 1.0])
+  batch = reward.group_collate(
+    _pairs(examples), tok, 24, soft_labels="confidence", confidence_range=(1, 3)
+  )
+  np.testing.assert_allclose(batch["target"][:, 0], [0.5, 1.0, 1.0, 1.0])
+  with pytest.raises(ValueError, match="soft_labels='margin'"):
+    reward.group_collate(_pairs(examples), tok, 24, soft_labels="margin")
+
+
+def test_confidence_on_another_scale_is_refused():
+  records = [
+    {"prompt": "Review of the lamp:", "chosen": "It glows.", "rejected": "Bad.", "confidence": c}
+    for c in (1.0, float("nan"), 5.0)
+  ]
+  reward.check_confidence_range(records, (1.0, 5.0))
+  records.append({**records[0], "confidence": 0.7})
+  with pytest.raises(ValueError, match=r"record 3: field 'confidence' = 0.7 is outside"):
+    reward.check_confidence_range(records, (1.0, 5.0))
 
 
 def _testbed_tokenizer():
@@ -138,7 +205,8 @@ def test_resume_after_kill_and_after_sigterm_is_exact(reward_runlocal, tmp_path)
     f"--config.policy_init={sft_dir}",  # the fixture's SFT stage: not retrained
     "--config.total_steps=16",
     "--config.optim.warmup_steps=4",
-    "--config.data.num_train=64",  # plus the anchor pairs: the runs cross epoch ends
+    "--config.data.num_train=64",  # 11 groups plus 120 anchor pairs: runs cross epoch ends
+    "--config.batch_size=16",
     "--config.data.num_eval=32",
     "--config.data.sample_batch=32",
     "--config.normalize_samples=32",
