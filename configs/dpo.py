@@ -28,7 +28,8 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.trainer = "dpo"
   config.seed = arg.seed
-  config.total_steps = 250  # two epochs of the reward stage's ~8000 pairs at batch 64
+  # Half an epoch of the reward stage's 64000 pairs at batch 64 (see BUILD_NOTES.md).
+  config.total_steps = 500
 
   # Upstream stages: finished workdirs, or "" to train them into <workdir>/{sft,reward}.
   config.policy_init = ""
@@ -67,6 +68,11 @@ def get_config(arg=None):
   config.beta = 0.3
   config.label_smoothing = 0.0  # eps of loss_type="conservative"
   config.ties = "soft"  # soft: target 1/2, as the reward model | skip: weight 0
+  # Labels: "none" = hard; "confidence" = soft targets from the rater's stated confidence,
+  # confidence_range[0] -> 1/2 ... [1] -> 1, as the reward model's soft_labels (the
+  # default: more gold at less KL than hard labels on the testbed, BUILD_NOTES.md).
+  config.soft_labels = "confidence"
+  config.confidence_range = (1.0, 5.0)
   config.batch_size = 64
 
   # Optimizer

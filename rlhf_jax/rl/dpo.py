@@ -12,11 +12,20 @@ rejected response of a pair, and log-probs summed over response tokens,
   "conservative"  -(1 - eps) log sigmoid(beta * h) - eps log sigmoid(-beta * h),
                   eps = label_smoothing, the chance a label is flipped (cDPO)
 
+Soft labels: a pair may carry a target t, the probability that the chosen
+response is preferred (e.g. from the rater's confidence, as the reward model's
+soft labels). Sigmoid and conservative become the cross-entropy
+-t' log sigmoid(beta h) - (1 - t') log sigmoid(-beta h), with
+t' = (1 - eps) t + eps (1 - t) (eps = label_smoothing, 0 for sigmoid; t = 1 gives
+the forms above); IPO regresses h_mean onto (2t' - 1) / (2 beta), the minimiser of
+its loss averaged over a label drawn with probability t. The hinge loss has no
+probability to match and refuses a target.
+
 Ties: a pair labelled a tie has a preference probability of 1/2, so the
-probabilistic losses give it the soft target 1/2: sigmoid and conservative use
--(1/2) log sigmoid(beta h) - (1/2) log sigmoid(-beta h) (minimised at h = 0,
-the reward model's tie loss), IPO regresses h_mean onto 0. The hinge loss has
-no target for "equally good": a tie pair's hinge loss is 0.
+probabilistic losses give it the soft target 1/2 (whatever its target says):
+sigmoid and conservative use -(1/2) log sigmoid(beta h) - (1/2) log sigmoid(-beta h)
+(minimised at h = 0, the reward model's tie loss), IPO regresses h_mean onto 0.
+The hinge loss has no target for "equally good": a tie pair's hinge loss is 0.
 
 Everything is float32, pure and jittable. Shape legend: B pairs, T length.
 """
@@ -83,6 +92,7 @@ def dpo_loss(
   chosen_lengths: jax.Array | None = None,
   rejected_lengths: jax.Array | None = None,
   tie: jax.Array | None = None,
+  target: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Per-pair DPO loss (see the module docstring for the four forms).
 
@@ -98,6 +108,9 @@ def dpo_loss(
     chosen_lengths, rejected_lengths: [B] float response token counts; needed
       by "ipo" (its log-ratios are length-averaged), unused otherwise.
     tie: [B] bool, the pair was labelled a tie (soft target 1/2); None = none.
+    target: [B] float in [0, 1], the probability that the chosen response is
+      preferred (soft labels); None = 1 for every pair (hard labels). Not for
+      "hinge".
 
   Returns:
     (loss [B] float32, metrics: dict of [B] float32):
@@ -108,7 +121,8 @@ def dpo_loss(
       logps/chosen, logps/rejected  the policy's sequence log-probs
   Raises:
     ValueError: unknown loss_type, beta <= 0, label_smoothing outside [0, 1/2]
-      or set for a loss other than "conservative", "ipo" without lengths.
+      or set for a loss other than "conservative", "ipo" without lengths, a
+      target with "hinge".
   """
   if loss_type not in LOSS_TYPES:
     raise ValueError(f"Unknown DPO loss_type {loss_type!r}; expected one of {LOSS_TYPES}.")
@@ -121,12 +135,22 @@ def dpo_loss(
       f"DPO label_smoothing={label_smoothing!r} is used by loss_type='conservative' only, "
       f"not {loss_type!r}."
     )
+  if target is not None and loss_type == "hinge":
+    raise ValueError(
+      "DPO loss_type='hinge' has no preference probability to match: it takes no soft "
+      "label target (use sigmoid, conservative or ipo)."
+    )
   f32 = lambda x: jnp.asarray(x, jnp.float32)
   policy_chosen_logps, policy_rejected_logps = f32(policy_chosen_logps), f32(policy_rejected_logps)
   chosen_ratio = policy_chosen_logps - jax.lax.stop_gradient(f32(ref_chosen_logps))
   rejected_ratio = policy_rejected_logps - jax.lax.stop_gradient(f32(ref_rejected_logps))
   h = chosen_ratio - rejected_ratio
   tie = jnp.zeros(h.shape, jnp.bool_) if tie is None else jnp.asarray(tie, jnp.bool_)
+  # The probability that the chosen response is preferred: the label's target,
+  # smoothed by cDPO's flip chance eps (0 but for "conservative"); a tie is 1/2.
+  eps = label_smoothing if loss_type == "conservative" else 0.0
+  t = jnp.ones(h.shape, jnp.float32) if target is None else f32(target)
+  t = jnp.where(tie, 0.5, (1.0 - eps) * t + eps * (1.0 - t))
 
   if loss_type == "ipo":
     if chosen_lengths is None or rejected_lengths is None:
@@ -134,14 +158,12 @@ def dpo_loss(
     h_mean = chosen_ratio / jnp.maximum(f32(chosen_lengths), 1.0) - rejected_ratio / jnp.maximum(
       f32(rejected_lengths), 1.0
     )
-    target = jnp.where(tie, 0.0, 1.0 / (2.0 * beta))
-    loss = jnp.square(h_mean - target)
+    loss = jnp.square(h_mean - (2.0 * t - 1.0) / (2.0 * beta))
   elif loss_type == "hinge":
     loss = jnp.where(tie, 0.0, jax.nn.relu(1.0 - beta * h))
   else:
-    # sigmoid is conservative with eps = 0; a tie is eps = 1/2.
-    eps = jnp.where(tie, 0.5, label_smoothing if loss_type == "conservative" else 0.0)
-    loss = -(1.0 - eps) * jax.nn.log_sigmoid(beta * h) - eps * jax.nn.log_sigmoid(-beta * h)
+    # sigmoid is conservative with eps = 0; a tie is t = 1/2.
+    loss = -t * jax.nn.log_sigmoid(beta * h) - (1.0 - t) * jax.nn.log_sigmoid(-beta * h)
 
   chosen_rewards = jax.lax.stop_gradient(beta * chosen_ratio)
   rejected_rewards = jax.lax.stop_gradient(beta * rejected_ratio)

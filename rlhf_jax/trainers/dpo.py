@@ -25,7 +25,12 @@ probability 1/2, as the reward model's loss does (sigmoid/conservative:
 -(1/2) log sigmoid(beta h) - (1/2) log sigmoid(-beta h); IPO: h_mean -> 0;
 hinge: no loss), so the comparison with the reward model uses the same
 labels the same way; "skip" gives ties weight 0. Ties never count in
-`rewards/accuracies`. Log-probs are the model's own (temperature 1); the
+`rewards/accuracies`. Soft labels: with `config.soft_labels="confidence"` each
+pair's target (the probability that the chosen response is preferred) comes from
+the rater's stated confidence on `config.confidence_range`, as in the reward
+model (`reward_lib.confidence_targets`; a confidence outside the range is
+refused, a record without one keeps the hard label); "none" trains on hard
+labels. Log-probs are the model's own (temperature 1); the
 temperature only sets the evaluation's sampling.
 """
 
@@ -55,6 +60,7 @@ SOURCES = ("reward_stage", "testbed", "jsonl")
 TIE_MODES = ("soft", "skip")
 REF_LOGPS_FILE = "ref_logps.npz"
 ROW_FIELDS = ("tokens", "mask", "loss_mask")  # of each side of a pair: SFT-layout rows
+LABEL_ONLY = ("target",)  # table fields the reference log-probs do not depend on
 
 
 # ------------------------------------------------------------------- data
@@ -77,6 +83,19 @@ def check_config(config) -> None:
     )
   if config.ties not in TIE_MODES:
     raise ValueError(f"config.ties={config.ties!r}; expected one of {TIE_MODES}.")
+  if config.soft_labels not in reward.SOFT_LABELS:
+    raise ValueError(
+      f"config.soft_labels={config.soft_labels!r}; expected one of {reward.SOFT_LABELS}."
+    )
+  if config.soft_labels != "none" and config.loss_type == "hinge":
+    raise ValueError(
+      f"config.soft_labels={config.soft_labels!r} needs a probabilistic loss: "
+      "config.loss_type='hinge' has no preference probability to match "
+      "(set config.soft_labels='none' with it)."
+    )
+  low, high = config.confidence_range
+  if not high > low:
+    raise ValueError(f"config.confidence_range={config.confidence_range!r}: high must exceed low.")
   if config.data.source not in SOURCES:
     raise ValueError(f"config.data.source={config.data.source!r}; expected one of {SOURCES}.")
   if config.total_steps <= 0:
@@ -113,11 +132,15 @@ def prepare_pairs(config, workdir, reward_dir, sft, mesh, rules):
   return train, evals, info
 
 
-def tokenize_pairs(source, tokenizer, max_len: int) -> dict[str, np.ndarray]:
+def tokenize_pairs(
+  source, tokenizer, max_len: int, *, soft_labels="none", confidence_range=(1.0, 5.0)
+) -> dict[str, np.ndarray]:
   """Every pair of `source` as SFT rows: the table the loader and the reference pass index.
 
   Returns arrays with a leading pair axis [N]: {chosen,rejected}_{tokens,mask,loss_mask}
-  [N, T], tie [N] bool, valid [N] bool (False where a row did not fit in max_len).
+  [N, T], tie [N] bool, valid [N] bool (False where a row did not fit in max_len),
+  target [N] float32 (the probability that chosen is preferred: 1, or with
+  soft_labels="confidence" the record's confidence mapped onto [1/2, 1]).
   """
   examples = [source[i] for i in range(len(source))]
   table = {}
@@ -129,6 +152,11 @@ def tokenize_pairs(source, tokenizer, max_len: int) -> dict[str, np.ndarray]:
     table[f"{side}_loss_mask"] = out["loss_mask"]
     table[f"{side}_dropped"] = out["dropped"]
   table["tie"] = np.asarray([bool(e["tie"]) for e in examples], np.bool_)
+  if soft_labels == "confidence":
+    confidence = [reward.record_float(e.get("confidence")) for e in examples]
+    table["target"] = reward_lib.confidence_targets(np.asarray(confidence), *confidence_range)
+  else:
+    table["target"] = np.ones(len(examples), np.float32)
   table["valid"] = ~(table.pop("chosen_dropped") | table.pop("rejected_dropped"))
   return table
 
@@ -137,7 +165,7 @@ def ref_logps_key(tables: dict[str, dict[str, np.ndarray]], sft_dir: str) -> str
   """sha256 of the tokenized pairs and the SFT stage (its path and export.json)."""
   digest = hashlib.sha256()
   for split in sorted(tables):
-    for name in sorted(tables[split]):
+    for name in sorted(set(tables[split]) - set(LABEL_ONLY)):
       digest.update(f"{split}/{name}".encode())
       digest.update(np.ascontiguousarray(tables[split][name]).tobytes())
   digest.update(os.path.abspath(sft_dir).encode())
@@ -211,11 +239,15 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   train_source, eval_source, data_info = prepare_pairs(
     config, workdir, reward_dir, sft, mesh, rules
   )
-  tables = {"train": tokenize_pairs(train_source, tok, config.max_len)}
+  labels = dict(soft_labels=config.soft_labels, confidence_range=tuple(config.confidence_range))
+  if config.soft_labels == "confidence":
+    reward.check_confidence_range(train_source, labels["confidence_range"])
+  tables = {"train": tokenize_pairs(train_source, tok, config.max_len, **labels)}
   if eval_source is not None:
-    tables["eval"] = tokenize_pairs(eval_source, tok, config.max_len)
+    tables["eval"] = tokenize_pairs(eval_source, tok, config.max_len, **labels)
   for split, table in tables.items():
     data_info[f"num_{split}_ties"] = int(table["tie"].sum())
+    data_info[f"mean_{split}_target"] = float(table["target"].mean())
     data_info[f"num_{split}_too_long"] = int((~table["valid"]).sum())
   if len(tables["train"]["tie"]) < batch_size:
     raise ValueError(
@@ -253,6 +285,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       chosen_lengths=logps["chosen_len"],
       rejected_lengths=logps["rejected_len"],
       tie=batch["tie"] if soft_ties else None,
+      target=None if config.loss_type == "hinge" else batch["target"],
     )
     valid = jnp.asarray(batch["valid"], jnp.float32)
     strict = valid * (1.0 - jnp.asarray(batch["tie"], jnp.float32))
@@ -370,7 +403,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     else:
       state = jax.jit(init_state, out_shardings=state_sh)(sft.params)
   ckpt.install_sigterm_handler()
-  stage_clock = rl_common.StageClock(previous_time - (time.perf_counter() - clock_start))
+  stage_clock = rl_common.StageClock(previous_time, start=clock_start)
 
   # ------------------------------------------------------------ evaluators
   sample_fn = rl_common.policy_sampler(lm_module, sft, config, mesh, rules)
@@ -390,7 +423,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     if "eval" not in tables:
       return {}
     table = tables["eval"]
-    labels = {k: table[k] for k in ("ref_chosen", "ref_rejected", "tie", "valid")}
+    labels = {k: table[k] for k in ("ref_chosen", "ref_rejected", "tie", "valid", "target")}
     loss, pair_metrics, weight, strict = jax.device_get(
       pair_terms_fn(all_logps(params, table), labels)
     )

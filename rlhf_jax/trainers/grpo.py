@@ -356,7 +356,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       init = jax.jit(init_state, out_shardings=state_sh)
       state = init(sft.params, jax.random.key(config.seed))
   ckpt.install_sigterm_handler()
-  stage_clock = rl_common.StageClock(previous_time - (time.perf_counter() - clock_start))
+  stage_clock = rl_common.StageClock(previous_time, start=clock_start)
 
   # ------------------------------------------------------------- evaluator
   evaluate = rl_common.Evaluator(

@@ -188,7 +188,7 @@ def check_confidence_range(source, confidence_range) -> None:
   """
   low, high = confidence_range
   for i, record in preferences.iter_records(source):
-    c = _float(record.get("confidence"))
+    c = record_float(record.get("confidence"))
     if not math.isnan(c) and not low <= c <= high:
       raise ValueError(
         f"training record {i}: field 'confidence' = {c} is outside "
@@ -254,7 +254,7 @@ def group_collate(
   valid = np.zeros((g, pairs), np.bool_)
   for gi, pi, record in records:
     margin[gi, pi] = float(record.get("margin", 0.0) or 0.0)
-    confidence[gi, pi] = _float(record.get("confidence"))
+    confidence[gi, pi] = record_float(record.get("confidence"))
     tie[gi, pi] = bool(record.get("tie", False))
     # A pair with a row too long for max_len (dropped by the collate) gets weight 0.
     valid[gi, pi] = not (dropped[gi, chosen[gi, pi]] or dropped[gi, rejected[gi, pi]])
@@ -661,7 +661,8 @@ def _train_prompts(config) -> list[str]:
   )
 
 
-def _float(value) -> float:
+def record_float(value) -> float:
+  """An optional numeric record field (margin, confidence) as a float; missing = NaN."""
   return math.nan if value is None else float(value)
 
 

@@ -268,11 +268,16 @@ def write_summary(workdir: str, method: str, wall_time_s: float, **extra) -> dic
 
 
 class StageClock:
-  """Wall time of this stage across resumes: kept in checkpoint metadata by the trainer."""
+  """Wall time of this stage across resumes: kept in checkpoint metadata by the trainer.
 
-  def __init__(self, previous: float = 0.0):
+  Counts `previous` (the seconds earlier runs of the stage took, from the checkpoint)
+  plus the time since `start` (a `time.perf_counter()` value; default now), so a
+  trainer that starts the clock after its setup still counts the setup.
+  """
+
+  def __init__(self, previous: float = 0.0, start: float | None = None):
     self.previous = previous
-    self._start = time.perf_counter()
+    self._start = time.perf_counter() if start is None else start
 
   def elapsed(self) -> float:
     return self.previous + time.perf_counter() - self._start

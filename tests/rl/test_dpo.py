@@ -104,6 +104,53 @@ def test_ties_get_the_half_target():
   np.testing.assert_allclose(hinge, [0.0, 0.0], atol=1e-7)
 
 
+def test_soft_targets():
+  target = jnp.array([0.75, 0.5])
+  # Pair 0, beta h = 1: 0.75 softplus(-1) + 0.25 softplus(1); pair 1, target 1/2, beta h = -0.5:
+  # 0.5 softplus(0.5) + 0.5 softplus(-0.5).
+  sigmoid, _ = loss("sigmoid", target=target)
+  np.testing.assert_allclose(sigmoid, [0.5632617, 0.7240770], rtol=1e-6)
+  # cDPO smooths the target: t' = 0.9 * 0.75 + 0.1 * 0.25 = 0.7; a target of 1/2 stays 1/2.
+  conservative, _ = loss("conservative", target=target, label_smoothing=0.1)
+  np.testing.assert_allclose(conservative, [0.6132617, 0.7240770], rtol=1e-6)
+  # IPO's target h_mean is (2t - 1) / (2 beta): 0.5 and 0. (0.75 - 0.5)^2, (-0.2)^2.
+  ipo, _ = loss("ipo", target=target)
+  np.testing.assert_allclose(ipo, [0.0625, 0.04], rtol=1e-6)
+  # A target of 1 is the hard label; a tie overrides its target with 1/2.
+  ones = jnp.ones(2)
+  for loss_type in ("sigmoid", "ipo"):
+    np.testing.assert_allclose(loss(loss_type, target=ones)[0], loss(loss_type)[0], rtol=1e-6)
+  tie = jnp.array([True, False])
+  np.testing.assert_allclose(
+    loss("sigmoid", target=ones, tie=tie)[0], loss("sigmoid", tie=tie)[0], rtol=1e-6
+  )
+  with pytest.raises(ValueError, match="hinge"):
+    loss("hinge", target=target)
+
+
+@pytest.mark.parametrize("t", [0.6, 0.9])
+def test_soft_target_is_matched_at_its_log_odds(t):
+  # The sigmoid loss with target t is minimised where sigmoid(beta h) = t.
+  beta = 0.5
+  h_star = math.log(t / (1 - t)) / beta
+
+  def f(h, t):
+    out, _ = dpo.dpo_loss(
+      h + jnp.zeros(1),
+      jnp.zeros(1),
+      jnp.zeros(1),
+      jnp.zeros(1),
+      beta=beta,
+      loss_type="sigmoid",
+      target=jnp.array([t]),
+    )
+    return out[0]
+
+  grad = jax.grad(f)
+  assert abs(float(grad(h_star, t))) < 1e-6
+  assert float(grad(h_star - 1.0, t)) < 0 < float(grad(h_star + 1.0, t))
+
+
 # Metrics.
 
 

@@ -52,12 +52,19 @@ def test_bad_config_values_name_the_field():
     ("label_smoothing", 0.1),  # with loss_type="sigmoid"
     ("ties", "drop"),
     ("total_steps", 0),
+    ("soft_labels", "margin"),
+    ("confidence_range", (5.0, 1.0)),
   ):
     bad = config_utils.load_config(os.path.join(REPO, "configs/dpo.py:runlocal"))
     bad[field] = value
     with pytest.raises(ValueError, match=re.escape(f"config.{field}=")):
       dpo.check_config(bad)
-  bad.total_steps = 12
+  bad = config_utils.load_config(os.path.join(REPO, "configs/dpo.py:runlocal"))
+  bad.soft_labels, bad.loss_type = "confidence", "hinge"
+  with pytest.raises(ValueError, match=re.escape("config.soft_labels='confidence' needs")):
+    dpo.check_config(bad)
+  bad.soft_labels = "none"
+  dpo.check_config(bad)
   bad.data.source = "hub"
   with pytest.raises(ValueError, match=re.escape("config.data.source=")):
     dpo.check_config(bad)
@@ -83,12 +90,37 @@ def test_ref_logps_file_is_keyed_by_data_and_sft_stage(tmp_path):
   assert dpo.load_ref_logps(path, other_data) is None
 
 
+def test_soft_labels_from_confidence(tmp_path):
+  from rlhf_jax.data import testbed
+  from rlhf_jax.data.tokenizer import Tokenizer
+
+  texts = [e["prompt"] + " " + e["response"] for e in testbed.sft_examples(300, seed=0)]
+  tok = Tokenizer.train(texts, 200)
+  pairs = [
+    {"prompt": "Review of the lamp:", "chosen": "It glows.", "rejected": "Bad.", "tie": False}
+    for _ in range(4)
+  ]
+  for pair, c in zip(pairs, (1.0, 3.0, 5.0, None), strict=True):
+    pair["confidence"] = c
+  hard = dpo.tokenize_pairs(pairs, tok, 24)
+  assert hard["target"].tolist() == [1.0] * 4
+  soft = dpo.tokenize_pairs(pairs, tok, 24, soft_labels="confidence")
+  # 1..5 onto 1/2..1; a record without a confidence keeps its hard label.
+  np.testing.assert_allclose(soft["target"], [0.5, 0.75, 1.0, 1.0])
+  np.testing.assert_array_equal(soft["chosen_tokens"], hard["chosen_tokens"])
+  # The labels do not change the reference log-probs: the same cache key.
+  (tmp_path / "export.json").write_text('{"kind": "policy", "step": 1}')
+  keys = {dpo.ref_logps_key({"train": t}, str(tmp_path)) for t in (hard, soft)}
+  assert len(keys) == 1
+
+
 @pytest.mark.slow
 def test_runlocal_on_finished_stages(reward_runlocal, tmp_path):
   _, reward_dir, _ = reward_runlocal
   workdir = str(tmp_path / "dpo")
   config = runlocal_config(reward_dir)
   config.log_every = 1  # step 1's loss is the loss at the reference
+  assert config.soft_labels == "confidence"  # the default; the resume test runs hard labels
   final = config_utils.run(config, workdir)
 
   rows = metrics.read_metrics(workdir)
@@ -130,6 +162,8 @@ def test_runlocal_on_finished_stages(reward_runlocal, tmp_path):
   with open(os.path.join(workdir, "data_info.json")) as f:
     info = json.load(f)
   assert info["source"] == "reward_stage" and info["ref_logps"]["reused"] is False
+  # The reward stage's testbed pairs carry the raters' confidence: soft targets.
+  assert 0.5 < info["mean_train_target"] < 1.0
   with np.load(os.path.join(workdir, "data", dpo.REF_LOGPS_FILE)) as stored:
     assert stored["train_chosen"].shape == (info["num_train"],)
     assert stored["eval_rejected"].shape == (info["num_eval"],)
@@ -149,6 +183,7 @@ def test_resume_after_kill_and_after_sigterm_is_exact(reward_runlocal, tmp_path)
     "--config.checkpoint_every=4",
     "--config.keep_checkpoints=10",
     "--config.eval.num_prompts=16",
+    "--config.soft_labels=none",
   ]
   resume.check_kill_and_sigterm(
     tmp_path,
