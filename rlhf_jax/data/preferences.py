@@ -717,11 +717,14 @@ def iter_records(source: Any, chunk: int = 4096) -> Iterator[tuple[int, dict[str
   """(index, record) for every record of a random-access source, read in batched chunks."""
   for start in range(0, len(source), chunk):
     indices = list(range(start, min(len(source), start + chunk)))
-    if hasattr(source, "__getitems__"):
-      records = source.__getitems__(indices)
-    else:
-      records = [source[i] for i in indices]
-    yield from zip(indices, records, strict=True)
+    yield from zip(indices, _read_many(source, indices), strict=True)
+
+
+def _read_many(source: Any, indices: list[int]) -> list[Any]:
+  """source[i] for each index, in one batched read where the source has one."""
+  if hasattr(source, "__getitems__"):
+    return source.__getitems__(indices)
+  return [source[i] for i in indices]
 
 
 class GroupedSource:
@@ -738,11 +741,7 @@ class GroupedSource:
     return self.__getitems__([index])[0]
 
   def __getitems__(self, indices: Sequence[int]) -> list[list[dict[str, Any]]]:
-    flat = [i for g in indices for i in self._groups[g]]
-    if hasattr(self._source, "__getitems__"):
-      records = iter(self._source.__getitems__(flat))
-    else:
-      records = iter(self._source[i] for i in flat)
+    records = iter(_read_many(self._source, [i for g in indices for i in self._groups[g]]))
     return [[next(records) for _ in self._groups[g]] for g in indices]
 
 

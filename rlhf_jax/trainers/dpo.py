@@ -133,14 +133,21 @@ def prepare_pairs(config, workdir, reward_dir, sft, mesh, rules):
 
 
 def tokenize_pairs(
-  source, tokenizer, max_len: int, *, soft_labels="none", confidence_range=(1.0, 5.0)
+  source,
+  tokenizer,
+  max_len: int,
+  *,
+  soft_labels="none",
+  confidence_range=(1.0, 5.0),
+  what="record",
 ) -> dict[str, np.ndarray]:
   """Every pair of `source` as SFT rows: the table the loader and the reference pass index.
 
   Returns arrays with a leading pair axis [N]: {chosen,rejected}_{tokens,mask,loss_mask}
   [N, T], tie [N] bool, valid [N] bool (False where a row did not fit in max_len),
   target [N] float32 (the probability that chosen is preferred: 1, or with
-  soft_labels="confidence" the record's confidence mapped onto [1/2, 1]).
+  soft_labels="confidence" the record's confidence mapped onto [1/2, 1]; a confidence
+  outside `confidence_range` is an error naming `what` and the record's index).
   """
   examples = [source[i] for i in range(len(source))]
   table = {}
@@ -152,11 +159,10 @@ def tokenize_pairs(
     table[f"{side}_loss_mask"] = out["loss_mask"]
     table[f"{side}_dropped"] = out["dropped"]
   table["tie"] = np.asarray([bool(e["tie"]) for e in examples], np.bool_)
+  confidence = [reward.record_float(e.get("confidence")) for e in examples]
   if soft_labels == "confidence":
-    confidence = [reward.record_float(e.get("confidence")) for e in examples]
-    table["target"] = reward_lib.confidence_targets(np.asarray(confidence), *confidence_range)
-  else:
-    table["target"] = np.ones(len(examples), np.float32)
+    reward.check_confidence(confidence, confidence_range, what=what)
+  table["target"] = reward.label_targets(confidence, soft_labels, confidence_range)
   table["valid"] = ~(table.pop("chosen_dropped") | table.pop("rejected_dropped"))
   return table
 
@@ -240,11 +246,12 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     config, workdir, reward_dir, sft, mesh, rules
   )
   labels = dict(soft_labels=config.soft_labels, confidence_range=tuple(config.confidence_range))
-  if config.soft_labels == "confidence":
-    reward.check_confidence_range(train_source, labels["confidence_range"])
-  tables = {"train": tokenize_pairs(train_source, tok, config.max_len, **labels)}
-  if eval_source is not None:
-    tables["eval"] = tokenize_pairs(eval_source, tok, config.max_len, **labels)
+  sources = {"train": train_source, "eval": eval_source}
+  tables = {
+    split: tokenize_pairs(source, tok, config.max_len, what=f"{split} record", **labels)
+    for split, source in sources.items()
+    if source is not None
+  }
   for split, table in tables.items():
     data_info[f"num_{split}_ties"] = int(table["tie"].sum())
     data_info[f"mean_{split}_target"] = float(table["target"].mean())

@@ -180,24 +180,49 @@ def _read_json(path):
     return json.load(f)
 
 
-def check_confidence_range(source, confidence_range) -> None:
-  """Refuses soft labels from confidences outside `confidence_range` (another scale).
+SOFT_LABELS = ("none", "confidence")
+
+
+def label_targets(confidence, soft_labels, confidence_range) -> np.ndarray:
+  """Per comparison, the probability that the chosen response is preferred.
+
+  1 everywhere for hard labels (soft_labels="none"); with "confidence", the rater's
+  stated confidence mapped onto [1/2, 1] over `confidence_range`, clipped
+  (`reward_lib.confidence_targets`; NaN, a record without one, keeps the hard label).
+  Trainers refuse out-of-range confidences first (`check_confidence`).
+  """
+  if soft_labels not in SOFT_LABELS:
+    raise ValueError(f"config.soft_labels={soft_labels!r}; expected one of {SOFT_LABELS}.")
+  c = np.asarray(confidence, np.float64)
+  if soft_labels == "none":
+    return np.ones(c.shape, np.float32)
+  return reward_lib.confidence_targets(c, *confidence_range)
+
+
+def check_confidence(confidence, confidence_range, *, what="record") -> None:
+  """Refuses a confidence outside `confidence_range`, naming `what` and its index.
 
   A file whose raters report confidence on, say, 0..1 would otherwise map every label to
-  the 1/2 of a guess. Records without a confidence keep hard labels and pass.
+  the 1/2 of a guess. NaN (a record without a confidence) passes.
   """
+  c = np.asarray(confidence, np.float64).reshape(-1)
   low, high = confidence_range
-  for i, record in preferences.iter_records(source):
-    c = record_float(record.get("confidence"))
-    if not math.isnan(c) and not low <= c <= high:
-      raise ValueError(
-        f"training record {i}: field 'confidence' = {c} is outside "
-        f"config.confidence_range={confidence_range}; set the range of this data's "
-        "confidence scale, or config.soft_labels='none'."
-      )
+  outside = ~np.isnan(c) & ((c < low) | (c > high))
+  if outside.any():
+    i = int(np.argmax(outside))
+    raise ValueError(
+      f"{what} {i}: field 'confidence' = {c[i]} is outside "
+      f"config.confidence_range={tuple(confidence_range)}; set the range of this data's "
+      "confidence scale, or config.soft_labels='none'."
+    )
 
 
-SOFT_LABELS = ("none", "confidence")
+def check_confidence_range(source, confidence_range) -> None:
+  """Refuses, before training, a source with a confidence outside `confidence_range`."""
+  confidence = [record_float(r.get("confidence")) for _, r in preferences.iter_records(source)]
+  check_confidence(confidence, confidence_range, what="training record")
+
+
 LABEL_FIELDS = ("margin", "target", "tie", "valid")  # per comparison, [G, P] in a batch
 
 
@@ -228,8 +253,6 @@ def group_collate(
       without a confidence keeps the hard label); tie [G, P] bool; valid [G, P]
       bool, False for padding and for a pair with a row too long for max_len.
   """
-  if soft_labels not in SOFT_LABELS:
-    raise ValueError(f"config.soft_labels={soft_labels!r}; expected one of {SOFT_LABELS}.")
   g = len(groups)
   rows, chosen, rejected = [], np.zeros((g, pairs), np.int32), np.zeros((g, pairs), np.int32)
   records = []
@@ -248,7 +271,6 @@ def group_collate(
   batch = loader_lib.sft_collate(rows, tokenizer, max_len)
   dropped = batch["dropped"].reshape(g, responses)
   margin = np.zeros((g, pairs), np.float32)
-  target = np.ones((g, pairs), np.float32)
   confidence = np.full((g, pairs), np.nan)
   tie = np.zeros((g, pairs), np.bool_)
   valid = np.zeros((g, pairs), np.bool_)
@@ -258,8 +280,7 @@ def group_collate(
     tie[gi, pi] = bool(record.get("tie", False))
     # A pair with a row too long for max_len (dropped by the collate) gets weight 0.
     valid[gi, pi] = not (dropped[gi, chosen[gi, pi]] or dropped[gi, rejected[gi, pi]])
-  if soft_labels == "confidence":
-    target = reward_lib.confidence_targets(confidence, *confidence_range)
+  target = label_targets(confidence, soft_labels, confidence_range)
   shape = (g, responses, batch["tokens"].shape[-1])
   return {
     "tokens": batch["tokens"].reshape(shape),

@@ -109,6 +109,10 @@ def test_soft_labels_from_confidence(tmp_path):
   np.testing.assert_allclose(soft["target"], [0.5, 0.75, 1.0, 1.0])
   np.testing.assert_array_equal(soft["chosen_tokens"], hard["chosen_tokens"])
   # The labels do not change the reference log-probs: the same cache key.
+  # A confidence on another scale is refused, naming the record.
+  pairs[1] = {**pairs[1], "confidence": 0.7}
+  with pytest.raises(ValueError, match=r"eval record 1: field 'confidence' = 0.7 is outside"):
+    dpo.tokenize_pairs(pairs, tok, 24, soft_labels="confidence", what="eval record")
   (tmp_path / "export.json").write_text('{"kind": "policy", "step": 1}')
   keys = {dpo.ref_logps_key({"train": t}, str(tmp_path)) for t in (hard, soft)}
   assert len(keys) == 1
