@@ -48,6 +48,8 @@ def get_config(arg=None):
   config.data.num_train = 8000  # with source="testbed"
   config.data.num_eval = 500
   config.data.sample_batch = 256
+  # With source="testbed": pairs are two SFT samples per prompt (DPO takes pairs one by one).
+  config.data.responses_per_prompt = 2
   config.data.skip_invalid = False
   config.data.data_dir = ""  # built datasets; "" = <workdir>/data/tfds
   # Seeds the testbed's pair prompts and (seed + 1) the eval's held-out prompts, as in PPO.

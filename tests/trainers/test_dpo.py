@@ -1,5 +1,6 @@
 """DPO trainer: runlocal on finished SFT and reward stages; metrics, reference cache, resume."""
 
+import itertools
 import json
 import math
 import os
@@ -116,6 +117,33 @@ def test_soft_labels_from_confidence(tmp_path):
   (tmp_path / "export.json").write_text('{"kind": "policy", "step": 1}')
   keys = {dpo.ref_logps_key({"train": t}, str(tmp_path)) for t in (hard, soft)}
   assert len(keys) == 1
+
+
+def test_testbed_source_builds_labelled_pairs(tmp_path, monkeypatch):
+  """data.source="testbed": fresh panel-labelled pairs, two samples per prompt."""
+  from rlhf_jax.data import testbed
+  from rlhf_jax.trainers import reward
+
+  examples = testbed.sft_examples(64, seed=0)
+  asked = []
+
+  def fake_samples(policy, n, k, split, seed, data, mesh, rules):  # stands in for the SFT policy
+    asked.append((split, n, k))
+    pairs = itertools.pairwise(examples)
+    return [(e["prompt"], e["response"], f["response"]) for e, f in pairs][:n]
+
+  monkeypatch.setattr(reward, "sample_comparisons", fake_samples)
+  config = config_utils.load_config(os.path.join(REPO, "configs/dpo.py:runlocal"))
+  config.data.source, config.data.num_train, config.data.num_eval = "testbed", 24, 8
+  train, evals, info = dpo.prepare_pairs(config, str(tmp_path), "unused", None, None, None)
+  assert asked == [("train", 24, 2), ("eval", 8, 2)]
+  assert info["source"] == "testbed" and "noise_ceiling" in info
+  skipped = {
+    split: info["noise_ceiling"][split]["num_pairs_skipped"] for split in ("train", "eval")
+  }
+  assert len(evals) == 8 - skipped["eval"]
+  assert len(train) > 24 - skipped["train"]  # plus the anchor pairs every rater labels
+  assert all(0 <= train[i]["confidence"] <= 5 for i in range(len(train)))
 
 
 @pytest.mark.slow
