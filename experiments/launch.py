@@ -11,6 +11,13 @@ r"""Launches one run: a config file and its overrides go to the trainer the conf
   --[no]jax_distributed call jax.distributed.initialize() first. Unset means auto: on when
                         the environment shows a multi-process job (JAX_COORDINATOR_ADDRESS,
                         SLURM_NTASKS>1, OMPI_COMM_WORLD_SIZE>1, a TPU pod's host list).
+  --verbose             also print the traceback of rlhf_jax's own errors.
+
+Errors: bad input (a malformed data file, a config value out of range, a damaged checkpoint,
+a missing upstream stage, a NaN in training) is printed as one or two lines, `FATAL <kind>:
+<what and where>` and what to do, with exit status 2 and no traceback; a mistyped flag or
+config key also exits with 2. Anything else is a bug and shows its traceback. In a
+multi-process job, one process's fatal error ends every process within about a second.
 
 Multi-host: run the same command on every host. Process 0 writes config.json and logs at
 INFO; the other processes log warnings and errors only (unless --verbosity is given).
@@ -21,14 +28,16 @@ same without flags.
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 
 import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rlhf_jax import config_utils
+from rlhf_jax import config_utils, distributed, errors
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file, FILE[:ARG].", lock_config=True
@@ -37,6 +46,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; default runs/<confi
 _JAX_DISTRIBUTED = flags.DEFINE_bool(
   "jax_distributed", None, "Call jax.distributed.initialize(); unset = detect a cluster."
 )
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks of rlhf_jax's own errors too.")
 flags.mark_flag_as_required("config")
 
 
@@ -58,14 +68,37 @@ def parse_flags(argv: list[str]) -> list[str]:
       message = str(error)
   sys.stderr.write(f"FATAL Flags parsing error: {message}\n")
   sys.stderr.write("Pass --helpshort or --helpfull to see help on flags.\n")
-  sys.exit(1)
+  sys.exit(errors.EXIT_CODE)
+
+
+def report(error: errors.Error, *, verbose: bool, top_workdir: str | None = None) -> None:
+  """Prints an rlhf_jax error as the launcher does: `FATAL <kind>: ...` and its hint."""
+  if verbose:
+    traceback.print_exception(error)
+  lines = error.lines()
+  stage = getattr(error, "stage", None)
+  if stage and top_workdir and os.path.abspath(stage) != os.path.abspath(top_workdir):
+    lines[0] += f" (in the upstream stage {stage})"
+  sys.stderr.write("\n".join(lines) + "\n")
+  sys.stderr.flush()
+
+
+def _exit(code: int) -> None:
+  if jax.process_count() > 1:
+    # jax.distributed's exit handler would wait for the other processes at a shutdown
+    # barrier; their watchdogs end them instead (distributed.start_watchdog).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}", exitcode=errors.EXIT_CODE)
   # Before anything touches devices; jax.process_index() below already does.
   config_utils.maybe_initialize_distributed(_JAX_DISTRIBUTED.value)
+  distributed.start_watchdog()
   if jax.process_index() != 0 and not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   config_utils.log_environment()
@@ -78,11 +111,20 @@ def main(argv: list[str]) -> None:
     if not isinstance(config, ml_collections.ConfigDict):
       # config_flags defers a load failure to first use; reloading raises it readably.
       config_utils.load_config(spec)
-      raise config_utils.ConfigError(f"--config={spec} did not give a ConfigDict: {config!r}")
+      raise errors.ConfigError(f"--config={spec} did not give a ConfigDict: {config!r}")
     config_utils.run(config, workdir)
-  except config_utils.ConfigError as error:
-    # The message says what to fix; a traceback into the launcher would only bury it.
-    sys.exit(f"FATAL config error: {error}")
+  except errors.Error as error:
+    # The message says what to fix; a traceback into the framework would only bury it.
+    distributed.report_fatal(str(error))
+    report(error, verbose=_VERBOSE.value, top_workdir=workdir)
+    _exit(errors.EXIT_CODE)
+  except BaseException as error:
+    if not isinstance(error, SystemExit | KeyboardInterrupt):
+      distributed.report_fatal(f"{type(error).__name__}: {error}")
+      if jax.process_count() > 1:
+        traceback.print_exception(error)
+        _exit(1)
+    raise
 
 
 if __name__ == "__main__":

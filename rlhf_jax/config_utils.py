@@ -48,6 +48,8 @@ from absl import logging
 from ml_collections.config_flags import config_path
 from ml_collections.config_flags.config_flags import UnsupportedOperationError
 
+from rlhf_jax import errors
+
 CONFIG_FILENAME = "config.json"
 TRAINERS_PACKAGE = "rlhf_jax.trainers"
 DEFAULT_RUNS_DIR = "runs"
@@ -58,8 +60,8 @@ _DISTRIBUTED_COUNT_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 _TPU_HOST_LIST_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES")
 
 
-class ConfigError(ValueError):
-  """A config or command-line override that cannot run; the message says how to fix it."""
+# A config or command-line override that cannot run; the message says how to fix it.
+ConfigError = errors.ConfigError
 
 
 # ------------------------------------------------------------------------------------------------
@@ -557,4 +559,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
     path = write_config_json(config, workdir)
     logging.info("Wrote %s", path)
   logging.info("Running %s.train with workdir %s", config.trainer, workdir)
-  return train(config, workdir)
+  try:
+    return train(config, workdir)
+  except errors.Error as error:
+    # The innermost stage is the one at fault (an upstream stage trained on demand).
+    if getattr(error, "stage", None) is None:
+      error.stage = workdir
+    raise

@@ -42,6 +42,8 @@ import jax
 import numpy as np
 from absl import logging
 
+from rlhf_jax import errors
+
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_DIRNAME = "tensorboard"
 
@@ -373,11 +375,11 @@ class MetricWriter:
 # ------------------------------------------------------------------------------------------------
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(errors.TrainingError):
   """A logged metric is NaN or Inf. `step` and `bad` ({name: value}) say where and which."""
 
-  def __init__(self, message: str, *, step: int, bad: Mapping[str, Any]):
-    super().__init__(message)
+  def __init__(self, message: str, *, step: int, bad: Mapping[str, Any], hint: str | None = None):
+    super().__init__(message, hint=hint)
     self.step = step
     self.bad = dict(bad)
 
@@ -424,12 +426,12 @@ def check_finite(
   listed = ", ".join(f"{name}={description}" for name, description in bad.items())
   plural = "s" if len(bad) > 1 else ""
   raise NonFiniteError(
-    f"Non-finite {context} metric{plural} at step {step}: {listed}. "
-    "The last good checkpoint is kept; training stopped before saving another. "
-    "Resume from it with a lower learning rate, a smaller grad clip norm or a different "
-    "seed, or inspect the batch at this step.",
+    f"Non-finite {context} metric{plural} at step {step}: {listed}.",
     step=step,
     bad=bad,
+    hint="Training stopped before saving this step; the checkpoints saved earlier are kept "
+    "(each is verified when resumed). Rerun to resume from the latest with a lower learning "
+    "rate, a smaller grad clip norm or another seed, or inspect the batch at this step.",
   )
 
 

@@ -40,6 +40,8 @@ from typing import Any, ClassVar
 # (tensorflow/datasets#11212); the project lists it as a dependency.
 import tensorflow_datasets as tfds
 
+from rlhf_jax.errors import DataError  # noqa: F401 (re-exported: builders.DataError)
+
 PathLike = str | os.PathLike[str]
 
 SFT_FIELDS = ("prompt", "response")
@@ -51,21 +53,6 @@ _MAX_RECORDED_ERRORS = 20
 _HASH_CHUNK_BYTES = 1 << 20
 
 _log = logging.getLogger(__name__)
-
-
-class DataError(ValueError):
-  """A malformed input record; the message reads `path:line: what is wrong`."""
-
-  def __init__(self, path: PathLike, line: int, message: str, field: str | None = None):
-    self.path = os.fspath(path)
-    self.line = line
-    self.field = field
-    self.reason = message
-    super().__init__(f"{self.path}:{line}: {message}")
-
-  def __reduce__(self):
-    # The default would call DataError(full_message) and fail: keep the parts.
-    return type(self), (self.path, self.line, self.reason, self.field)
 
 
 def content_hash(paths: Sequence[PathLike]) -> str:

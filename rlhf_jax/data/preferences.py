@@ -114,8 +114,10 @@ class ParquetRowError(DataError):
   `line` holds the 1-based row index; row 0 means the file as a whole (`path: what`).
   """
 
-  def __init__(self, path: PathLike, line: int, message: str, field: str | None = None):
-    super().__init__(path, line, message, field)
+  def __init__(
+    self, path: PathLike, line: int, message: str, field: str | None = None, *, hint=None
+  ):
+    super().__init__(path, line, message, field, hint=hint)
     where = f"row {line}: " if line else ""
     self.args = (f"{self.path}: {where}{message}",)
 
