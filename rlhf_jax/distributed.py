@@ -70,7 +70,7 @@ def _unique(name: str) -> str:
 def _fatal_messages(client) -> list[tuple[int, str]]:
   try:
     entries = client.key_value_dir_get(f"{_PREFIX}/fatal/")
-  except Exception:  # noqa: BLE001 (the service may be going down; nothing to report then)
+  except Exception:
     return []
   out = []
   for key, value in entries:
@@ -94,9 +94,11 @@ def _wait_for(client, key: str, what: str) -> str:
     _raise_if_other_failed(client)
     try:
       return client.blocking_key_value_get(key, int(_POLL_S * 1000))
-    except Exception as error:  # noqa: BLE001 (JaxRuntimeError DEADLINE_EXCEEDED: keep waiting)
+    except Exception as error:
       if "DEADLINE_EXCEEDED" not in str(error):
-        raise errors.DistributedError(f"lost the coordination service while {what}: {error}")
+        raise errors.DistributedError(
+          f"lost the coordination service while {what}: {error}"
+        ) from None
 
 
 def primary_first(name: str, fn: Callable[[], T]) -> T:
@@ -132,8 +134,10 @@ def barrier(name: str) -> None:
     _raise_if_other_failed(client)
     try:
       arrived = len(client.key_value_dir_get(f"{key}/"))
-    except Exception as error:  # noqa: BLE001
-      raise errors.DistributedError(f"lost the coordination service at barrier {name!r}: {error}")
+    except Exception as error:
+      raise errors.DistributedError(
+        f"lost the coordination service at barrier {name!r}: {error}"
+      ) from None
     if arrived >= jax.process_count():
       return
     time.sleep(_POLL_S)
@@ -146,7 +150,7 @@ def report_fatal(message: str) -> None:
     return
   try:
     client.key_value_set(f"{_PREFIX}/fatal/{jax.process_index()}", message)
-  except Exception:  # noqa: BLE001 (already reported, or the service is gone)
+  except Exception:
     pass
 
 

@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 # (tensorflow/datasets#11212); the project lists it as a dependency.
 import tensorflow_datasets as tfds
 
-from rlhf_jax.errors import DataError  # noqa: F401 (re-exported: builders.DataError)
+from rlhf_jax.errors import DataError
 
 PathLike = str | os.PathLike[str]
 
