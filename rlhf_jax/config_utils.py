@@ -429,17 +429,18 @@ def available_trainers() -> list[str]:
   return sorted(names)
 
 
-def get_trainer(name: Any):
-  """Imports the trainer module `config.trainer` names and returns its `train` function.
+def trainer_module(name: Any, key: str = "config.trainer"):
+  """Imports the trainer module that `key` (a config's `trainer` field) names.
 
   Args:
     name: "sft" for rlhf_jax.trainers.sft, or a dotted module path.
+    key: the dotted config key holding `name`, for the error message.
   Raises:
-    ConfigError: naming `config.trainer` when the module does not exist or has no train.
+    ConfigError: naming `key` when the module does not exist or has no train.
   """
   if not isinstance(name, str) or not name:
     raise ConfigError(
-      f"config.trainer must be a non-empty string naming a trainer, got {name!r}. "
+      f"{key} must be a non-empty string naming a trainer, got {name!r}. "
       f"Available trainers: {_listing(available_trainers())}."
     )
   module_name = name if "." in name else f"{TRAINERS_PACKAGE}.{name}"
@@ -450,7 +451,7 @@ def get_trainer(name: Any):
     # existing trainer must surface as itself.
     if error.name is None or not (module_name + ".").startswith(error.name + "."):
       raise
-    message = f"config.trainer = {name!r}: there is no module {module_name}."
+    message = f"{key} = {name!r}: there is no module {module_name}."
     if "." not in name:
       trainers = available_trainers()
       close = difflib.get_close_matches(name, trainers, n=1)
@@ -458,12 +459,27 @@ def get_trainer(name: Any):
         message += f" Did you mean {close[0]!r}?"
       message += f" Available trainers in rlhf_jax/trainers/: {_listing(trainers)}."
     raise ConfigError(message) from None
-  train = getattr(module, "train", None)
-  if not callable(train):
-    raise ConfigError(
-      f"config.trainer = {name!r}: module {module_name} has no train(config, workdir)."
-    )
-  return train
+  if not callable(getattr(module, "train", None)):
+    raise ConfigError(f"{key} = {name!r}: module {module_name} has no train(config, workdir).")
+  return module
+
+
+def get_trainer(name: Any):
+  """The `train(config, workdir)` function of the trainer `config.trainer` names."""
+  return trainer_module(name).train
+
+
+def trainer_spec(name: Any, prefix: str = "config"):
+  """The `CONFIG_SPEC` the trainer named `name` declares (None for a trainer without one)."""
+  return getattr(trainer_module(name, f"{prefix}.trainer"), "CONFIG_SPEC", None)
+
+
+def validate(config: ml_collections.ConfigDict, prefix: str = "config") -> None:
+  """Checks every field of `config`, and of the upstream stages it will train, by the specs
+  their trainers declare (`rlhf_jax.config_spec`); raises ConfigError naming the key."""
+  spec = trainer_spec(config.get("trainer"), prefix)
+  if spec is not None:
+    spec.validate(config, prefix)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -541,7 +557,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
     What the trainer's `train(config, workdir)` returns.
   Raises:
     ConfigError: for a config that is not a ConfigDict, lacks `trainer`, names an unknown
-      trainer or holds values JSON cannot store.
+      trainer, has a field its trainer's spec refuses (the stage graph's, see `validate`) or
+      holds values JSON cannot store.
   """
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"Expected a ConfigDict, got {_type_name(config)} (get_config's result).")
@@ -553,6 +570,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
       f'config.trainer = "sft". Available trainers: {_listing(available_trainers())}.'
     )
   train = get_trainer(config.trainer)
+  validate(config)  # The whole stage graph, before anything is written or trained.
   text = config_to_json(config)  # Refuses non-JSON values before anything is written.
   logging.info("Resolved config:\n%s", text)
   if jax.process_index() == 0:

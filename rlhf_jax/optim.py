@@ -31,6 +31,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from rlhf_jax import config_spec as cs
+from rlhf_jax.errors import ConfigError
+
 Schedule = Callable[[Any], jax.Array]
 
 OPTIMIZER_NAMES = ("adamw", "adam_tf", "adam", "sgd")
@@ -87,6 +90,41 @@ def default_config() -> ml_collections.ConfigDict:
   config.grad_accum_steps = 1
   config.freeze = ()
   return config
+
+
+# The declared check of every `optim` field (missing fields take default_config's values).
+CONFIG_SPEC = cs.Spec(
+  {
+    "name": cs.Choice(*OPTIMIZER_NAMES),
+    "lr": cs.Float(gt=0),
+    "b1": cs.Float(min=0, lt=1),
+    "b2": cs.Float(min=0, lt=1),
+    "eps": cs.Optional(cs.Float(gt=0)),
+    "momentum": cs.Float(min=0, lt=1),
+    "weight_decay": cs.Float(min=0),
+    "weight_decay_min_ndim": cs.Int(min=0),
+    "schedule": cs.Choice(*SCHEDULE_NAMES),
+    "warmup_steps": cs.Int(min=0),
+    "final_lr_fraction": cs.Float(min=0, max=1),
+    "grad_clip_norm": cs.Optional(cs.Float(min=0)),
+    "grad_accum_steps": cs.Int(min=1),
+    "freeze": cs.Seq(cs.Str(nonempty=True)),
+  },
+  required=False,
+)
+
+
+def check_steps(key: str, updates: Callable[[Any], int]) -> cs.CrossCheck:
+  """A cross-field check: the `key` section's schedule fits `updates(section)` optimizer
+  updates (e.g. warmup shorter than the run), named by the section's dotted key."""
+
+  def check(section, prefix):
+    try:
+      make_optimizer(section[key], updates(section))
+    except ValueError as error:
+      raise ConfigError(f"{prefix}.{key}: {error}") from None
+
+  return check
 
 
 def l2_norm(tree: Any) -> jax.Array:

@@ -94,6 +94,37 @@ def use_mesh(mesh: jax.sharding.Mesh, rules: str | Rules) -> Iterator[None]:
     _current_rules.reset(token)
 
 
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """The (data, fsdp, tensor) sizes for `num_devices`, with a -1 filled in.
+
+  Raises:
+    ValueError: not three sizes, a size that is neither >= 1 nor -1, two -1s, or
+      sizes that do not multiply to `num_devices` (a mesh smaller than the devices
+      would silently leave some idle).
+  """
+  shape = list(shape)
+  if len(shape) != len(MESH_AXES):
+    raise ValueError(f"mesh shape {tuple(shape)} must have {len(MESH_AXES)} entries {MESH_AXES}.")
+  bad = [s for s in shape if isinstance(s, bool) or not isinstance(s, int) or (s < 1 and s != -1)]
+  if bad:
+    raise ValueError(
+      f"mesh shape {tuple(shape)}: each size must be an int >= 1, or -1 for the rest."
+    )
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh shape {tuple(shape)}: at most one size may be -1.")
+  if -1 in shape:
+    known = math.prod(s for s in shape if s != -1)
+    if num_devices % known:
+      raise ValueError(f"mesh shape {tuple(shape)} does not divide {num_devices} devices.")
+    shape[shape.index(-1)] = num_devices // known
+  if math.prod(shape) != num_devices:
+    raise ValueError(
+      f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, but {num_devices} are "
+      "available (set a size to -1 to use all of them)."
+    )
+  return tuple(shape)
+
+
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None):
   """Builds a (data, fsdp, tensor) mesh; one entry of `shape` may be -1.
 
@@ -102,21 +133,7 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
     devices: the devices to use (default: all of `jax.devices()`).
   """
   devices = list(devices) if devices is not None else jax.devices()
-  shape = list(shape)
-  if len(shape) != len(MESH_AXES):
-    raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries {MESH_AXES}.")
-  if shape.count(-1) > 1:
-    raise ValueError(f"mesh shape {shape}: at most one size may be -1.")
-  if -1 in shape:
-    known = math.prod(s for s in shape if s != -1)
-    if len(devices) % known:
-      raise ValueError(f"mesh shape {shape} does not divide {len(devices)} devices.")
-    shape[shape.index(-1)] = len(devices) // known
-  if math.prod(shape) != len(devices):
-    raise ValueError(
-      f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, but {len(devices)} are "
-      "available (set a size to -1 to use all of them)."
-    )
+  shape = list(resolve_mesh_shape(shape, len(devices)))
   axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=axis_types, devices=devices)
 

@@ -1,6 +1,6 @@
 """Flax Linen networks: the only package that imports flax.linen."""
 
-from rlhf_jax.models.config import PRESETS, ModelConfig, get_model_config
+from rlhf_jax.models.config import CONFIG_SPEC, PRESETS, ModelConfig, get_model_config
 from rlhf_jax.models.transformer import (
   CACHE_AXES,
   LanguageModel,
@@ -17,6 +17,7 @@ from rlhf_jax.models.transformer import (
 
 __all__ = [
   "CACHE_AXES",
+  "CONFIG_SPEC",
   "PRESETS",
   "LanguageModel",
   "ModelConfig",

@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from rlhf_jax import config_spec as cs
+from rlhf_jax.errors import ConfigError
+
 _CHOICES = {
   "position": ("learned", "rope"),
   "norm": ("layernorm", "rmsnorm"),
@@ -226,3 +229,45 @@ def get_model_config(name: str, **overrides: Any) -> ModelConfig:
   if unknown:
     raise ValueError(f"Unknown ModelConfig field(s) {unknown}; known: {sorted(fields)}.")
   return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def _check_model(section: Any, prefix: str) -> None:
+  """The section builds a valid ModelConfig (heads divide d_model, even RoPE dims, ...)."""
+  fields = {k: v for k, v in section.items() if k != "preset"}
+  fields.setdefault("vocab_size", 256)  # set from the tokenizer by the trainer
+  try:
+    get_model_config(section["preset"], **fields)
+  except ValueError as error:
+    raise ConfigError(f"{prefix}: {error}") from None
+
+
+# A `model` config section: `preset` plus any ModelConfig fields to override.
+CONFIG_SPEC = cs.Spec(
+  {
+    "preset": cs.Choice(*PRESETS),
+    "vocab_size": cs.Int(min=1),
+    "d_model": cs.Int(min=1),
+    "num_layers": cs.Int(min=1),
+    "num_heads": cs.Int(min=1),
+    "num_kv_heads": cs.Int(min=0),
+    "head_dim": cs.Int(min=0),
+    "mlp_dim": cs.Int(min=1),
+    "max_len": cs.Int(min=1),
+    "position": cs.Choice(*_CHOICES["position"]),
+    "rope_theta": cs.Float(gt=0),
+    "norm": cs.Choice(*_CHOICES["norm"]),
+    "norm_eps": cs.Float(gt=0),
+    "mlp": cs.Choice(*_CHOICES["mlp"]),
+    "tie_embeddings": cs.Bool(),
+    "qkv_bias": cs.Bool(),
+    "use_bias": cs.Bool(),
+    "embed_scale": cs.Bool(),
+    "init_std": cs.Float(gt=0),
+    "dtype": cs.Choice(*_CHOICES["dtype"]),
+    "param_dtype": cs.Choice(*_CHOICES["param_dtype"]),
+    "remat": cs.Choice(*_CHOICES["remat"]),
+    "scan_layers": cs.Bool(),
+  },
+  checks=(_check_model,),
+  required=False,
+)

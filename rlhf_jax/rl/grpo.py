@@ -19,6 +19,19 @@ clipped surrogate (`ppo_losses.policy_loss`). The KL to the reference enters
 either as a loss term, beta * aggregate(k3_t) (GRPO's way, `kl_loss`), or in
 the reward, r - beta * sum_t k1_t (RLOO's way, `kl_shaped_rewards`).
 
+As a loss, an estimator is judged by its gradient, not its value. On tokens
+sampled from pi with the sampling held fixed (a minibatch at ratio 1), the
+loss E_pi[k(logr)], logr = logp - ref_logp, has gradient E_pi[k'(logr) grad logp]:
+  k1 = logr                     E_pi[grad logp] = 0: no pull, only noise
+  k2 = logr^2 / 2               E_pi[logr grad logp] = grad KL(pi || ref)
+  k3 = exp(-logr) - 1 + logr    E_pi[(1 - ref / pi) grad logp] = -E_ref[grad logp]
+                                = grad KL(ref || pi)
+So k1 is refused as a loss, and k3, although its value estimates KL(pi || ref)
+without bias, descends the forward KL(ref || pi); both KLs vanish only at
+pi = ref. Per token, these are gradients of each position's KL given its
+prefix with the prefix distribution held fixed: the KL's dependence on which
+prefixes the policy reaches is not differentiated.
+
 Pure, jittable functions. Shape legend: B rollout rows (prompts * G), G group
 size, T response tokens.
 """
@@ -36,6 +49,11 @@ from rlhf_jax.rl import ppo_losses
 AdvantageKind = Literal["grpo", "rloo"]
 ADVANTAGE_KINDS = ("grpo", "rloo")
 STD_EPS = 1e-4
+K1_LOSS_ERROR = (
+  "The KL estimator 'k1' cannot be a loss term: on tokens sampled from the policy its expected "
+  "gradient is E_pi[grad log pi] = 0, so it adds noise and no pull towards the reference. Use "
+  "'k3' (gradient of KL(ref || pi)) or 'k2' (gradient of KL(pi || ref)), or put k1 in the reward."
+)
 
 
 def _groups(rewards: jax.Array, group_size: int) -> jax.Array:
@@ -129,11 +147,14 @@ def kl_loss(
   *,
   estimator: kl_lib.KLKind = "k3",
   mode: ppo_losses.Aggregation = "token_mean",
+  as_loss: bool = True,
 ) -> jax.Array:
   """The KL-to-reference loss term: per-token estimates aggregated like the policy loss.
 
   GRPO adds beta times this to the clipped surrogate. With k3 (the default)
-  every token's term is >= 0 and its gradient pulls logp towards ref_logp.
+  every token's term is >= 0 and its expected gradient on policy samples is
+  that of KL(ref || pi); k2's is that of KL(pi || ref); k1's is 0, so k1 is
+  refused unless the value is only logged (module docstring).
 
   Args:
     logp: [B, T] float log-probs of the sampled tokens under the current policy.
@@ -141,10 +162,17 @@ def kl_loss(
     response_mask: [B, T] bool; pad positions count for nothing, NaN there included.
     estimator: "k1", "k2" or "k3" (`kl.kl_penalty`).
     mode: loss aggregation (`ppo_losses.aggregate`), the policy loss's.
+    as_loss: the value is differentiated; False where it is only logged (the
+      KL is in the reward), which allows k1.
 
   Returns:
     [] float32 (unscaled by beta).
+
+  Raises:
+    ValueError: estimator "k1" with as_loss=True (`K1_LOSS_ERROR`).
   """
+  if as_loss and estimator == "k1":
+    raise ValueError(K1_LOSS_ERROR)
   mask = response_mask.astype(jnp.bool_)
   per_token = kl_lib.kl_penalty(logp, jax.lax.stop_gradient(ref_logp), estimator, mask)
   return ppo_losses.aggregate(per_token, mask, mode)

@@ -46,7 +46,9 @@ def bradley_terry_loss(
   -log sigmoid(r_c - r_r - margin). A tie has t = 0.5 and no margin:
   -0.5 log sigmoid(d) - 0.5 log sigmoid(-d), minimised at d = 0. A soft
   label (e.g. from the rater's stated confidence) is minimised at
-  sigmoid(z) = t. Centering adds center_coef * mean((r_c + r_r)^2).
+  sigmoid(z) = t. Centering adds center_coef * sum(w (r_c + r_r)^2) / sum(w),
+  weighted like the NLL, so padding slots, dropped pairs and zero bootstrap
+  weights neither pull their scores to zero nor dilute the other pairs' pull.
 
   Args:
     chosen, rejected: [B] float32 scores.
@@ -54,8 +56,8 @@ def bradley_terry_loss(
     tie: [B] bool, the pair was labelled a tie (target 0.5, margin 0).
     target: [B] float32 in [0, 1], probability that chosen is preferred
       (1 for none); ties override it with 0.5.
-    weight: [B] float32 per-pair weights (e.g. bootstrap weights); the loss
-      is the weighted mean.
+    weight: [B] float32 per-pair weights (e.g. bootstrap weights, 0 on
+      padding); the NLL and the centering term are both weighted means.
     center_coef: coefficient of the centering term (~0.01; 0 = off).
 
   Returns:
@@ -69,9 +71,10 @@ def bradley_terry_loss(
   z = jnp.where(tie, diff, diff - margin)
   t = jnp.where(tie, 0.5, target)
   nll = -(t * jax.nn.log_sigmoid(z) + (1.0 - t) * jax.nn.log_sigmoid(-z))
-  loss = jnp.sum(weight * nll) / jnp.maximum(jnp.sum(weight), 1e-6)
+  total = jnp.maximum(jnp.sum(weight), 1e-6)
+  loss = jnp.sum(weight * nll) / total
   if center_coef:
-    loss = loss + center_coef * jnp.mean(jnp.square(chosen + rejected))
+    loss = loss + center_coef * jnp.sum(weight * jnp.square(chosen + rejected)) / total
   return loss, {"nll": nll, "diff": diff}
 
 

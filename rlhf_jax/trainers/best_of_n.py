@@ -29,25 +29,43 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from rlhf_jax import config_spec as cs
 from rlhf_jax import metrics, sharding, stages, utils
+from rlhf_jax.data.testbed import config as testbed_config
 from rlhf_jax.rl import best_of_n
 from rlhf_jax.trainers import common, rl_common
 
 TIMING_METRICS = ()
 
 
-def check_config(config) -> list[int]:
-  ns = sorted(int(n) for n in config.ns)
-  if not ns or ns[0] < 1:
-    raise ValueError(f"config.ns={tuple(config.ns)} must be non-empty positive integers.")
-  if ns[-1] > config.num_samples:
-    raise ValueError(
-      f"config.ns has n={ns[-1]} > config.num_samples={config.num_samples}: "
+def _check_ns(config, prefix: str) -> None:
+  if max(config.ns) > config.num_samples:
+    raise cs.ConfigError(
+      f"{prefix}.ns has n={max(config.ns)} > {prefix}.num_samples={config.num_samples}: "
       "best-of-n needs at least n samples per prompt."
     )
-  if config.prompts_per_chunk < 1:
-    raise ValueError(f"config.prompts_per_chunk={config.prompts_per_chunk} must be >= 1.")
-  return ns
+
+
+# One declared check per field of configs/best_of_n.py (see rlhf_jax/config_spec.py).
+CONFIG_SPEC = cs.Spec(
+  {
+    **cs.RUN_FIELDS,
+    **rl_common.UPSTREAM_FIELDS,
+    **rl_common.SAMPLING_FIELDS,
+    "data": cs.Spec({"seed": cs.Int(min=0), "testbed": testbed_config.CONFIG_SPEC}),
+    "num_samples": cs.Int(min=1),
+    "ns": cs.Seq(cs.Int(min=1), min_len=1),
+    "prompts_per_chunk": cs.Int(min=1),
+    "eval": rl_common.EVAL_SPEC,
+  },
+  checks=(_check_ns, cs.mesh_batch("prompts_per_chunk*num_samples")),
+)
+
+
+def check_config(config) -> list[int]:
+  """The sorted n values, after the declared checks (errors name the field)."""
+  CONFIG_SPEC.validate(config)
+  return sorted(int(n) for n in config.ns)
 
 
 def train(config: Any, workdir: str) -> dict[str, float]:

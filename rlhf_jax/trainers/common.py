@@ -16,9 +16,19 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from rlhf_jax import config_spec as cs
 from rlhf_jax import metrics, models, sharding
 from rlhf_jax.data import tokenizer as tokenizer_lib
 from rlhf_jax.utils import write_json_atomic  # noqa: F401 (trainers use common.write_json_atomic)
+
+# The `tokenizer` section of a stage that trains its own vocabulary (SFT).
+TOKENIZER_SPEC = cs.Spec(
+  {
+    "path": cs.Path("file"),
+    "vocab_size": cs.Int(min=8),
+    "model_type": cs.Choice("unigram", "bpe"),
+  }
+)
 
 
 def model_config(section: Any, vocab_size: int) -> models.ModelConfig:

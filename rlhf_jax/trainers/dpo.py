@@ -49,7 +49,9 @@ import optax
 from absl import logging
 
 from rlhf_jax import checkpoint, metrics, models, optim, sharding, stages
+from rlhf_jax import config_spec as cs
 from rlhf_jax.data import loader as loader_lib
+from rlhf_jax.data.testbed import config as testbed_config
 from rlhf_jax.rl import dpo as dpo_lib
 from rlhf_jax.rl import reward as reward_lib
 from rlhf_jax.trainers import common, reward, rl_common
@@ -66,40 +68,63 @@ LABEL_ONLY = ("target",)  # table fields the reference log-probs do not depend o
 # ------------------------------------------------------------------- data
 
 
-def check_config(config) -> None:
-  """Raises ValueError naming the config field for values DPO cannot run with."""
-  if config.loss_type not in dpo_lib.LOSS_TYPES:
-    raise ValueError(
-      f"config.loss_type={config.loss_type!r}; expected one of {dpo_lib.LOSS_TYPES}."
-    )
-  if not config.beta > 0:
-    raise ValueError(f"config.beta={config.beta!r} must be > 0.")
-  if not 0.0 <= config.label_smoothing <= 0.5:
-    raise ValueError(f"config.label_smoothing={config.label_smoothing!r} must be in [0, 0.5].")
+def _check_losses(config, prefix: str) -> None:
   if config.label_smoothing and config.loss_type != "conservative":
-    raise ValueError(
-      f"config.label_smoothing={config.label_smoothing!r} is used by "
-      f"config.loss_type='conservative' only (got {config.loss_type!r})."
-    )
-  if config.ties not in TIE_MODES:
-    raise ValueError(f"config.ties={config.ties!r}; expected one of {TIE_MODES}.")
-  if config.soft_labels not in reward.SOFT_LABELS:
-    raise ValueError(
-      f"config.soft_labels={config.soft_labels!r}; expected one of {reward.SOFT_LABELS}."
+    raise cs.ConfigError(
+      f"{prefix}.label_smoothing={config.label_smoothing!r} is used by "
+      f"{prefix}.loss_type='conservative' only (got {config.loss_type!r})."
     )
   if config.soft_labels != "none" and config.loss_type == "hinge":
-    raise ValueError(
-      f"config.soft_labels={config.soft_labels!r} needs a probabilistic loss: "
-      "config.loss_type='hinge' has no preference probability to match "
+    raise cs.ConfigError(
+      f"{prefix}.soft_labels={config.soft_labels!r} needs a probabilistic loss: "
+      f"{prefix}.loss_type='hinge' has no preference probability to match "
       "(set config.soft_labels='none' with it)."
     )
-  low, high = config.confidence_range
-  if not high > low:
-    raise ValueError(f"config.confidence_range={config.confidence_range!r}: high must exceed low.")
-  if config.data.source not in SOURCES:
-    raise ValueError(f"config.data.source={config.data.source!r}; expected one of {SOURCES}.")
-  if config.total_steps <= 0:
-    raise ValueError(f"config.total_steps={config.total_steps!r} must be positive.")
+
+
+# One declared check per field of configs/dpo.py (see rlhf_jax/config_spec.py).
+CONFIG_SPEC = cs.Spec(
+  {
+    **cs.RUN_FIELDS,
+    **cs.LOOP_FIELDS,
+    **rl_common.UPSTREAM_FIELDS,
+    **rl_common.SAMPLING_FIELDS,
+    "data": cs.Spec(
+      {
+        "source": cs.Choice(*SOURCES),
+        "num_train": cs.Int(min=1),
+        "num_eval": cs.Int(min=0),
+        "sample_batch": cs.Int(min=1),
+        "responses_per_prompt": cs.Int(min=2),
+        "seed": cs.Int(min=0),
+        "testbed": testbed_config.CONFIG_SPEC,
+        **reward.PAIR_FILE_FIELDS,
+      },
+      checks=(reward.check_pair_data,),
+    ),
+    "max_len": cs.Int(min=3),
+    "loss_type": cs.Choice(*dpo_lib.LOSS_TYPES),
+    "beta": cs.Float(gt=0),
+    "label_smoothing": cs.Float(min=0, max=0.5),
+    "ties": cs.Choice(*TIE_MODES),
+    "soft_labels": cs.Choice(*reward.SOFT_LABELS),
+    "confidence_range": cs.Seq(cs.Float(), length=2),
+    "batch_size": cs.Int(min=1),
+    "optim": optim.CONFIG_SPEC,
+    "eval": rl_common.EVAL_SPEC,
+  },
+  checks=(
+    _check_losses,
+    reward.check_confidence_range_field,
+    optim.check_steps("optim", lambda c: c.total_steps),
+    cs.mesh_batch("batch_size", "data.sample_batch"),
+  ),
+)
+
+
+def check_config(config) -> None:
+  """Raises ConfigError naming the config field for values DPO cannot run with."""
+  CONFIG_SPEC.validate(config)
 
 
 def prepare_pairs(config, workdir, reward_dir, sft, mesh, rules):
@@ -215,12 +240,6 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   # -------------------------------------------------------------------- mesh
   mesh = common.mesh_from_config(config)
   rules = config.sharding_rules
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if batch_size % shards:
-    raise ValueError(
-      f"config.batch_size={batch_size} must be a multiple of the mesh's batch shards "
-      f"(data x fsdp = {shards})."
-    )
 
   # -------------------------------------------------------- upstream stages
   sft_dir, reward_dir = rl_common.ensure_stages(config, workdir)

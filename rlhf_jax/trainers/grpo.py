@@ -42,6 +42,7 @@ import optax
 from absl import logging
 
 from rlhf_jax import checkpoint, metrics, optim, sharding, stages
+from rlhf_jax import config_spec as cs
 from rlhf_jax.rl import advantages as adv_lib
 from rlhf_jax.rl import grpo as grpo_lib
 from rlhf_jax.rl import kl as kl_lib
@@ -61,7 +62,7 @@ TIMING_METRICS = (
 
 KL_MODES = ("loss", "reward")
 KL_ESTIMATORS = ("k1", "k2", "k3")
-AGGREGATIONS = ("token_mean", "sequence_mean", "token_sum_norm")
+AGGREGATIONS = rl_common.LOSS_AGGREGATIONS
 
 HostRewardFn = Callable[[list[str], list[str]], Sequence[float]]
 
@@ -118,36 +119,68 @@ def host_rewards(fn: HostRewardFn, name: str, prompts: list[str], responses: lis
   return scores
 
 
+def _check_reward_fn(config, prefix: str) -> None:
+  try:
+    resolve_reward_fn(config)
+  except ValueError as error:
+    raise cs.ConfigError(str(error).replace("config.", f"{prefix}.", 1)) from None
+
+
+def _check_kl(config, prefix: str) -> None:
+  if config.kl.mode == "loss" and config.kl.estimator == "k1":
+    raise cs.ConfigError(
+      f"{prefix}.kl.estimator='k1' with {prefix}.kl.mode='loss': {grpo_lib.K1_LOSS_ERROR}"
+    )
+
+
+def _updates(config) -> int:
+  rollout = config.prompts_per_iter * config.group_size
+  return config.total_steps * config.num_epochs * (rollout // config.minibatch_size)
+
+
+# One declared check per field of configs/grpo.py and configs/rloo.py (rlhf_jax/config_spec.py).
+CONFIG_SPEC = cs.Spec(
+  {
+    **cs.RUN_FIELDS,
+    **cs.LOOP_FIELDS,
+    **rl_common.UPSTREAM_FIELDS,
+    # A host reward function needs no reward model: the stage is trained only for "model".
+    "reward": cs.Stage(unless="reward_init", when=lambda c: c.reward_fn == "model"),
+    **rl_common.SAMPLING_FIELDS,
+    **rl_common.MISSING_EOS_FIELDS,
+    "data": rl_common.PROMPT_DATA_SPEC,
+    "prompts_per_iter": cs.Int(min=1),
+    "group_size": cs.Int(min=2),
+    "reward_fn": cs.Str(nonempty=True),
+    "advantage": cs.Choice(*grpo_lib.ADVANTAGE_KINDS),
+    "scale_rewards": cs.Bool(),
+    "num_epochs": cs.Int(min=1),
+    "minibatch_size": cs.Int(min=1),
+    "clip_eps": cs.Float(gt=0),
+    "loss_aggregation": cs.Choice(*AGGREGATIONS),
+    "kl": cs.Spec(
+      {
+        "mode": cs.Choice(*KL_MODES),
+        "estimator": cs.Choice(*KL_ESTIMATORS),
+        "coef": cs.Float(min=0),
+      }
+    ),
+    "optim": optim.CONFIG_SPEC,
+    "eval": rl_common.EVAL_SPEC,
+  },
+  checks=(
+    cs.divides("minibatch_size", "prompts_per_iter*group_size"),
+    _check_kl,
+    _check_reward_fn,
+    optim.check_steps("optim", _updates),
+    cs.mesh_batch("prompts_per_iter*group_size", "minibatch_size"),
+  ),
+)
+
+
 def check_config(config) -> None:
-  """Errors naming the field, before any stage trains."""
-  for field, low in (("prompts_per_iter", 1), ("group_size", 2), ("num_epochs", 1)):
-    value = config[field]
-    if not isinstance(value, int) or value < low:
-      raise ValueError(f"config.{field}={value!r} must be an int >= {low}.")
-  rollout_batch = config.prompts_per_iter * config.group_size
-  if config.minibatch_size < 1 or rollout_batch % config.minibatch_size:
-    raise ValueError(
-      f"config.minibatch_size={config.minibatch_size} must divide the rollout batch "
-      f"config.prompts_per_iter * config.group_size = {rollout_batch}."
-    )
-  if config.advantage not in grpo_lib.ADVANTAGE_KINDS:
-    raise ValueError(
-      f"config.advantage={config.advantage!r}; expected one of {grpo_lib.ADVANTAGE_KINDS}."
-    )
-  if config.kl.mode not in KL_MODES:
-    raise ValueError(f"config.kl.mode={config.kl.mode!r}; expected one of {KL_MODES}.")
-  if config.kl.estimator not in KL_ESTIMATORS:
-    raise ValueError(
-      f"config.kl.estimator={config.kl.estimator!r}; expected one of {KL_ESTIMATORS}."
-    )
-  if config.kl.coef < 0:
-    raise ValueError(f"config.kl.coef={config.kl.coef} must be >= 0.")
-  if config.loss_aggregation not in AGGREGATIONS:
-    raise ValueError(
-      f"config.loss_aggregation={config.loss_aggregation!r}; expected one of {AGGREGATIONS}."
-    )
-  if not config.clip_eps > 0:
-    raise ValueError(f"config.clip_eps={config.clip_eps} must be > 0.")
+  """Errors naming the field, before any stage trains (the declared CONFIG_SPEC)."""
+  CONFIG_SPEC.validate(config)
 
 
 # ---------------------------------------------------------------------- train
@@ -281,7 +314,12 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       mode=config.loss_aggregation,
     )
     kl_term = grpo_lib.kl_loss(
-      logp, mb["ref_logp"], mb["rmask"], estimator=config.kl.estimator, mode=config.loss_aggregation
+      logp,
+      mb["ref_logp"],
+      mb["rmask"],
+      estimator=config.kl.estimator,
+      mode=config.loss_aggregation,
+      as_loss=kl_in_loss,
     )
     # With the KL in the reward the term is only watched, not optimised.
     loss = pg_loss + config.kl.coef * kl_term if kl_in_loss else pg_loss

@@ -35,6 +35,7 @@ import optax
 from absl import logging
 
 from rlhf_jax import checkpoint, metrics, models, optim, sharding, stages
+from rlhf_jax import config_spec as cs
 from rlhf_jax.rl import advantages as adv_lib
 from rlhf_jax.rl import kl as kl_lib
 from rlhf_jax.rl import ppo_losses
@@ -54,6 +55,68 @@ TIMING_METRICS = (
 
 VALUE_MODELS = ("separate", "policy_head")
 
+
+def _updates(config) -> int:
+  """Optimizer updates in the run: iterations x epochs x minibatches."""
+  return (
+    config.total_steps * config.ppo_epochs * (config.rollout_batch_size // config.minibatch_size)
+  )
+
+
+def check_kl_controller(config, prefix: str) -> None:
+  """beta <- beta * (1 + e * n / horizon), e in [-0.2, 0.2]: beta stays > 0 only if n < 5 horizon."""
+  kl, n = config.kl, config.rollout_batch_size
+  if kl.controller == "adaptive" and not n < 5 * kl.horizon:
+    raise cs.ConfigError(
+      f"{prefix}.kl.horizon={kl.horizon:g} is too short for {prefix}.rollout_batch_size={n}: "
+      "the adaptive controller multiplies beta by 1 + e * n / horizon with e down to -0.2, "
+      f"so beta turns negative unless horizon > n / 5 = {n / 5:g} (the usual horizon is "
+      "10000 episodes)."
+    )
+
+
+# One declared check per field of configs/ppo.py (see rlhf_jax/config_spec.py).
+CONFIG_SPEC = cs.Spec(
+  {
+    **cs.RUN_FIELDS,
+    **cs.LOOP_FIELDS,
+    **rl_common.UPSTREAM_FIELDS,
+    **rl_common.SAMPLING_FIELDS,
+    **rl_common.MISSING_EOS_FIELDS,
+    "data": rl_common.PROMPT_DATA_SPEC,
+    "rollout_batch_size": cs.Int(min=1),
+    "ppo_epochs": cs.Int(min=1),
+    "minibatch_size": cs.Int(min=1),
+    "clip_eps": cs.Float(gt=0),
+    "value_clip_eps": cs.Float(gt=0),
+    "vf_coef": cs.Float(min=0),
+    "gamma": cs.Float(min=0, max=1),
+    "lam": cs.Float(min=0, max=1),
+    "whiten_rewards": cs.Bool(),
+    "value_model": cs.Choice(*VALUE_MODELS),
+    "loss_aggregation": cs.Choice(*rl_common.LOSS_AGGREGATIONS),
+    "kl": cs.Spec(
+      {
+        "estimator": cs.Choice("k1", "k2", "k3"),
+        "controller": cs.Choice("fixed", "adaptive"),
+        "init_coef": cs.Float(min=0),
+        "target": cs.Float(gt=0),
+        "horizon": cs.Float(gt=0),
+      }
+    ),
+    "optim": optim.CONFIG_SPEC,
+    "value_optim": optim.CONFIG_SPEC,
+    "eval": rl_common.EVAL_SPEC,
+  },
+  checks=(
+    cs.divides("minibatch_size", "rollout_batch_size"),
+    check_kl_controller,
+    optim.check_steps("optim", _updates),
+    optim.check_steps("value_optim", _updates),
+    cs.mesh_batch("rollout_batch_size", "minibatch_size"),
+  ),
+)
+
 # Kept for callers of the PPO module; the shared implementation lives in rl_common.
 ensure_stages = rl_common.ensure_stages
 
@@ -64,17 +127,11 @@ ensure_stages = rl_common.ensure_stages
 def train(config: Any, workdir: str) -> dict[str, float]:
   """Runs PPO; returns the final eval metrics and writes `<workdir>/summary.json`."""
   # ----------------------------------------------------------------- logging
+  CONFIG_SPEC.validate(config)  # before anything is written or any stage trains
   os.makedirs(workdir, exist_ok=True)
   is_primary = jax.process_index() == 0
   rollout_batch = config.rollout_batch_size
   num_minibatches = rollout_batch // config.minibatch_size
-  if rollout_batch % config.minibatch_size:
-    raise ValueError(
-      f"config.rollout_batch_size={rollout_batch} must be a multiple of "
-      f"config.minibatch_size={config.minibatch_size}."
-    )
-  if config.value_model not in VALUE_MODELS:
-    raise ValueError(f"config.value_model={config.value_model!r}; expected one of {VALUE_MODELS}.")
   head = config.value_model == "policy_head"
   updates_per_iter = config.ppo_epochs * num_minibatches
   # Config errors surface before any stage trains.

@@ -38,13 +38,87 @@ import optax
 from absl import logging
 
 from rlhf_jax import checkpoint, config_utils, metrics, models, optim, sharding, stages
+from rlhf_jax import config_spec as cs
 from rlhf_jax.data import loader as loader_lib
 from rlhf_jax.data import preferences
+from rlhf_jax.data.testbed import config as testbed_config
 from rlhf_jax.rl import reward as reward_lib
 from rlhf_jax.rl import sampler as sampler_lib
 from rlhf_jax.trainers import common
 
 TIMING_METRICS = ("tokens_per_s", "steps_per_s", "mfu")
+
+DATA_SOURCES = ("testbed", "jsonl")
+SOFT_LABELS = ("none", "confidence")
+
+
+def check_pair_data(data, prefix: str) -> None:
+  """File-backed preference data names its files (shared with DPO's config check)."""
+  if data.source == "jsonl" and not data.train_files:
+    raise cs.ConfigError(f"{prefix}.train_files is empty but {prefix}.source='jsonl'.")
+
+
+def check_confidence_range_field(section, prefix: str) -> None:
+  low, high = section.confidence_range
+  if not high > low:
+    raise cs.ConfigError(
+      f"{prefix}.confidence_range={tuple(section.confidence_range)}: high must exceed low."
+    )
+
+
+# The fields of preference-file data, shared with DPO's data section.
+PAIR_FILE_FIELDS = {
+  "train_files": cs.Seq(cs.Path("file", optional=False)),
+  "eval_files": cs.Seq(cs.Path("file", optional=False)),
+  "skip_invalid": cs.Bool(),
+  "data_dir": cs.Str(),
+}
+# Sampling responses from the SFT policy for pairs (testbed) and for normalisation.
+SAMPLING_FIELDS = {
+  "temperature": cs.Float(gt=0),
+  "max_new_tokens": cs.Int(min=1),
+  "prompt_len": cs.Int(min=1),
+  "sample_batch": cs.Int(min=1),
+}
+
+# One declared check per field of configs/reward.py (see rlhf_jax/config_spec.py).
+CONFIG_SPEC = cs.Spec(
+  {
+    **cs.RUN_FIELDS,
+    **cs.LOOP_FIELDS,
+    "batch_size": cs.Int(min=1),
+    "max_len": cs.Int(min=3),
+    "policy_init": cs.FinishedStage("policy"),
+    "sft": cs.Stage(unless="policy_init"),
+    "data": cs.Spec(
+      {
+        "source": cs.Choice(*DATA_SOURCES),
+        "num_train": cs.Int(min=1),
+        "num_eval": cs.Int(min=0),
+        "responses_per_prompt": cs.Int(min=2),
+        "seed": cs.Int(min=0),
+        "testbed": testbed_config.CONFIG_SPEC,
+        **SAMPLING_FIELDS,
+        **PAIR_FILE_FIELDS,
+      },
+      checks=(check_pair_data,),
+    ),
+    "extra_layers": cs.Int(min=0),
+    "ensemble_size": cs.Int(min=1),
+    "use_margin": cs.Bool(),
+    "soft_labels": cs.Choice(*SOFT_LABELS),
+    "confidence_range": cs.Seq(cs.Float(), length=2),
+    "center_coef": cs.Float(min=0),
+    "optim": optim.CONFIG_SPEC,
+    "normalize_samples": cs.Int(min=2),
+    "eval": cs.Spec({"num_gold_samples": cs.Int(min=0)}),
+  },
+  checks=(
+    check_confidence_range_field,
+    optim.check_steps("optim", lambda c: c.total_steps),
+    cs.mesh_batch("batch_size", "data.sample_batch"),
+  ),
+)
 
 
 # ------------------------------------------------------------------ upstream
@@ -180,9 +254,6 @@ def _read_json(path):
     return json.load(f)
 
 
-SOFT_LABELS = ("none", "confidence")
-
-
 def label_targets(confidence, soft_labels, confidence_range) -> np.ndarray:
   """Per comparison, the probability that the chosen response is preferred.
 
@@ -308,9 +379,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   rules = config.sharding_rules
 
   # Config errors surface before any stage trains or any data is built.
+  CONFIG_SPEC.validate(config)
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
-  if config.soft_labels not in SOFT_LABELS:
-    raise ValueError(f"config.soft_labels={config.soft_labels!r}; expected one of {SOFT_LABELS}.")
 
   # ------------------------------------------------------------ upstream SFT
   sft_dir = ensure_policy(config, workdir)
@@ -360,8 +430,6 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
   # ------------------------------------------------ model, optimizer shapes
   policy_cfg = policy.module.config
-  if config.extra_layers < 0:
-    raise ValueError(f"config.extra_layers={config.extra_layers}; expected >= 0.")
   model_cfg = policy_cfg.replace(num_layers=policy_cfg.num_layers + config.extra_layers)
   module = models.ScalarModel(model_cfg, head_init="reward")
   members = config.ensemble_size

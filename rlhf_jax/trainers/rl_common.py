@@ -20,11 +20,38 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from rlhf_jax import config_spec as cs
 from rlhf_jax import config_utils, metrics, models, sharding, stages, utils
 from rlhf_jax.data import loader as loader_lib
+from rlhf_jax.data.testbed import config as testbed_config
 from rlhf_jax.rl import sampler as sampler_lib
 from rlhf_jax.rl.logprobs import token_logprobs
 from rlhf_jax.trainers import common
+
+# ------------------------------------------------------------------- config
+
+# Fields every policy optimiser shares: upstream stages, sampling, evaluation.
+UPSTREAM_FIELDS: dict[str, cs.Check] = {
+  "policy_init": cs.FinishedStage("policy"),
+  "reward_init": cs.FinishedStage("reward"),
+  "sft": cs.Stage(unless="policy_init"),
+  "reward": cs.Stage(unless="reward_init"),
+}
+SAMPLING_FIELDS: dict[str, cs.Check] = {
+  "prompt_len": cs.Int(min=1),
+  "max_new_tokens": cs.Int(min=1),
+  "temperature": cs.Float(gt=0),
+}
+MISSING_EOS_FIELDS: dict[str, cs.Check] = {
+  "missing_eos_penalty": cs.Bool(),
+  "missing_eos_score": cs.Float(),
+}
+PROMPT_DATA_SPEC = cs.Spec(
+  {"num_prompts": cs.Int(min=1), "seed": cs.Int(min=0), "testbed": testbed_config.CONFIG_SPEC}
+)
+EVAL_SPEC = cs.Spec({"num_prompts": cs.Int(min=1)})
+LOSS_AGGREGATIONS = ("token_mean", "sequence_mean", "token_sum_norm")
+
 
 # ------------------------------------------------------------------ upstream
 

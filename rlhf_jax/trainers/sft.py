@@ -22,8 +22,10 @@ import optax
 from absl import logging
 
 from rlhf_jax import checkpoint, metrics, models, optim, sharding, stages, utils
+from rlhf_jax import config_spec as cs
 from rlhf_jax.data import builders
 from rlhf_jax.data import loader as loader_lib
+from rlhf_jax.data.testbed import config as testbed_config
 from rlhf_jax.rl import sampler as sampler_lib
 from rlhf_jax.rl.logprobs import shift_for_next_token, token_logprobs
 from rlhf_jax.trainers import common
@@ -31,6 +33,53 @@ from rlhf_jax.trainers import common
 # Metrics that depend on wall-clock time; everything else is deterministic
 # and must be identical between an interrupted-and-resumed run and a straight one.
 TIMING_METRICS = ("tokens_per_s", "steps_per_s", "mfu", "step_time_s")
+
+DATA_SOURCES = ("testbed", "jsonl")
+
+
+def _check_data(data, prefix: str) -> None:
+  if data.source == "jsonl" and not data.train_jsonl:
+    raise cs.ConfigError(f"{prefix}.train_jsonl is empty but {prefix}.source='jsonl'.")
+
+
+# One declared check per field of configs/sft.py (see rlhf_jax/config_spec.py).
+CONFIG_SPEC = cs.Spec(
+  {
+    **cs.RUN_FIELDS,
+    **cs.LOOP_FIELDS,
+    "batch_size": cs.Int(min=1),
+    "max_len": cs.Int(min=3),
+    "data": cs.Spec(
+      {
+        "source": cs.Choice(*DATA_SOURCES),
+        "num_train": cs.Int(min=1),
+        "num_eval": cs.Int(min=0),
+        "seed": cs.Int(min=0),
+        "testbed": testbed_config.CONFIG_SPEC,
+        "train_jsonl": cs.Path("file"),
+        "eval_jsonl": cs.Path("file"),
+        "skip_invalid": cs.Bool(),
+        "data_dir": cs.Str(),
+      },
+      checks=(_check_data,),
+    ),
+    "tokenizer": common.TOKENIZER_SPEC,
+    "model": models.CONFIG_SPEC,
+    "optim": optim.CONFIG_SPEC,
+    "eval": cs.Spec(
+      {
+        "num_samples": cs.Int(min=0),
+        "temperature": cs.Float(gt=0),
+        "max_new_tokens": cs.Int(min=1),
+        "prompt_len": cs.Int(min=1),
+      }
+    ),
+  },
+  checks=(
+    optim.check_steps("optim", lambda c: c.total_steps),
+    cs.mesh_batch("batch_size"),
+  ),
+)
 
 
 def sft_loss(module, params, batch):
@@ -69,13 +118,11 @@ def prepare_data(config, workdir):
       config=data.get("testbed"),
     )
   elif data.source == "jsonl":
-    if not data.train_jsonl:
-      raise ValueError("config.data.train_jsonl is empty but config.data.source='jsonl'.")
     paths = {"train": [data.train_jsonl]}
     if data.eval_jsonl:
       paths["eval"] = [data.eval_jsonl]
   else:
-    raise ValueError(f"config.data.source={data.source!r}; expected 'testbed' or 'jsonl'.")
+    raise cs.ConfigError(f"config.data.source={data.source!r}; expected 'testbed' or 'jsonl'.")
   data_dir = data.data_dir or os.path.join(workdir, "data", "tfds")
   builder = builders.build_sft_jsonl(paths, data_dir, skip_invalid=data.skip_invalid)
   train = builder.source("train")
@@ -93,6 +140,7 @@ def prepare_data(config, workdir):
 def train(config: Any, workdir: str) -> dict[str, float]:
   """Trains the policy with SFT; returns the final eval metrics."""
   # Config errors surface before any data is built.
+  CONFIG_SPEC.validate(config)
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
   accum = int(config.optim.get("grad_accum_steps", 1) or 1)
 

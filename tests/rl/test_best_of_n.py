@@ -2,6 +2,7 @@
 
 import itertools
 import math
+from fractions import Fraction
 
 import jax.numpy as jnp
 import numpy as np
@@ -44,6 +45,43 @@ def test_selection_weights_hand_example():
   np.testing.assert_allclose(np.sum(best_of_n.selection_weights(128, 17)), 1.0, rtol=1e-4)
   with pytest.raises(ValueError, match="n=6"):
     best_of_n.selection_weights(5, 6)
+
+
+def test_selection_weights_match_exact_rationals_at_large_n():
+  # float32 log-gamma differences cancelled to errors of ~1e-4 at N = 128 and ~1% at N = 4096.
+  for n in (1, 2, 17, 64, 127, 128):
+    weights = np.asarray(best_of_n.selection_weights(128, n), np.float64)
+    assert abs(np.sum(weights) - 1.0) < 1e-6, n
+  num = 4096
+  for n in (2, 64, 2048):
+    weights = np.asarray(best_of_n.selection_weights(num, n), np.float64)
+    assert abs(np.sum(weights) - 1.0) < 1e-6, n
+    for i in (n, n + 1, num // 2 + n // 2, num - 100, num - 1, num):
+      exact = float(Fraction(math.comb(i - 1, n - 1), math.comb(num, n)))
+      if exact > 1e-30:  # float32 subnormals keep no relative precision
+        assert abs(weights[i - 1] - exact) < 1e-5 * exact, (n, i)
+      else:
+        assert weights[i - 1] < 1e-29, (n, i)
+
+
+def test_expected_best_of_n_breaks_ties_like_select():
+  """Among tied top scores both pick the lowest index, so n = N is exactly `select`."""
+  scores = jnp.array([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0], [0.0, 1.0, 5.0, 5.0]])
+  values = jnp.array([[10.0, 20.0, 30.0, 40.0], [1.0, 2.0, 3.0, 4.0], [7.0, 6.0, 5.0, 4.0]])
+  np.testing.assert_allclose(
+    best_of_n.expected_best_of_n(scores, values, 4), best_of_n.select(values, scores), rtol=1e-6
+  )
+  np.testing.assert_allclose(best_of_n.select(values, scores), [20.0, 1.0, 5.0])
+  # Every n agrees with drawing each subset and keeping its first top-scored sample.
+  rng = np.random.default_rng(1)
+  scores = rng.integers(0, 3, size=(4, 6)).astype(np.float32)
+  values = rng.normal(size=(4, 6)).astype(np.float32)
+  for n in range(1, 7):
+    got = best_of_n.expected_best_of_n(jnp.asarray(scores), jnp.asarray(values), n)
+    for p in range(4):
+      subsets = itertools.combinations(range(6), n)  # each in increasing index order
+      want = np.mean([values[p, max(s, key=lambda j: scores[p, j])] for s in subsets])
+      np.testing.assert_allclose(got[p], want, rtol=1e-5, atol=1e-6)
 
 
 def test_expected_best_of_n_equals_the_average_over_all_subsets():

@@ -124,7 +124,9 @@ def test_kl_loss_is_zero_when_policy_equals_reference():
   mask = jnp.array([[True, True, True], [True, True, False]])
   for estimator in ("k1", "k2", "k3"):
     for mode in ("token_mean", "sequence_mean", "token_sum_norm"):
-      loss = grpo.kl_loss(logp, logp, mask, estimator=estimator, mode=mode)
+      loss = grpo.kl_loss(
+        logp, logp, mask, estimator=estimator, mode=mode, as_loss=estimator != "k1"
+      )
       assert float(loss) == 0.0, (estimator, mode)
   # ... and its gradient vanishes there too: the reference is a minimum of k3.
   grad = jax.grad(lambda x: grpo.kl_loss(x, logp, mask))(logp)
@@ -146,8 +148,8 @@ def test_kl_loss_hand_worked_aggregations_and_masking():
   for mode, value in expected.items():
     got = float(grpo.kl_loss(logp, ref, mask, mode=mode))
     assert got == pytest.approx(value, rel=1e-5), mode
-  # k1 as the estimator: (0.5 - 0.5 + 0.5) / 3.
-  got = float(grpo.kl_loss(logp, ref, mask, estimator="k1"))
+  # k1 as the estimator, logged only: (0.5 - 0.5 + 0.5) / 3.
+  got = float(grpo.kl_loss(logp, ref, mask, estimator="k1", as_loss=False))
   assert got == pytest.approx(0.5 / 3, rel=1e-5)
   grad = jax.grad(lambda x: grpo.kl_loss(x, ref, mask))(logp)
   assert np.all(np.isfinite(grad))
@@ -161,6 +163,54 @@ def test_kl_loss_has_no_gradient_through_the_reference():
   mask = jnp.ones((1, 2), bool)
   grad_ref = jax.grad(lambda r: grpo.kl_loss(logp, r, mask))(ref)
   np.testing.assert_array_equal(grad_ref, np.zeros((1, 2)))
+
+
+def test_kl_loss_refuses_k1_as_a_loss():
+  logp, ref = jnp.array([[-1.0, -2.0]]), jnp.array([[-1.5, -1.5]])
+  mask = jnp.ones((1, 2), bool)
+  with pytest.raises(ValueError, match=r"'k1' cannot be a loss term.*k3") as info:
+    grpo.kl_loss(logp, ref, mask, estimator="k1")
+  assert str(info.value) == grpo.K1_LOSS_ERROR
+  with pytest.raises(ValueError, match="'k1' cannot be a loss term"):
+    jax.jit(lambda x: grpo.kl_loss(x, ref, mask, estimator="k1"))(logp)
+  # Logged only (the KL in the reward), k1 is a fine estimate of the value.
+  assert float(grpo.kl_loss(logp, ref, mask, estimator="k1", as_loss=False)) == 0.0
+
+
+def test_kl_loss_expected_gradients_on_a_categorical():
+  """Exact E_pi of each estimator's gradient on one 4-way choice, the sampling held fixed.
+
+  k1 -> 0, k2 -> grad KL(pi || ref), k3 -> grad KL(ref || pi) (module docstring).
+  """
+  logits = jnp.array([0.3, -1.2, 2.0, 0.5])
+  ref_logp = jax.nn.log_softmax(jnp.array([1.0, 0.0, -0.5, 0.7]))
+  pi = jax.nn.softmax(logits)
+  mask = jnp.ones((1, 1), bool)
+
+  def expected_grad(estimator):
+    def one(y):  # gradient of the loss on the single sample y, a [1, 1] batch
+      def loss(theta):
+        logp = jax.nn.log_softmax(theta)[y].reshape(1, 1)
+        ref = ref_logp[y].reshape(1, 1)
+        return grpo.kl_loss(logp, ref, mask, estimator=estimator, as_loss=estimator != "k1")
+
+      return jax.grad(loss)(logits)
+
+    return jnp.sum(pi[:, None] * jax.vmap(one)(jnp.arange(4)), axis=0)
+
+  def reverse_kl(theta):
+    logp = jax.nn.log_softmax(theta)
+    return jnp.sum(jnp.exp(logp) * (logp - ref_logp))
+
+  def forward_kl(theta):
+    return jnp.sum(jnp.exp(ref_logp) * (ref_logp - jax.nn.log_softmax(theta)))
+
+  np.testing.assert_allclose(expected_grad("k1"), np.zeros(4), atol=1e-6)
+  np.testing.assert_allclose(expected_grad("k2"), jax.grad(reverse_kl)(logits), atol=1e-6)
+  np.testing.assert_allclose(expected_grad("k3"), jax.grad(forward_kl)(logits), atol=1e-6)
+  # For softmax logits the forward KL's gradient is pi - ref: k3 is not k2 away from pi = ref.
+  np.testing.assert_allclose(expected_grad("k3"), pi - jnp.exp(ref_logp), atol=1e-6)
+  assert float(jnp.max(jnp.abs(expected_grad("k3") - expected_grad("k2")))) > 0.05
 
 
 def test_kl_shaped_rewards_hand_worked():

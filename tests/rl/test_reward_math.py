@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -34,11 +35,44 @@ def test_bradley_terry_hand_worked():
   soft = 0.5 * (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(1.0)))
   np.testing.assert_allclose(terms["nll"][0], soft, rtol=1e-6)
 
-  # Weights give a weighted mean; centering adds coef * mean((c + r)^2) = 0.01 * 9 / 2.
+  # Weights give a weighted mean; centering (unit weights) adds 0.01 * (3^2 + 0^2) / 2.
   loss, _ = reward.bradley_terry_loss(chosen, rejected, weight=jnp.array([0.0, 2.0]))
   np.testing.assert_allclose(loss, math.log(2.0), rtol=1e-6)
   loss, _ = reward.bradley_terry_loss(chosen, rejected, center_coef=0.01)
   np.testing.assert_allclose(loss, np.mean(expected) + 0.01 * 4.5, rtol=1e-6)
+
+
+def test_centering_is_weighted_like_the_nll():
+  chosen, rejected = jnp.array([2.0, 0.5, -1.0]), jnp.array([1.0, -0.5, 0.25])
+  w = jnp.array([1.0, 2.0, 0.5])
+
+  def loss(c, r, weight):
+    return reward.bradley_terry_loss(c, r, weight=weight, center_coef=0.1)[0]
+
+  # A weight-0 padding pair with huge scores changes neither the loss nor the others' gradients.
+  pad_c, pad_r = jnp.append(chosen, 1e4), jnp.append(rejected, 3e3)
+  pad_w = jnp.append(w, 0.0)
+  np.testing.assert_allclose(loss(pad_c, pad_r, pad_w), loss(chosen, rejected, w), rtol=1e-6)
+  grads = jax.grad(loss, argnums=(0, 1))(chosen, rejected, w)
+  pad_grads = jax.grad(loss, argnums=(0, 1))(pad_c, pad_r, pad_w)
+  for g, pad_g in zip(grads, pad_grads, strict=True):
+    np.testing.assert_allclose(pad_g[:3], g, rtol=1e-6)
+    assert float(pad_g[3]) == 0.0
+
+  # The centering term is the weighted mean: (1 * 9 + 2 * 0 + 0.5 * 0.5625) / 3.5.
+  _, terms = reward.bradley_terry_loss(chosen, rejected)
+  nll = float(jnp.sum(w * terms["nll"]) / 3.5)
+  np.testing.assert_allclose(loss(chosen, rejected, w), nll + 0.1 * (9 + 0.28125) / 3.5, rtol=1e-6)
+
+  # With unit weights it is the unweighted mean it always was.
+  rng = np.random.default_rng(0)
+  c, r = rng.normal(size=16).astype(np.float32), rng.normal(size=16).astype(np.float32)
+  want = np.mean(np.log1p(np.exp(-(c - r)))) + 0.1 * np.mean((c + r) ** 2)
+  for weight in (None, jnp.ones(16)):
+    got, _ = reward.bradley_terry_loss(
+      jnp.asarray(c), jnp.asarray(r), weight=weight, center_coef=0.1
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_tie_loss_is_minimised_at_equal_scores():

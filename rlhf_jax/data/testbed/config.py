@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import ml_collections
 
+from rlhf_jax import config_spec as cs
+from rlhf_jax.errors import ConfigError
+
 
 def default_config() -> ml_collections.ConfigDict:
   """The testbed's defaults: 8 categories x 5 items, a 12-rater panel with mild biases."""
@@ -86,3 +89,101 @@ def default_config() -> ml_collections.ConfigDict:
   config.panel.start_time = 1.7e9  # simulated unix time of the first label
   config.panel.seconds_per_label = 30.0  # mean; careless raters are three times faster
   return config
+
+
+def _check_language(section, prefix: str) -> None:
+  if not section.eval_items_per_category < section.items_per_category:
+    raise ConfigError(
+      f"{prefix}.eval_items_per_category={section.eval_items_per_category} must be < "
+      f"{prefix}.items_per_category={section.items_per_category} (the train split needs items)."
+    )
+  if not any(float(w) > 0 for w in dict(section.style_weights).values()):
+    raise ConfigError(f"{prefix}.style_weights: at least one weight must be > 0.")
+
+
+def _check_panel(section, prefix: str) -> None:
+  for given in ("taus", "length_biases", "position_biases", "tie_thresholds", "eps"):
+    values = section[given]
+    if len(values) and len(values) != section.num_raters:
+      raise ConfigError(
+        f"{prefix}.{given} has {len(values)} values for {prefix}.num_raters="
+        f"{section.num_raters} raters (give one per rater, or none)."
+      )
+  for low, high in (("tau_min", "tau_max"), ("length_bias_min", "length_bias_max")):
+    if section[low] > section[high]:
+      raise ConfigError(f"{prefix}.{low}={section[low]} must be <= {prefix}.{high}.")
+  if section.position_bias_min > section.position_bias_max:
+    raise ConfigError(
+      f"{prefix}.position_bias_min={section.position_bias_min} must be <= "
+      f"{prefix}.position_bias_max."
+    )
+
+
+def _spec() -> cs.Spec:
+  probability = cs.Float(min=0, max=1)
+  styles = default_config().language.style_weights
+  language = cs.Spec(
+    {
+      "num_categories": cs.Int(min=1, max=8),
+      "items_per_category": cs.Int(min=1, max=8),
+      "eval_items_per_category": cs.Int(min=0),
+      "features_per_category": cs.Int(min=1, max=5),
+      "max_sentences": cs.Int(min=1),
+      "second_sentence_prob": probability,
+      "max_clauses": cs.Int(min=1),
+      "extra_clause_prob": probability,
+      "opener_prob": probability,
+      "intensifier_prob": probability,
+      "named_subject_prob": probability,
+      "style_weights": cs.Spec({name: cs.Float(min=0) for name in styles}, required=False),
+    },
+    checks=(_check_language,),
+  )
+  gold = cs.Spec(
+    {
+      "sentiment_weight": cs.Float(min=0),
+      "sentiment_scale": cs.Float(gt=0),
+      "specificity_weight": cs.Float(min=0),
+      "specificity_decay": cs.Float(min=0, max=1),
+      "off_item_weight": cs.Float(min=0),
+      "ungrammatical_penalty": cs.Float(min=0),
+      "unknown_weight": cs.Float(min=0),
+      "repetition_weight": cs.Float(min=0),
+      "length_target": cs.Int(min=1),
+      "length_tolerance": cs.Int(min=0),
+      "length_weight": cs.Float(min=0),
+      "length_penalty_cap": cs.Float(min=0),
+      "floor": cs.Float(),
+    }
+  )
+  per_rater = cs.Seq(cs.Float())
+  panel = cs.Spec(
+    {
+      "seed": cs.Int(min=0),
+      "num_raters": cs.Int(min=1),
+      "tau_min": cs.Float(gt=0),
+      "tau_max": cs.Float(gt=0),
+      "taus": cs.Seq(cs.Float(min=0)),
+      "length_bias_min": cs.Float(),
+      "length_bias_max": cs.Float(),
+      "length_biases": per_rater,
+      "position_bias_min": cs.Float(),
+      "position_bias_max": cs.Float(),
+      "position_biases": per_rater,
+      "tie_fraction": probability,
+      "tie_threshold": cs.Float(min=0),
+      "tie_thresholds": cs.Seq(cs.Float(min=0)),
+      "careless_fraction": probability,
+      "careless_eps": probability,
+      "eps": cs.Seq(probability),
+      "num_anchor_pairs": cs.Int(min=0),
+      "start_time": cs.Float(),
+      "seconds_per_label": cs.Float(gt=0),
+    },
+    checks=(_check_panel,),
+  )
+  return cs.Spec({"language": language, "gold": gold, "panel": panel})
+
+
+# The declared check of every testbed knob, for trainers that hold this section.
+CONFIG_SPEC = _spec()
