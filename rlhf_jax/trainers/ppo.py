@@ -64,7 +64,7 @@ def _updates(config) -> int:
 
 
 def check_kl_controller(config, prefix: str) -> None:
-  """beta <- beta * (1 + e * n / horizon), e in [-0.2, 0.2]: beta stays > 0 only if n < 5 horizon."""
+  """beta <- beta * (1 + e n / horizon), e in [-0.2, 0.2]: beta stays > 0 only if n < 5 horizon."""
   kl, n = config.kl, config.rollout_batch_size
   if kl.controller == "adaptive" and not n < 5 * kl.horizon:
     raise cs.ConfigError(
