@@ -40,6 +40,16 @@ from rlhf_jax.rl.logprobs import shift_for_next_token, token_logprobs
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "conservative")
 
 
+def _concrete(x) -> float | None:
+  """`x` as a Python float when its value is known now; None for a tracer (inside jit)."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  try:
+    return float(x)
+  except (TypeError, ValueError):
+    return None
+
+
 def sequence_logps(token_logps: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Per-sequence sums of response-token log-probs, and the number of those tokens.
 
@@ -126,7 +136,9 @@ def dpo_loss(
   """
   if loss_type not in LOSS_TYPES:
     raise ValueError(f"Unknown DPO loss_type {loss_type!r}; expected one of {LOSS_TYPES}.")
-  if isinstance(beta, int | float) and beta <= 0:
+  concrete_beta = _concrete(beta)
+  if concrete_beta is not None and not concrete_beta > 0:
+    # Any concrete number: a NumPy or JAX zero is as wrong as a Python one (IPO divides by it).
     raise ValueError(f"DPO beta must be > 0, got {beta!r}.")
   if not 0.0 <= label_smoothing <= 0.5:
     raise ValueError(f"DPO label_smoothing must be in [0, 0.5], got {label_smoothing!r}.")

@@ -114,12 +114,18 @@ def adaptive_kl_update(
     state: current `KLControllerState`.
     kl: [] float, the batch's objective KL (`objective_kl`, per-sequence sum).
     num_episodes: n, the number of episodes (sequences) in the batch.
-    target: the KL to steer towards (same units as `kl`).
-    horizon: episodes over which a constant error changes beta by about e.
+    target: the KL to steer towards (same units as `kl`), a Python number > 0.
+    horizon: episodes over which a constant error changes beta by about e; > 0.
+      With n > 5 horizon a batch below target would make beta negative (trainers
+      refuse such configs).
 
   Returns:
     The new `KLControllerState`.
   """
+  if not (isinstance(target, int | float) and target > 0):
+    raise ValueError(f"The adaptive KL controller needs a target > 0, got {target!r}.")
+  if not (isinstance(horizon, int | float) and horizon > 0):
+    raise ValueError(f"The adaptive KL controller needs a horizon > 0, got {horizon!r}.")
   error = jnp.clip(jnp.asarray(kl, jnp.float32) / target - 1.0, -0.2, 0.2)
   factor = 1.0 + error * jnp.asarray(num_episodes, jnp.float32) / horizon
   return KLControllerState(kl_coef=state.kl_coef * factor)

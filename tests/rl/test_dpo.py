@@ -268,3 +268,13 @@ def test_response_logps_reads_the_positions_before_the_response():
   sums, counts = dpo.response_logps(logits, tokens, loss_mask)
   np.testing.assert_allclose(sums, [math.log(0.5) + math.log(0.25)], rtol=1e-6)
   np.testing.assert_array_equal(counts, [2.0])
+
+
+@pytest.mark.parametrize("zero", [0.0, np.float32(0.0), jnp.float32(0.0), np.float64(-1.0)])
+def test_beta_must_be_positive_whatever_its_type(zero):
+  # A NumPy or JAX zero used to pass the check, and IPO then divided by it (inf loss).
+  x = jnp.zeros((2,))
+  with pytest.raises(ValueError, match="beta must be > 0"):
+    dpo.dpo_loss(
+      x, x, x, x, beta=zero, loss_type="ipo", chosen_lengths=x + 1, rejected_lengths=x + 1
+    )

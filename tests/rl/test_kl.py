@@ -123,3 +123,12 @@ def test_estimators_jit():
   eager = kl.objective_kl(logp - ref_logp, mask)
   np.testing.assert_allclose(jax.jit(kl.objective_kl)(logp - ref_logp, mask), eager, rtol=1e-6)
   assert math.isclose(float(eager), 0.5 - 0.5, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("field, value", [("target", 0.0), ("target", -1.0), ("horizon", 0.0)])
+def test_adaptive_controller_refuses_a_non_positive_target_or_horizon(field, value):
+  # target=0 made beta NaN (kl / 0); a zero horizon divides by zero too.
+  state = kl.init_kl_controller(0.1)
+  args = {"target": 6.0, "horizon": 10000.0, field: value}
+  with pytest.raises(ValueError, match=f"needs a {field} > 0"):
+    kl.adaptive_kl_update(state, jnp.float32(1.0), 64, **args)
