@@ -32,14 +32,18 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
+
+import numpy as np
 
 # TFDS 4.9.10 also needs `importlib_resources` to prepare a builder defined
 # in a package, without declaring it on Python >= 3.9
 # (tensorflow/datasets#11212); the project lists it as a dependency.
 import tensorflow_datasets as tfds
 
+from rlhf_jax import utils
 from rlhf_jax.errors import DataError
 
 PathLike = str | os.PathLike[str]
@@ -223,7 +227,162 @@ class SftJsonlConfig(FileSplitsConfig):
   KIND: ClassVar[str] = "prompt/response JSONL"
 
 
-class SftJsonl(tfds.core.GeneratorBasedBuilder):
+LINE = "line"  # provenance feature: the record's 1-based line (Parquet: row) in its file
+
+
+def generate_from_files(
+  builder: Any,
+  split: str,
+  iter_file: Callable[..., Iterator[tuple[int, dict[str, Any]]]],
+  *,
+  unit: Callable[[str], str] = lambda path: "line",
+) -> Iterator[tuple[int, dict[str, Any]]]:
+  """Yields (index, record + its line) for the split's files, in order; records the counts.
+
+  What every file-backed builder's `_generate_examples` does: read each file with
+  `iter_file(path, skip_invalid=..., skipped=...)`, keep the record's line as the
+  `line` feature (so an error found later, e.g. a confidence out of range, names
+  file and line), and store per split in the dataset's metadata: the records of
+  each file (`file_counts`: [path, count, unit]), the skipped count and the first
+  skipped errors. A file with no valid record is an error naming it (TFDS would
+  otherwise fail with "No examples were yielded" and no file name). `unit(path)`
+  says how a file counts its records: "line" (JSONL) or "row" (Parquet).
+  """
+  config = builder.builder_config
+  metadata = builder.info.metadata
+  skipped: list[DataError] = []
+  counts = []
+  index = 0
+  for path in config.splits[split]:
+    before = len(skipped)
+    count = 0
+    for line, record in iter_file(path, skip_invalid=config.skip_invalid, skipped=skipped):
+      yield index, {**record, LINE: line}
+      index += 1
+      count += 1
+    if not count:
+      mine = skipped[before:]
+      why = (
+        f"all {len(mine)} records are invalid (first: {mine[0]})"
+        if mine
+        else "the file has no records"
+      )
+      raise DataError(path, 0, why, hint="Give files with at least one valid record.")
+    counts.append([path, count, unit(path)])
+  # Runs before TFDS writes dataset_info, so the counts are saved with the data.
+  metadata["file_counts"][split] = counts
+  metadata["num_skipped"][split] = len(skipped)
+  metadata["skipped_errors"][split] = [str(e) for e in skipped[:_MAX_RECORDED_ERRORS]]
+  if skipped:
+    _log.warning(
+      "%s split %r: skipped %d invalid records, first: %s",
+      builder.name,
+      split,
+      len(skipped),
+      skipped[0],
+    )
+
+
+class FileRecords:
+  """What the file-backed builders share on top of TFDS: hashes, skip counts, sources.
+
+  Mixed into a `tfds.core.GeneratorBasedBuilder` whose config is a
+  `FileSplitsConfig`; `_generate_examples` uses `generate_from_files`.
+  """
+
+  SOURCE: ClassVar[type] = None  # the source class `source(split)` returns
+
+  def _start_metadata(self) -> None:
+    config = self.builder_config
+    self.info.metadata["content_hash"] = config.content_hash
+    self.info.metadata["split_hashes"] = dict(config.split_hashes)
+    self.info.metadata["paths"] = {s: list(p) for s, p in config.splits.items()}
+    for key in ("num_skipped", "skipped_errors", "file_counts"):
+      self.info.metadata[key] = {}
+
+  def _split_names(self) -> list[str]:
+    return list(self.builder_config.splits)
+
+  @property
+  def content_hash(self) -> str:
+    """The hash that keys this dataset: write it into a run's config to record the data."""
+    return self.builder_config.content_hash
+
+  @property
+  def split_hashes(self) -> dict[str, str]:
+    """Split -> `content_hash` of its input files."""
+    return dict(self.builder_config.split_hashes)
+
+  @property
+  def num_skipped(self) -> dict[str, int]:
+    """Split -> invalid records skipped when the dataset was built (0 when strict)."""
+    counts = self.info.metadata.get("num_skipped", {})
+    return {split: int(counts.get(split, 0)) for split in self._split_names()}
+
+  @property
+  def skipped_errors(self) -> dict[str, list[str]]:
+    """Split -> messages of the first skipped records."""
+    return {s: list(v) for s, v in self.info.metadata.get("skipped_errors", {}).items()}
+
+  def file_counts(self, split: str) -> list[tuple[str, int, str]]:
+    """[(path, records, "line" or "row")] of the split's files, in order."""
+    return [tuple(c) for c in self.info.metadata.get("file_counts", {}).get(split, [])]
+
+  def source(self, split: str = "train"):
+    """The split as a random-access source of records (text as `str`)."""
+    if split not in self._split_names():
+      raise KeyError(f"no split {split!r}; this dataset has {sorted(self._split_names())}")
+    return self.SOURCE(self.as_data_source(split=split), self.file_counts(split))
+
+
+class RecordSource:
+  """A random-access source over a TFDS data source, decoding records to Python values.
+
+  `where(i)` names record i's file and line ("data/sft.jsonl:12", "a.parquet: row 3"),
+  from the per-file counts the builder stored and the record's `line` feature.
+  """
+
+  def __init__(self, data_source: Any, file_counts: Sequence[tuple[str, int, str]] = ()):
+    self._data_source = data_source
+    self._files = [(str(path), str(unit)) for path, _, unit in file_counts]
+    self._ends = np.cumsum([int(count) for _, count, _ in file_counts])
+
+  def _decode(self, record: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in record.items()}
+
+  def __len__(self) -> int:
+    return len(self._data_source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return self._decode(self._data_source[index])
+
+  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+    # One batched array_record read instead of one read per record.
+    return [self._decode(r) for r in self._data_source.__getitems__(list(indices))]
+
+  def file_of(self, index: int) -> str:
+    """The input file record `index` came from ("" when the counts are unknown)."""
+    position = int(np.searchsorted(self._ends, index, side="right"))
+    return self._files[position][0] if position < len(self._files) else ""
+
+  def where(self, index: int, record: Mapping[str, Any] | None = None) -> str:
+    """ "path:line" (or "path: row N") of record `index`; pass the record if already read."""
+    position = int(np.searchsorted(self._ends, index, side="right"))
+    if position >= len(self._files):
+      return f"record {index}"
+    path, unit = self._files[position]
+    line = int((record if record is not None else self[index])[LINE])
+    return f"{path}:{line}" if unit == "line" else f"{path}: row {line}"
+
+  def __repr__(self) -> str:
+    return f"{type(self).__name__}({self._data_source!r})"
+
+
+class SftSource(RecordSource):
+  """`{"prompt": str, "response": str, "line": int}` records."""
+
+
+class SftJsonl(FileRecords, tfds.core.GeneratorBasedBuilder):
   """Prompt/response SFT examples from local JSONL files, stored as array_record.
 
   `SftJsonl(paths=[...], data_dir=...)` or `SftJsonl(config=SftJsonlConfig...)`;
@@ -231,8 +390,12 @@ class SftJsonl(tfds.core.GeneratorBasedBuilder):
   `build_sft_jsonl` does both steps.
   """
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "prompt and response text, in file and line order."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+    "1.0.0": "prompt and response text, in file and line order.",
+    "1.1.0": "each record's line in its file; records per file; a file without records fails.",
+  }
+  SOURCE = SftSource
 
   def __init__(
     self,
@@ -259,7 +422,11 @@ class SftJsonl(tfds.core.GeneratorBasedBuilder):
       builder=self,
       description="Prompt/response pairs for supervised fine-tuning, from local JSONL files.",
       features=tfds.features.FeaturesDict(
-        {"prompt": tfds.features.Text(), "response": tfds.features.Text()}
+        {
+          "prompt": tfds.features.Text(),
+          "response": tfds.features.Text(),
+          LINE: tfds.features.Scalar(np.int64),
+        }
       ),
       # Keep file and line order; TFDS would otherwise shuffle by key hash.
       # The loader shuffles per epoch.
@@ -267,83 +434,112 @@ class SftJsonl(tfds.core.GeneratorBasedBuilder):
       metadata=tfds.core.MetadataDict(),
     )
 
-  def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict[str, str]]]]:
+  def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict[str, Any]]]]:
     del dl_manager  # Local files only: nothing is downloaded.
-    self.info.metadata["content_hash"] = self.builder_config.content_hash
-    self.info.metadata["split_hashes"] = dict(self.builder_config.split_hashes)
-    self.info.metadata["paths"] = {s: list(p) for s, p in self.builder_config.splits.items()}
-    self.info.metadata["num_skipped"] = {}
-    self.info.metadata["skipped_errors"] = {}
+    self._start_metadata()
     return {split: self._generate_examples(split) for split in self.builder_config.splits}
 
-  def _generate_examples(self, split: str) -> Iterator[tuple[int, dict[str, str]]]:
-    config = self.builder_config
-    skipped: list[DataError] = []
-    index = 0
-    for path in config.splits[split]:
-      for _, record in iter_sft_jsonl(path, skip_invalid=config.skip_invalid, skipped=skipped):
-        yield index, record
-        index += 1
-    # Runs before TFDS writes dataset_info, so the counts are saved with the data.
-    self.info.metadata["num_skipped"][split] = len(skipped)
-    self.info.metadata["skipped_errors"][split] = [str(e) for e in skipped[:_MAX_RECORDED_ERRORS]]
-    if skipped:
+  def _generate_examples(self, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    return generate_from_files(self, split, iter_sft_jsonl)
+
+
+# ------------------------------------------------------------------ prepared, verified
+
+
+_BUILD_CHECKSUMS = "rlhf_jax_checksums.json"
+
+
+def _dataset_files(directory: str) -> list[str]:
+  return sorted(
+    name
+    for name in os.listdir(directory)
+    if name != _BUILD_CHECKSUMS and os.path.isfile(os.path.join(directory, name))
+  )
+
+
+def _file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(_HASH_CHUNK_BYTES):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def dataset_damage(directory: str) -> str | None:
+  """What is wrong with a built dataset folder against the checksums written after its build,
+  or None when it matches (or predates checksums: nothing to compare)."""
+  manifest = os.path.join(directory, _BUILD_CHECKSUMS)
+  if not os.path.exists(manifest):
+    return None
+  try:
+    with open(manifest) as f:
+      expected = json.load(f)
+  except (OSError, ValueError) as error:
+    return f"its checksum file {manifest} is unreadable ({error})"
+  present = set(_dataset_files(directory))
+  for name, digest in sorted(expected.items()):
+    path = os.path.join(directory, name)
+    if name not in present:
+      return f"{path} is missing"
+    if _file_sha256(path) != digest:
+      return f"{path} does not match the checksum written when it was built"
+  return None
+
+
+def prepare(builder_cls: type, config: Any, data_dir: PathLike, **kwargs: Any) -> Any:
+  """Builds (or reuses) the dataset `builder_cls(config=config)`, process 0 first, verified.
+
+  A reused dataset is checked against the sha256 of its files written right after
+  its build; a damaged one (a truncated or altered array_record file, a garbled
+  dataset_info.json) is moved aside to `<folder>.damaged-<time>` (nothing is
+  deleted) with a warning naming it, and rebuilt from the input files, which its
+  key (their content hash) says are the same. In a multi-process job process 0
+  builds while the others wait (`distributed.primary_first`), then open it.
+
+  Args:
+    builder_cls: a GeneratorBasedBuilder taking `config=`, `data_dir=` and `kwargs`.
+    config: its BuilderConfig (whose name keys the dataset's folder).
+    data_dir: the root of built datasets (its downloads/ folder stays empty).
+  """
+  from rlhf_jax import distributed  # imported late: it imports JAX
+
+  data_dir = os.fspath(data_dir)
+  directory = os.path.join(data_dir, builder_cls.name, config.name, str(builder_cls.VERSION))
+  download_dir = os.path.join(data_dir, "downloads")
+  make = lambda: builder_cls(config=config, data_dir=data_dir, **kwargs)
+
+  def reuse():
+    damage = dataset_damage(directory)
+    if damage is None:
+      try:
+        builder = make()  # reads dataset_info.json
+        builder.download_and_prepare(download_dir=download_dir)  # a no-op when built
+        return builder, None
+      except Exception as error:  # any failure to open a built folder is damage
+        damage = f"it cannot be read ({type(error).__name__}: {error})"
+    return None, damage
+
+  def build():
+    if os.path.isdir(directory):
+      builder, damage = reuse()
+      if builder is not None:
+        return builder
+      if not distributed.is_primary():
+        raise DataError(directory, 0, f"the built dataset is damaged: {damage}")
+      aside = f"{directory}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
       _log.warning(
-        "SftJsonl split %r: skipped %d malformed lines, first: %s", split, len(skipped), skipped[0]
+        "Built dataset %s is damaged (%s): moved to %s; rebuilding.", directory, damage, aside
       )
+      os.replace(directory, aside)
+    builder = make()
+    builder.download_and_prepare(download_dir=download_dir)
+    manifest = os.path.join(directory, _BUILD_CHECKSUMS)
+    if distributed.is_primary() and not os.path.exists(manifest):
+      sums = {n: _file_sha256(os.path.join(directory, n)) for n in _dataset_files(directory)}
+      utils.write_json_atomic(manifest, sums)
+    return builder
 
-  # ------------------------------------------------------------------ reading
-
-  @property
-  def content_hash(self) -> str:
-    """The hash that keys this dataset: write it into a run's config to record the data."""
-    return self.builder_config.content_hash
-
-  @property
-  def split_hashes(self) -> dict[str, str]:
-    """Split -> `content_hash` of its input files."""
-    return dict(self.builder_config.split_hashes)
-
-  @property
-  def num_skipped(self) -> dict[str, int]:
-    """Split -> malformed lines skipped when the dataset was built (0 when strict)."""
-    counts = self.info.metadata.get("num_skipped", {})
-    return {split: int(counts.get(split, 0)) for split in self.builder_config.splits}
-
-  @property
-  def skipped_errors(self) -> dict[str, list[str]]:
-    """Split -> messages of the first skipped lines."""
-    return {s: list(v) for s, v in self.info.metadata.get("skipped_errors", {}).items()}
-
-  def source(self, split: str = "train") -> SftSource:
-    """The split as a random-access source of `{"prompt": str, "response": str}`."""
-    if split not in self.builder_config.splits:
-      raise KeyError(f"no split {split!r}; this dataset has {sorted(self.builder_config.splits)}")
-    return SftSource(self.as_data_source(split=split))
-
-
-class SftSource:
-  """A TFDS data source whose text features come back as `str`, not `bytes`."""
-
-  def __init__(self, data_source: Any):
-    self._data_source = data_source
-
-  def __len__(self) -> int:
-    return len(self._data_source)
-
-  def __getitem__(self, index: int) -> dict[str, str]:
-    return _decode(self._data_source[index])
-
-  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, str]]:
-    # One batched array_record read instead of one read per record.
-    return [_decode(r) for r in self._data_source.__getitems__(list(indices))]
-
-  def __repr__(self) -> str:
-    return f"SftSource({self._data_source!r})"
-
-
-def _decode(record: Mapping[str, Any]) -> dict[str, str]:
-  return {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in record.items()}
+  return distributed.primary_first(f"build/{builder_cls.name}", build)
 
 
 def build_sft_jsonl(
@@ -363,10 +559,7 @@ def build_sft_jsonl(
     The prepared builder: `.source(split)`, `.content_hash`, `.num_skipped`.
 
   Raises:
-    DataError: a malformed line (when not `skip_invalid`); nothing is written.
+    DataError: a malformed line (when not `skip_invalid`), or a file without
+      records; nothing is written.
   """
-  builder = SftJsonl(paths=paths, skip_invalid=skip_invalid, data_dir=os.fspath(data_dir))
-  builder.download_and_prepare(
-    download_dir=os.path.join(os.fspath(data_dir), "downloads"),
-  )
-  return builder
+  return prepare(SftJsonl, SftJsonlConfig.from_paths(paths, skip_invalid=skip_invalid), data_dir)

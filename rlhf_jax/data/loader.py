@@ -263,6 +263,28 @@ def global_batches(batches: Iterator[Batch], mesh: jax.sharding.Mesh) -> Iterato
 # ---------------------------------------------------------------------- SFT
 
 
+def fit_rows(
+  prompt_lengths: Sequence[int], response_lengths: Sequence[int], max_len: int, bos_len: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """How `[BOS] + prompt + response + [EOS]` rows fit in `max_len` tokens.
+
+  The response and EOS are kept whole; the prompt loses tokens from its start when
+  there is no room, but keeps at least one (a response with no prompt is not an
+  example of answering it). Shared by `sft_collate` and the length reports
+  (`rlhf_jax.data.lengths`), so both count the same rows.
+
+  Returns:
+    dropped [N] bool (the row does not fit), truncated [N] bool (the prompt lost
+    tokens), kept [N] int (prompt tokens kept; 0 for a dropped row).
+  """
+  prompt = np.asarray(prompt_lengths, np.int64)
+  room = max_len - bos_len - (np.asarray(response_lengths, np.int64) + 1)
+  dropped = room < np.minimum(1, prompt)
+  truncated = ~dropped & (prompt > room)
+  kept = np.where(dropped, 0, np.minimum(prompt, np.maximum(room, 0)))
+  return dropped, truncated, kept
+
+
 def sft_collate(
   examples: Sequence[Mapping[str, str | bytes]],
   tokenizer: Tokenizer,
@@ -306,21 +328,17 @@ def sft_collate(
   bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id >= 0 else []
   eos = tokenizer.eos_id
 
+  dropped, truncated, keep = fit_rows(
+    [len(p) for p in prompts], [len(r) for r in responses], max_len, len(bos)
+  )
   rows, response_starts = [], []
-  truncated = np.zeros(len(examples), np.bool_)
-  dropped = np.zeros(len(examples), np.bool_)
   for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
-    target = [*response, eos]
-    room = max_len - len(bos) - len(target)  # tokens left for the prompt
-    if room < min(1, len(prompt)):
-      dropped[i] = True
+    if dropped[i]:
       rows.append([])
       response_starts.append(0)
       continue
-    if len(prompt) > room:
-      prompt = prompt[len(prompt) - room :]
-      truncated[i] = True
-    rows.append([*bos, *prompt, *target])
+    prompt = prompt[len(prompt) - keep[i] :]
+    rows.append([*bos, *prompt, *response, eos])
     response_starts.append(len(bos) + len(prompt))
 
   tokens, input_mask = pad_batch(rows, max_len, tokenizer.pad_id, "right")

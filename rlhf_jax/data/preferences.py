@@ -74,10 +74,15 @@ import tensorflow_datasets as tfds
 from rlhf_jax.data import testbed
 from rlhf_jax.data.builders import (
   _MAX_RECORDED_ERRORS,
+  LINE,
   DataError,
+  FileRecords,
   FileSplitsConfig,
   PathLike,
+  RecordSource,
   _type_name,
+  generate_from_files,
+  prepare,
 )
 
 TEXT_FIELDS = ("prompt", "chosen", "rejected")
@@ -251,7 +256,8 @@ def _iter_parquet(path: PathLike) -> Iterator[tuple[int, Callable[[], dict]]]:
       batch = next(batches)
     except StopIteration:
       return
-    except pyarrow.ArrowException as error:
+    except (pyarrow.ArrowException, OSError) as error:
+      # A corrupt page surfaces as OSError from Arrow's reader, which names no file.
       raise ParquetRowError(path, 0, f"cannot read the rows after row {row} ({error})") from None
     for raw in batch.to_pylist():
       row += 1
@@ -358,14 +364,18 @@ def _features() -> tfds.features.FeaturesDict:
   # testbed's probabilities to 7 digits: raw float64 bytes keep every value exactly.
   float64 = tfds.features.Tensor(shape=(), dtype=np.float64, encoding=tfds.features.Encoding.BYTES)
   features.update({field: float64 for field in _FLOAT_FIELDS})
-  return tfds.features.FeaturesDict({field: features[field] for field in FIELDS})
+  features[LINE] = tfds.features.Scalar(np.int64)  # provenance: line (Parquet: row) in its file
+  return tfds.features.FeaturesDict({field: features[field] for field in (*FIELDS, LINE)})
 
 
 class _PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """What both preference builders share: the schema, reading, skip counts, the hash."""
+  """What both preference builders share: the schema (plus each record's line) and sources."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "The preference schema of rlhf_jax.data.preferences."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+    "1.0.0": "The preference schema of rlhf_jax.data.preferences.",
+    "1.1.0": "Each record's line (Parquet: row) in its file; records per file.",
+  }
   _DESCRIPTION = ""
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -378,44 +388,6 @@ class _PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
       metadata=tfds.core.MetadataDict(),
     )
 
-  def _split_names(self) -> list[str]:
-    raise NotImplementedError
-
-  def _record_skipped(self, split: str, skipped: list[DataError]) -> None:
-    # Runs before TFDS writes dataset_info, so the counts are saved with the data.
-    self.info.metadata["num_skipped"][split] = len(skipped)
-    self.info.metadata["skipped_errors"][split] = [str(e) for e in skipped[:_MAX_RECORDED_ERRORS]]
-    if skipped:
-      _log.warning(
-        "%s split %r: skipped %d invalid records, first: %s",
-        self.name,
-        split,
-        len(skipped),
-        skipped[0],
-      )
-
-  @property
-  def content_hash(self) -> str:
-    """The hash that keys this dataset: write it into a run's config to record the data."""
-    return self.builder_config.content_hash
-
-  @property
-  def num_skipped(self) -> dict[str, int]:
-    """Split -> invalid records skipped when the dataset was built."""
-    counts = self.info.metadata.get("num_skipped", {})
-    return {split: int(counts.get(split, 0)) for split in self._split_names()}
-
-  @property
-  def skipped_errors(self) -> dict[str, list[str]]:
-    """Split -> messages of the first skipped records."""
-    return {s: list(v) for s, v in self.info.metadata.get("skipped_errors", {}).items()}
-
-  def source(self, split: str = "train") -> PreferenceSource:
-    """The split as a random-access source of schema records (Python str, bool, float)."""
-    if split not in self._split_names():
-      raise KeyError(f"no split {split!r}; this dataset has {sorted(self._split_names())}")
-    return PreferenceSource(self.as_data_source(split=split))
-
 
 @dataclasses.dataclass(kw_only=True)
 class PreferenceFilesConfig(FileSplitsConfig):
@@ -424,7 +396,14 @@ class PreferenceFilesConfig(FileSplitsConfig):
   KIND: ClassVar[str] = "preference JSONL/Parquet"
 
 
-class PreferenceFiles(_PreferenceBuilder):
+class PreferenceSource(RecordSource):
+  """Schema records with Python values (str, bool, float) and their `line`; `where(i)`."""
+
+  def _decode(self, record: Mapping[str, Any]) -> dict[str, Any]:
+    return _decode(record)
+
+
+class PreferenceFiles(FileRecords, _PreferenceBuilder):
   """Preference pairs from local JSONL and Parquet files, stored as array_record.
 
   `PreferenceFiles(paths=..., data_dir=...)` or `PreferenceFiles(config=...)`, then
@@ -433,6 +412,7 @@ class PreferenceFiles(_PreferenceBuilder):
   """
 
   _DESCRIPTION = "Preference pairs (prompt, chosen, rejected, rater, ...) from local files."
+  SOURCE = PreferenceSource
 
   def __init__(
     self,
@@ -451,35 +431,14 @@ class PreferenceFiles(_PreferenceBuilder):
       raise TypeError(f"config must be a PreferenceFilesConfig, got {type(config).__name__}")
     super().__init__(config=config, file_format=file_format, **kwargs)
 
-  def _split_names(self) -> list[str]:
-    return list(self.builder_config.splits)
-
-  @property
-  def split_hashes(self) -> dict[str, str]:
-    """Split -> `content_hash` of its input files."""
-    return dict(self.builder_config.split_hashes)
-
   def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict]]]:
     del dl_manager  # Local files only.
-    config = self.builder_config
-    self.info.metadata["content_hash"] = config.content_hash
-    self.info.metadata["split_hashes"] = dict(config.split_hashes)
-    self.info.metadata["paths"] = {s: list(p) for s, p in config.splits.items()}
-    self.info.metadata["num_skipped"] = {}
-    self.info.metadata["skipped_errors"] = {}
-    return {split: self._generate_examples(split) for split in config.splits}
+    self._start_metadata()
+    return {split: self._generate_examples(split) for split in self.builder_config.splits}
 
   def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
-    config = self.builder_config
-    skipped: list[DataError] = []
-    index = 0
-    for path in config.splits[split]:
-      for _, record in iter_preference_file(
-        path, skip_invalid=config.skip_invalid, skipped=skipped
-      ):
-        yield index, record
-        index += 1
-    self._record_skipped(split, skipped)
+    unit = lambda path: "row" if is_parquet(path) else "line"
+    return generate_from_files(self, split, iter_preference_file, unit=unit)
 
 
 def resolve_testbed_config(
@@ -579,7 +538,7 @@ class TestbedPreferencesConfig(tfds.core.BuilderConfig):
     )
 
 
-class TestbedPreferences(_PreferenceBuilder):
+class TestbedPreferences(FileRecords, _PreferenceBuilder):
   """The testbed's panel-labelled generator pairs (testbed.preference_pairs), as array_record.
 
   Same schema as PreferenceFiles. Records the schema refuses (a strict preference between
@@ -589,6 +548,7 @@ class TestbedPreferences(_PreferenceBuilder):
 
   __test__ = False  # Not a pytest class, despite the name.
   _DESCRIPTION = "Synthetic testbed preference pairs labelled by the simulated rater panel."
+  SOURCE = PreferenceSource
 
   def __init__(
     self,
@@ -628,8 +588,8 @@ class TestbedPreferences(_PreferenceBuilder):
     self.info.metadata["seed"] = config.seed
     self.info.metadata["include_anchors"] = config.include_anchors
     self.info.metadata["testbed_config"] = config.testbed_config
-    self.info.metadata["num_skipped"] = {}
-    self.info.metadata["skipped_errors"] = {}
+    for key in ("num_skipped", "skipped_errors", "file_counts"):
+      self.info.metadata[key] = {}
     return {config.split: self._generate_examples(config.split)}
 
   def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
@@ -651,29 +611,12 @@ class TestbedPreferences(_PreferenceBuilder):
       except DataError as error:
         skipped.append(error)
         continue
-      yield index, valid
+      yield index, {**valid, LINE: number}
       index += 1
-    self._record_skipped(split, skipped)
-
-
-class PreferenceSource:
-  """A TFDS data source of schema records with Python values (str, bool, float)."""
-
-  def __init__(self, data_source: Any):
-    self._data_source = data_source
-
-  def __len__(self) -> int:
-    return len(self._data_source)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return _decode(self._data_source[index])
-
-  def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-    # One batched array_record read instead of one per record.
-    return [_decode(r) for r in self._data_source.__getitems__(list(indices))]
-
-  def __repr__(self) -> str:
-    return f"PreferenceSource({self._data_source!r})"
+    # Runs before TFDS writes dataset_info, so the counts are saved with the data.
+    self.info.metadata["file_counts"][split] = [[where, index, "line"]]
+    self.info.metadata["num_skipped"][split] = len(skipped)
+    self.info.metadata["skipped_errors"][split] = [str(e) for e in skipped[:_MAX_RECORDED_ERRORS]]
 
 
 def comparison_groups(source: Any, max_responses: int, max_records: int) -> list[list[int]]:
@@ -748,7 +691,7 @@ class GroupedSource:
 
 
 def _decode(record: Mapping[str, Any]) -> dict[str, Any]:
-  out = {}
+  out = {LINE: int(record[LINE])} if LINE in record else {}
   for field in FIELDS:
     value = record[field]
     if isinstance(value, bytes):
@@ -780,9 +723,8 @@ def build_preferences(
   Raises:
     DataError: an invalid record (when not `skip_invalid`); nothing is written.
   """
-  builder = PreferenceFiles(paths=paths, skip_invalid=skip_invalid, data_dir=os.fspath(data_dir))
-  builder.download_and_prepare(download_dir=os.path.join(os.fspath(data_dir), "downloads"))
-  return builder
+  config = PreferenceFilesConfig.from_paths(paths, skip_invalid=skip_invalid)
+  return prepare(PreferenceFiles, config, data_dir)
 
 
 def build_testbed_preferences(
@@ -808,13 +750,7 @@ def build_testbed_preferences(
   Returns:
     The prepared builder: `.source(split)`, `.content_hash`, `.num_skipped`.
   """
-  builder = TestbedPreferences(
-    n=n,
-    seed=seed,
-    testbed_config=testbed_config,
-    split=split,
-    include_anchors=include_anchors,
-    data_dir=os.fspath(data_dir),
+  config = TestbedPreferencesConfig.from_args(
+    n, seed, testbed_config, split=split, include_anchors=include_anchors
   )
-  builder.download_and_prepare(download_dir=os.path.join(os.fspath(data_dir), "downloads"))
-  return builder
+  return prepare(TestbedPreferences, config, data_dir)

@@ -35,7 +35,8 @@ def _expected(records):
 
 
 def _read_all(source):
-  return [source[i] for i in range(len(source))]
+  """The records without their provenance (`line`, tested on its own)."""
+  return [{k: v for k, v in source[i].items() if k != "line"} for i in range(len(source))]
 
 
 def test_round_trip_keeps_records_and_order(tmp_path):
@@ -46,7 +47,10 @@ def test_round_trip_keeps_records_and_order(tmp_path):
   source = builder.source("train")
   assert len(source) == len(RECORDS)
   assert _read_all(source) == _expected(RECORDS)
-  assert source.__getitems__([4, 0]) == _expected([RECORDS[4], RECORDS[0]])
+  got = source.__getitems__([4, 0])
+  assert [{k: r[k] for k in ("prompt", "response")} for r in got] == _expected(
+    [RECORDS[4], RECORDS[0]]
+  )
   # The bytes on disk are array_record shards inside the builder's directory.
   shards = glob.glob(os.path.join(builder.data_dir, "sft_jsonl-train.array_record-*"))
   assert len(shards) == 1
@@ -197,3 +201,54 @@ def test_builder_needs_paths_or_config(tmp_path):
     SftJsonl(data_dir=str(tmp_path))
   with pytest.raises(ValueError, match="no input files"):
     build_sft_jsonl([], tmp_path / "data")
+
+
+def test_records_know_their_file_and_line(tmp_path):
+  # Blank lines are skipped but still counted, so the line matches an editor's.
+  first = _write_jsonl(tmp_path / "a.jsonl", [RECORDS[0], "", "   ", *RECORDS[1:3]])
+  second = _write_jsonl(tmp_path / "b.jsonl", RECORDS[3:])
+  builder = build_sft_jsonl([first, second], tmp_path / "data")
+  source = builder.source("train")
+  assert [source[i]["line"] for i in range(len(source))] == [1, 4, 5, 1, 2]
+  assert source.where(2) == f"{first}:5"
+  assert source.where(3) == f"{second}:1"
+  assert source.file_of(4) == second
+  assert builder.file_counts("train") == [(first, 3, "line"), (second, 2, "line")]
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_a_file_without_records_is_an_error_naming_it(tmp_path, content):
+  # TFDS used to fail with "No examples were yielded" and no file name.
+  good = _write_jsonl(tmp_path / "good.jsonl", RECORDS[:2])
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text(content)
+  with pytest.raises(DataError, match=f"{empty}: the file has no records"):
+    build_sft_jsonl([good, str(empty)], tmp_path / "data")
+
+
+def test_a_file_whose_records_are_all_invalid_is_an_error_even_when_skipping(tmp_path):
+  bad = _write_jsonl(tmp_path / "bad.jsonl", ['{"prompt": "p"}', "not json"])
+  with pytest.raises(
+    DataError, match=r"bad.jsonl: all 2 records are invalid \(first: .*bad.jsonl:1"
+  ):
+    build_sft_jsonl([bad], tmp_path / "data", skip_invalid=True)
+
+
+def test_a_damaged_built_dataset_is_moved_aside_and_rebuilt(tmp_path, caplog):
+  path = _write_jsonl(tmp_path / "a.jsonl", RECORDS)
+  builder = build_sft_jsonl([path], tmp_path / "data")
+  directory = str(builder.data_dir)
+  (shard,) = glob.glob(os.path.join(directory, "sft_jsonl-train.array_record-*"))
+  with open(shard, "r+b") as f:  # flip bytes in the middle of the record data
+    f.seek(os.path.getsize(shard) // 2)
+    f.write(b"\xff\xff\xff\xff")
+  rebuilt = build_sft_jsonl([path], tmp_path / "data")
+  assert _read_all(rebuilt.source()) == _expected(RECORDS)
+  (aside,) = glob.glob(directory + ".damaged-*")  # kept, not deleted
+  assert os.path.exists(os.path.join(aside, os.path.basename(shard)))
+  assert any("is damaged" in r.getMessage() and directory in r.getMessage() for r in caplog.records)
+  # A garbled dataset_info.json is damage too.
+  with open(os.path.join(directory, "dataset_info.json"), "w") as f:
+    f.write("{not json")
+  again = build_sft_jsonl([path], tmp_path / "data")
+  assert _read_all(again.source()) == _expected(RECORDS)

@@ -144,6 +144,7 @@ def test_bad_arguments_are_refused():
 
 def test_array_record_source_matches_a_list_source(tmp_path):
   records = [{"prompt": f"question {i}", "response": f"answer {i} é"} for i in range(13)]
+  records_with_lines = [{**r, "line": i + 1} for i, r in enumerate(records)]
   path = tmp_path / "sft.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
   source = build_sft_jsonl([path], tmp_path / "data").source()
@@ -160,7 +161,7 @@ def test_array_record_source_matches_a_list_source(tmp_path):
     )
     return [{k: v.tolist() for k, v in b.items()} for b in loader]
 
-  from_disk, from_list = batches(source), batches(records)
+  from_disk, from_list = batches(source), batches(records_with_lines)
   assert len(from_disk) == 6
   assert from_disk == from_list
   assert from_disk[0]["prompt"][0].startswith("question")

@@ -86,7 +86,8 @@ def _write_parquet(path, records, schema=None):
 
 
 def _read_all(source):
-  return [source[i] for i in range(len(source))]
+  """The records without their provenance (`line`, tested on its own)."""
+  return [{k: v for k, v in source[i].items() if k != "line"} for i in range(len(source))]
 
 
 def test_jsonl_round_trip_fills_defaults_and_keeps_order(tmp_path):
@@ -356,3 +357,36 @@ def test_policy_pairs_through_jsonl_equal_the_testbed_builder(tmp_path):
   assert len(from_file) == len(direct) == 150
   for got, want in zip(from_file, direct, strict=True):
     _same(got, want)
+
+
+def test_a_corrupt_parquet_page_names_the_file(tmp_path):
+  # Arrow raises a bare OSError ("Corrupt snappy compressed data") that names no file.
+  rows = [{**GOOD, "prompt": f"prompt {i} " * 20} for i in range(2000)]
+  path = tmp_path / "corrupt.parquet"
+  pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=500, compression="snappy")
+  data = bytearray(path.read_bytes())
+  middle = len(data) // 2
+  data[middle : middle + 64] = bytes(64)
+  path.write_bytes(bytes(data))
+  with pytest.raises(DataError, match=rf"{path}: cannot read the rows after row \d+"):
+    build_preferences([str(path)], tmp_path / "data", skip_invalid=True)
+
+
+def test_parquet_records_know_their_row(tmp_path):
+  jsonl = _write_jsonl(tmp_path / "a.jsonl", [GOOD, "", GOOD])
+  parquet = _write_parquet(tmp_path / "b.parquet", [GOOD, GOOD])
+  source = build_preferences([jsonl, parquet], tmp_path / "data").source()
+  assert [source.where(i) for i in range(4)] == [
+    f"{jsonl}:1",
+    f"{jsonl}:3",
+    f"{parquet}: row 1",
+    f"{parquet}: row 2",
+  ]
+
+
+def test_an_empty_preference_file_is_an_error_naming_it(tmp_path):
+  empty = _write_parquet(
+    tmp_path / "empty.parquet", [], schema=pa.schema([("prompt", pa.string())])
+  )
+  with pytest.raises(DataError, match=f"{empty}: the file has no records"):
+    build_preferences([_write_jsonl(tmp_path / "a.jsonl", [GOOD]), empty], tmp_path / "data")
