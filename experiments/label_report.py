@@ -27,11 +27,11 @@ import json
 import math
 import os
 import sys
-import tempfile
 from typing import Any
 
 from absl import app, flags
 
+from rlhf_jax import utils
 from rlhf_jax.data import agreement, preferences, testbed
 from rlhf_jax.data.builders import DataError
 
@@ -108,17 +108,8 @@ def _jsonable(value: Any) -> Any:
 def write_json(report: dict[str, Any], path: str) -> None:
   """Strict JSON (NaN as null), written atomically."""
   text = json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n"
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  handle, tmp_path = tempfile.mkstemp(dir=directory, prefix=".label_report.", suffix=".tmp")
-  try:
-    with os.fdopen(handle, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    raise
+  with utils.atomic_open(path) as f:
+    f.write(text)
 
 
 def _number(value: float, width: int, digits: int = 3) -> str:

@@ -37,7 +37,6 @@ import os
 import pkgutil
 import re
 import sys
-import tempfile
 import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -48,7 +47,7 @@ from absl import logging
 from ml_collections.config_flags import config_path
 from ml_collections.config_flags.config_flags import UnsupportedOperationError
 
-from rlhf_jax import errors
+from rlhf_jax import errors, utils
 
 CONFIG_FILENAME = "config.json"
 TRAINERS_PACKAGE = "rlhf_jax.trainers"
@@ -352,17 +351,8 @@ def write_config_json(config: ml_collections.ConfigDict, workdir: str) -> str:
   path = os.path.join(workdir, CONFIG_FILENAME)
   if os.path.exists(path):
     _warn_if_changed(path, json.loads(text))
-  handle, tmp_path = tempfile.mkstemp(dir=workdir, prefix=f".{CONFIG_FILENAME}.", suffix=".tmp")
-  try:
-    with os.fdopen(handle, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    raise
+  with utils.atomic_open(path) as f:
+    f.write(text)
   return path
 
 

@@ -33,7 +33,6 @@ import os
 import re
 import socket
 import struct
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -42,7 +41,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from rlhf_jax import errors
+from rlhf_jax import errors, utils
 
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_DIRNAME = "tensorboard"
@@ -318,17 +317,8 @@ class MetricWriter:
     if new_text == text:
       return
     # Write aside and rename, so a crash here leaves either the old or the new file whole.
-    fd, tmp_path = tempfile.mkstemp(dir=self.workdir, prefix=".metrics.", suffix=".tmp")
-    try:
-      with os.fdopen(fd, "w", encoding="utf-8") as tmp:
-        tmp.write(new_text)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-      os.replace(tmp_path, self.path)
-    except BaseException:
-      if os.path.exists(tmp_path):
-        os.remove(tmp_path)
-      raise
+    with utils.atomic_open(self.path) as tmp:
+      tmp.write(new_text)
 
   @property
   def tensorboard_path(self) -> str | None:

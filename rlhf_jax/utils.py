@@ -1,18 +1,59 @@
-"""Small helpers every layer may use: atomic JSON and JSONL files.
+"""Small helpers every layer may use: atomic files, JSON and JSONL.
 
 A reader (another stage, a resumed run, a report) must never see half a
 file: each writer goes to a temporary file in the same directory, then
-`os.replace`s it into place.
+`os.replace`s it into place. The file gets the permissions an ordinary
+`open(path, "w")` would give (0666 less the umask), not the 0600 of a
+temporary file, so other users and tools can read a run's outputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterable, Mapping
-from typing import Any
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from typing import IO, Any
 
 import numpy as np
+
+
+def _file_mode() -> int:
+  umask = os.umask(0)
+  os.umask(umask)
+  return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
+  """`with atomic_open(path) as f:` writes f to `path` atomically, or leaves it untouched.
+
+  The temp file lives next to `path` (os.replace is atomic within one filesystem)
+  and is flushed to disk before the rename; on an exception it is removed. The
+  directory is created. `mode` is "w" (UTF-8 text) or "wb".
+  """
+  path = os.fspath(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  handle, tmp_path = tempfile.mkstemp(
+    dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
+  )
+  try:
+    os.fchmod(handle, _FILE_MODE)
+    encoding = None if "b" in mode else "utf-8"
+    with os.fdopen(handle, mode, encoding=encoding) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+  except BaseException:
+    if os.path.exists(tmp_path):
+      os.remove(tmp_path)
+    raise
 
 
 def _plain(value: Any) -> Any:
@@ -22,17 +63,12 @@ def _plain(value: Any) -> Any:
 
 def write_json_atomic(path: str, obj: Any) -> None:
   """Writes `obj` as indented JSON with sorted keys, atomically."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
+  with atomic_open(path) as f:
     json.dump(obj, f, indent=2, sort_keys=True, default=_plain)
-  os.replace(tmp, path)
 
 
 def write_jsonl_atomic(path: str, records: Iterable[Mapping[str, Any]]) -> None:
   """Writes one JSON object per line, atomically; the directory is created."""
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
+  with atomic_open(path) as f:
     for record in records:
       f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
-  os.replace(tmp, path)

@@ -63,7 +63,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -71,6 +70,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from rlhf_jax import utils
 from rlhf_jax.data import testbed
 from rlhf_jax.data.builders import (
   _MAX_RECORDED_ERRORS,
@@ -327,30 +327,19 @@ def write_preference_jsonl(
   kept), atomically: a temp file in the same folder, renamed into place.
   """
   path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  handle, tmp_path = tempfile.mkstemp(dir=directory, prefix=".preferences.", suffix=".tmp")
   written = 0
-  try:
-    with os.fdopen(handle, "w", encoding="utf-8") as f:
-      for record in records:
-        plain = _plain(record)
-        line = written + 1
-        try:
-          validate_preference(plain, lambda m, field: DataError(path, line, m, field))
-        except DataError:
-          if skip_invalid:
-            continue
-          raise
-        f.write(json.dumps(plain, ensure_ascii=False, allow_nan=False) + "\n")
-        written += 1
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    raise
+  with utils.atomic_open(path) as f:
+    for record in records:
+      plain = _plain(record)
+      line = written + 1
+      try:
+        validate_preference(plain, lambda m, field: DataError(path, line, m, field))
+      except DataError:
+        if skip_invalid:
+          continue
+        raise
+      f.write(json.dumps(plain, ensure_ascii=False, allow_nan=False) + "\n")
+      written += 1
   return written
 
 

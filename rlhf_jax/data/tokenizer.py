@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 import sentencepiece as spm
+
+from rlhf_jax import utils
 
 PAD_ID = 0
 EOS_ID = 1
@@ -56,26 +57,8 @@ _RESERVED_TRAINER_OPTIONS = frozenset(
 
 def _atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
   """Writes `data` to `path` so readers see either the old file or the whole new one."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  # The temp file must live in the target directory: os.replace is only
-  # atomic within one filesystem.
-  fd, tmp_path = tempfile.mkstemp(
-    dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
-  )
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-  except BaseException:
-    try:
-      os.unlink(tmp_path)
-    except FileNotFoundError:
-      pass
-    raise
+  with utils.atomic_open(path, "wb") as f:
+    f.write(data)
 
 
 class Tokenizer:

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 import ml_collections
 import numpy as np
 
+from rlhf_jax import utils
 from rlhf_jax.data.testbed.config import default_config
 from rlhf_jax.data.testbed.language import Language
 from rlhf_jax.data.testbed.raters import RaterPanel
@@ -103,10 +103,8 @@ def write_sft_jsonl(
     if n <= 0:
       continue
     path = os.path.join(directory, f"testbed_sft_{split}.jsonl")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{split}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with utils.atomic_open(path) as f:
       for example in sft_examples(n, split_seed, config, split=split):
         f.write(json.dumps(example) + "\n")
-    os.replace(tmp, path)
     paths[split] = [path]
   return paths
