@@ -18,7 +18,8 @@ statistics are defined in rlhf_jax/data/agreement.py. When every record carries 
 (the testbed's data), the noise ceiling (testbed.noise_ceiling) is reported too.
 
 A malformed file stops with the DataError's message (file, line or row, field) and exit
-status 1, without a traceback; so does a file without rater ids.
+status 2, without a traceback; so does a file without rater ids, or one whose pair_id names
+two different pairs.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 
 from absl import app, flags
 
-from rlhf_jax import utils
+from rlhf_jax import errors, utils
 from rlhf_jax.data import agreement, preferences, testbed
 from rlhf_jax.data.builders import DataError
 
@@ -78,18 +79,22 @@ def make_report(
   """The report for one file, as written to JSON (before NaN becomes null).
 
   Raises:
-    DataError: an invalid record (unless skip_invalid).
-    ValueError: no record has a rater id, or one pair_id names different pairs.
+    DataError: an invalid record (unless skip_invalid), no record with a rater id, or a
+      pair_id naming different pairs.
   """
   skipped: list[DataError] = []
   records = preferences.read_preferences(path, skip_invalid=skip_invalid, skipped=skipped)
   if not any(r["rater_id"] for r in records):
-    raise ValueError(f"{path}: no record has a rater_id; agreement needs to know who labelled")
+    raise DataError(path, 0, "no record has a rater_id; agreement needs to know who labelled")
+  try:
+    panel = agreement.panel_report(records, pair_key=pair_key, min_shared=min_shared)
+  except ValueError as error:  # a pair_id that names two different pairs of texts
+    raise DataError(path, 0, str(error)) from None
   report = {
     "data": os.path.abspath(path),
     "num_skipped": len(skipped),
     "skipped_errors": [str(e) for e in skipped[:20]],
-    **agreement.panel_report(records, pair_key=pair_key, min_shared=min_shared),
+    **panel,
   }
   report["noise_ceiling"] = ceiling(records)
   return report
@@ -179,9 +184,13 @@ def main(argv: list[str]) -> None:
       pair_key=_PAIR_KEY.value,
       min_shared=_MIN_SHARED.value,
     )
-  except (DataError, OSError, ValueError) as error:
+  except errors.Error as error:
     # The message names what to fix (file, line, field); a traceback would bury it.
-    sys.exit(f"FATAL {type(error).__name__}: {error}")
+    sys.stderr.write("\n".join(error.lines()) + "\n")
+    sys.exit(errors.EXIT_CODE)
+  except OSError as error:  # a missing or unreadable file: its name is in the message
+    sys.stderr.write(f"FATAL data error: {error}\n")
+    sys.exit(errors.EXIT_CODE)
   out = _OUT.value or default_out_path(path)
   print(format_report(report))
   write_json(report, out)

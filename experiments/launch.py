@@ -11,6 +11,9 @@ r"""Launches one run: a config file and its overrides go to the trainer the conf
   --[no]jax_distributed call jax.distributed.initialize() first. Unset means auto: on when
                         the environment shows a multi-process job (JAX_COORDINATOR_ADDRESS,
                         SLURM_NTASKS>1, OMPI_COMM_WORLD_SIZE>1, a TPU pod's host list).
+  --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+                        a multi-process job JAX's cluster detection does not see (e.g. two
+                        processes on one machine; on CPU they talk through gloo).
   --verbose             also print the traceback of rlhf_jax's own errors.
 
 Errors: bad input (a malformed data file, a config value out of range, a damaged checkpoint,
@@ -46,6 +49,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder; default runs/<confi
 _JAX_DISTRIBUTED = flags.DEFINE_bool(
   "jax_distributed", None, "Call jax.distributed.initialize(); unset = detect a cluster."
 )
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0 (multi-process jobs JAX does not detect)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the job.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show tracebacks of rlhf_jax's own errors too.")
 flags.mark_flag_as_required("config")
 
@@ -85,11 +93,7 @@ def report(error: errors.Error, *, verbose: bool, top_workdir: str | None = None
 
 def _exit(code: int) -> None:
   if jax.process_count() > 1:
-    # jax.distributed's exit handler would wait for the other processes at a shutdown
-    # barrier; their watchdogs end them instead (distributed.start_watchdog).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    distributed.exit_job(code)  # process 0 lets the others see the failure first
   sys.exit(code)
 
 
@@ -97,7 +101,12 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}", exitcode=errors.EXIT_CODE)
   # Before anything touches devices; jax.process_index() below already does.
-  config_utils.maybe_initialize_distributed(_JAX_DISTRIBUTED.value)
+  config_utils.maybe_initialize_distributed(
+    _JAX_DISTRIBUTED.value,
+    coordinator_address=_COORDINATOR.value,
+    num_processes=_NUM_PROCESSES.value,
+    process_id=_PROCESS_ID.value,
+  )
   distributed.start_watchdog()
   if jax.process_index() != 0 and not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
@@ -115,15 +124,17 @@ def main(argv: list[str]) -> None:
     config_utils.run(config, workdir)
   except errors.Error as error:
     # The message says what to fix; a traceback into the framework would only bury it.
-    distributed.report_fatal(str(error))
     report(error, verbose=_VERBOSE.value, top_workdir=workdir)
+    if isinstance(error, errors.DistributedError):
+      distributed.acknowledge()  # another process failed first and told everyone
+    else:
+      distributed.report_fatal(str(error))
     _exit(errors.EXIT_CODE)
   except BaseException as error:
-    if not isinstance(error, SystemExit | KeyboardInterrupt):
+    if not isinstance(error, SystemExit | KeyboardInterrupt) and jax.process_count() > 1:
+      traceback.print_exception(error)
       distributed.report_fatal(f"{type(error).__name__}: {error}")
-      if jax.process_count() > 1:
-        traceback.print_exception(error)
-        _exit(1)
+      _exit(1)
     raise
 
 

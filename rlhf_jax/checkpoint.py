@@ -10,8 +10,8 @@ Typical trainer use:
 
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_interval_steps=config.ckpt_every)
   ckpt.install_sigterm_handler()
-  if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(target=abstract_state)  # lands in abstract_state's shardings
+  if start_step := ckpt.latest_intact_step():  # damaged newer steps are set aside first
+    state, meta = ckpt.restore(start_step, target=abstract_state)  # in its shardings
   for step in range(first_step, total_steps + 1):
     state = update(state, batch)
     ckpt.save(step, state, {"loader": loader.get_state()})  # only every save_interval_steps
@@ -21,22 +21,39 @@ Typical trainer use:
   ckpt.close()  # waits for the async save to commit, restores the old SIGTERM handler
 
 Orbax does the hard parts: async saves, keep-last-N, only process 0 writing shared files, and
-atomic commits (a step is written under `<step>.orbax-checkpoint-tmp-<time>` and renamed when
+atomic commits (a step is written under `<step>.orbax-checkpoint-tmp` and renamed when
 complete, so an interrupted save never looks like a checkpoint). This file adds what trainers
-need on top: typed PRNG keys, a readable error on a shape or structure mismatch, and a SIGTERM
-flag for preemption.
+need on top: typed PRNG keys, a readable error on a shape or structure mismatch, a SIGTERM
+flag for preemption, and an integrity check.
+
+Integrity: Orbax never checks a committed step's bytes again, so altered bytes may restore as
+silently different values, and an emptied item or a garbled metadata file fails with a bare
+KeyError or JSONDecodeError naming no folder. Each step therefore carries a checksum manifest
+(see `_MANIFEST`). `latest_intact_step()` and `restore()` without a step check the newest step
+first; a damaged one is renamed aside to `<step>.damaged-<UTC time>`, with a warning (never
+deleted; Orbax no longer lists it, so the step number can be saved again), and the newest intact
+older step is used. `restore(step)` of a damaged step raises a CheckpointError instead.
 """
 
+import collections
+import hashlib
+import json
 import logging
 import os
+import re
 import signal
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
+
+from rlhf_jax import distributed, errors
 
 PyTree = Any
 
@@ -130,6 +147,130 @@ def _mismatches(saved: dict, expected: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Integrity: a checksum manifest in every step directory
+# ---------------------------------------------------------------------------------------------
+# `<step>/_CHECKSUMS.json` holds the sha256 of every file of the step. Orbax's post-finalization
+# hook writes it into the still temporary step directory, after every process has written its
+# files and just before the commit rename, so the manifest commits atomically with the step: no
+# committed step lacks one (no window for a kill), and nothing is computed later. Orbax ignores
+# the file (it reads only its item folders) and deletes it with the step (keep-last-N).
+#
+# Orbax rewrites two top-level files after the hook, the commit time in _CHECKPOINT_METADATA and
+# the marker commit_success.txt, so those are not hashed; _CHECKPOINT_METADATA must be present
+# and parse as a JSON object instead.
+
+_MANIFEST = "_CHECKSUMS.json"
+_STEP_METADATA = "_CHECKPOINT_METADATA"
+_COMMIT_MARKER = "commit_success.txt"
+_UNHASHED = frozenset({_MANIFEST, _STEP_METADATA, _COMMIT_MARKER})  # top-level names only
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a step directory before its commit
+# `<step>.damaged-<UTC time>`: Orbax lists only all-digit names as steps, and its tmp cleanup
+# deletes only names with _TMP_SUFFIX (or, on GCS, folders without commit_success.txt, which a
+# committed step has).
+_ASIDE = ".damaged-"
+_STEP_NAME = re.compile(r"^(0|[1-9]\d*)$")  # Orbax's step folder names (no prefix, no padding)
+_LISTED_FILES = 3
+
+
+def committed_steps(directory: str | os.PathLike) -> list[int]:
+  """Steps committed in a checkpoint `directory`, oldest first, from the folder names alone.
+
+  For a quick look from outside a run (is a stage's checkpoint past its export?): unlike a
+  `Checkpointer`, it creates, deletes and verifies nothing.
+  """
+  path = epath.Path(directory)
+  if not path.is_dir():
+    return []
+  return sorted(int(p.name) for p in path.iterdir() if _STEP_NAME.match(p.name) and p.is_dir())
+
+
+def _data_files(step_dir: epath.Path) -> dict[str, epath.Path]:
+  """Every file under `step_dir` by relative posix path, less the top-level unhashed ones."""
+  files = {}
+  pending = [(step_dir, "")]
+  while pending:
+    folder, prefix = pending.pop()
+    for entry in folder.iterdir():
+      relative = prefix + entry.name
+      if entry.is_dir():
+        pending.append((entry, relative + "/"))
+      elif prefix or entry.name not in _UNHASHED:
+        files[relative] = entry
+  return files
+
+
+def _sha256(path: epath.Path) -> str:
+  digest = hashlib.sha256()
+  with path.open("rb") as f:
+    while chunk := f.read(1 << 20):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _write_manifest(step_dir: epath.Path) -> None:
+  files = {name: _sha256(path) for name, path in sorted(_data_files(step_dir).items())}
+  text = json.dumps({"algorithm": "sha256", "files": files}, indent=1)
+  (step_dir / _MANIFEST).write_text(text)
+
+
+def _listed(names: list[str]) -> str:
+  shown = ", ".join(names[:_LISTED_FILES])
+  more = len(names) - _LISTED_FILES
+  return f"{shown} (and {more} more)" if more > 0 else shown
+
+
+def _read_json_object(path: epath.Path) -> dict[str, Any] | None:
+  """The JSON object in `path`, or None when the file is unreadable or holds something else."""
+  try:
+    value = json.loads(path.read_text())
+  except (OSError, ValueError):  # ValueError: JSONDecodeError and UnicodeDecodeError
+    return None
+  return value if isinstance(value, dict) else None
+
+
+def _file_problems(step_dir: epath.Path) -> tuple[list[str], bool]:
+  """What is wrong with the files of a step directory, and whether it has a manifest.
+
+  Reads and hashes every file, but nothing through Orbax. Without a manifest only
+  _CHECKPOINT_METADATA can be checked here.
+  """
+  problems = []
+  has_manifest = (step_dir / _MANIFEST).exists()
+  if not (step_dir / _STEP_METADATA).exists():
+    if has_manifest:
+      problems.append(f"{_STEP_METADATA} is missing")
+  elif _read_json_object(step_dir / _STEP_METADATA) is None:
+    problems.append(f"{_STEP_METADATA} is garbled (not a JSON object)")
+  if not has_manifest:
+    return problems, False
+  manifest = _read_json_object(step_dir / _MANIFEST)
+  expected = (manifest or {}).get("files")
+  if not isinstance(expected, dict) or not all(isinstance(v, str) for v in expected.values()):
+    return [*problems, f"its checksum manifest {_MANIFEST} is garbled"], True
+  actual = _data_files(step_dir)
+  missing = sorted(expected.keys() - actual.keys())
+  # An item folder emptied or removed as a whole is named once, not file by file.
+  for item in sorted({name.split("/")[0] for name in expected if "/" in name}):
+    if not any(name.startswith(item + "/") for name in actual):
+      state = "empty" if (step_dir / item).is_dir() else "missing"
+      problems.append(f"{item}/ is {state}")
+      missing = [name for name in missing if not name.startswith(item + "/")]
+  altered = [
+    n for n in sorted(expected.keys() & actual.keys()) if _sha256(actual[n]) != expected[n]
+  ]
+  extra = sorted(actual.keys() - expected.keys())
+  for what, names in (("checksum mismatch in", altered), ("missing", missing), ("extra", extra)):
+    if names:
+      problems.append(f"{what} {_listed(names)}")
+  return problems, True
+
+
+def _brief(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {lines[0][:300] if lines else ''}".rstrip(": ")
+
+
+# ---------------------------------------------------------------------------------------------
 # Preemption
 # ---------------------------------------------------------------------------------------------
 
@@ -216,7 +357,8 @@ class Checkpointer:
   """Saves and restores trainer state in `directory` (`<workdir>/checkpoints`).
 
   Every process must make the same calls in the same order: saving and restoring are collective
-  when the state is sharded across hosts.
+  when the state is sharded across hosts. Process 0 writes the checksum manifests, checks steps
+  and sets damaged ones aside; the others follow its verdict.
 
   Args:
     directory: root of the step directories; created if missing. Local or any path Orbax reads
@@ -226,7 +368,8 @@ class Checkpointer:
     save_interval_steps: `save(step, ...)` writes only when `step % save_interval_steps == 0`
       (or at a multi-host preemption sync point), unless `force=True`.
     async_save: write in a background thread; `save` returns once arrays are copied off the
-      device, so the caller may donate or overwrite the state right away.
+      device, so the caller may donate or overwrite the state right away. Otherwise `save`
+      returns once the step is committed.
   """
 
   def __init__(
@@ -241,6 +384,12 @@ class Checkpointer:
     directory = os.fspath(directory)
     # Tensorstore wants absolute local paths; remote ones (gs://) already are.
     self.directory = directory if "://" in directory else os.path.abspath(directory)
+    self._async_save = async_save
+    # Steps handed to Orbax whose commit hook has not run yet, oldest first (process 0 only).
+    self._committing: collections.deque[int] = collections.deque()
+    self._lock = threading.Lock()
+    self._verified: set[int] = set()  # steps whose manifest matched (process 0 only)
+    self._unverified_warned: set[int] = set()
     registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
     for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
       registry.add(_STATE, args, ocp.handlers.StandardCheckpointHandler)
@@ -258,7 +407,10 @@ class Checkpointer:
       ),
       # The policy form of `max_to_keep`, which Orbax deprecates as an option.
       preservation_policy=policies.LatestN(n=max_to_keep),
-      enable_async_checkpointing=async_save,
+      # Always Orbax's async checkpointer: only it runs the post-finalization hook that writes
+      # the manifest. A synchronous save waits for the commit in `save`.
+      enable_async_checkpointing=True,
+      async_options=ocp.options.AsyncOptions(post_finalization_callback=self._on_finalized),
       # Leftovers of an interrupted save are never read as checkpoints; delete them on start.
       cleanup_tmp_directories=True,
       create=True,
@@ -271,16 +423,36 @@ class Checkpointer:
   # -- Steps ----------------------------------------------------------------------------------
 
   def latest_step(self) -> int | None:
-    """The newest step, or None when there is none.
+    """The newest step, or None when there is none; its files are not checked.
 
     Counts a save of this process still in flight (restore waits for it), never the leftover of
-    a save that was interrupted.
+    a save that was interrupted. To decide where to resume, use `latest_intact_step`.
     """
     return self._manager.latest_step()
 
   def all_steps(self) -> list[int]:
     """Saved steps, oldest first (as `latest_step`)."""
     return sorted(self._manager.all_steps())
+
+  def latest_intact_step(self) -> int | None:
+    """The newest step that passes the integrity check, or None when nothing is saved.
+
+    Newer damaged steps are renamed aside with a warning (see `restore`), so the caller resumes
+    from the returned step and saves the later step numbers again. No restore target is
+    needed: a step with a manifest is checked by its checksums; one without (see `restore`) by
+    reading its metadata through Orbax. A later `restore(step, ...)` does not hash it again.
+
+    Raises:
+      CheckpointError: steps are saved but none is intact (all are now set aside).
+    """
+    self.wait()
+    if not self._manager.all_steps():
+      return None
+    problems: list[str] = []
+    step = self._newest_intact(problems)
+    if step is None:
+      raise self._nothing_intact(problems)
+    return step
 
   # -- Save -----------------------------------------------------------------------------------
 
@@ -302,19 +474,86 @@ class Checkpointer:
         _META: ocp.args.JsonSave(dict(meta or {})),
       }
     )
-    return self._manager.save(step, args=args, force=force)
+    primary = jax.process_index() == 0
+    if primary:
+      with self._lock:
+        self._committing.append(step)
+    saved = False
+    try:
+      saved = self._manager.save(step, args=args, force=force)
+    except BaseException:
+      # Orbax waits for the previous save first; when that failed, its hook never runs.
+      with self._lock:
+        self._committing.clear()
+      raise
+    finally:
+      if primary and not saved:
+        with self._lock:
+          if step in self._committing:
+            self._committing.remove(step)
+    if saved and not self._async_save:
+      self.wait()
+    return saved
 
   def wait(self) -> None:
     """Blocks until every started save is committed (renamed from its tmp directory)."""
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except BaseException:  # a failed save never reaches the hook that would take its step
+      with self._lock:
+        self._committing.clear()
+      raise
+
+  def _on_finalized(self) -> None:
+    """Orbax's post-finalization hook (process 0, save thread): writes the step's manifest.
+
+    Runs after every process has written its files and before the commit rename, so the step
+    directory still has its temporary name.
+    """
+    with self._lock:
+      step = self._committing.popleft() if self._committing else None
+    if step is None:
+      return
+    root = epath.Path(self.directory)
+    step_dir = root / f"{step}{_TMP_SUFFIX}"
+    if not step_dir.exists():
+      # Other Orbax versions add a timestamp; on GCS the step is written in place.
+      candidates = sorted(root.glob(f"{step}{_TMP_SUFFIX}*"))
+      step_dir = candidates[-1] if candidates else root / str(step)
+    try:
+      _write_manifest(step_dir)
+    except Exception as error:  # The step is still good: keep it, unverified, and say so.
+      logging.warning(
+        "Could not write the checksum manifest of checkpoint %s (%s); it will be restored "
+        "without its bytes being verified.",
+        self._step_dir(step),
+        _brief(error),
+      )
+      try:
+        (step_dir / _MANIFEST).unlink(missing_ok=True)  # a partial one would read as damage
+      except OSError:
+        pass
 
   # -- Restore --------------------------------------------------------------------------------
 
   def restore(self, step: int | None = None, *, target: PyTree) -> tuple[PyTree, dict[str, Any]]:
-    """Restores checkpoint `step` (the latest when None) into the layout of `target`.
+    """Restores checkpoint `step` (the newest intact one when None) into the layout of `target`.
+
+    Before Orbax reads anything, the step's files are checked against its checksum manifest:
+    altered bytes, missing or extra files (an emptied `state/`), a garbled manifest or
+    _CHECKPOINT_METADATA all make it damaged. A step without a manifest (saved before manifests
+    were kept, or whose manifest write failed) cannot be checked byte by byte: it is accepted,
+    with a warning, only if Orbax reads it without error, since refusing it would throw away
+    good older checkpoints and failing on read is the only damage left to detect.
+
+    With `step=None`, a damaged step (or one without a manifest that Orbax fails to read) is
+    renamed to `<step>.damaged-<UTC time>` in the same folder, with a warning naming it and the
+    problem, and the next older step is tried. Nothing is deleted, Orbax no longer lists it, and
+    the step number can be saved again. An Orbax failure on a step whose checksums matched is
+    not damage (the files are exactly as saved) and is raised as is.
 
     Args:
-      step: which step; None for the latest committed one.
+      step: which step; None for the newest intact one.
       target: the abstract state: a pytree of `jax.ShapeDtypeStruct` with `.sharding` set
         (`jax.eval_shape` of the init function plus shardings), or of concrete arrays whose
         shape, dtype and sharding are used. Arrays are read straight into those shardings,
@@ -326,25 +565,57 @@ class Checkpointer:
       keys of the target's implementation); meta the dict given to `save`.
 
     Raises:
-      FileNotFoundError: nothing is saved in the directory (call `latest_step()` first to
-        decide between a fresh start and a resume), or `step` is not a committed checkpoint.
-      ValueError: the checkpoint does not fit `target` (another model size, a missing or extra
-        parameter); the message names the step directory and the offending parameter paths
-        with saved and expected shapes.
+      FileNotFoundError: nothing is saved in the directory (call `latest_intact_step()` first
+        to decide between a fresh start and a resume), or `step` is not a committed checkpoint.
+      CheckpointError: the checkpoint does not fit `target` (another model size, a missing or
+        extra parameter; the message names the step directory and the offending parameter
+        paths with saved and expected shapes); the given `step` is damaged (no fallback when a
+        step was asked for); or, with `step=None`, no intact step is left.
     """
     # The step may still be in flight from an async save of this process: let it commit first.
     self.wait()
-    if step is None:
-      step = self.latest_step()
-      if step is None:
-        raise FileNotFoundError(f"No committed checkpoint in {self.directory}.")
-    elif step not in self._manager.all_steps():
-      raise FileNotFoundError(
-        f"No committed checkpoint for step {step} in {self.directory}; "
-        f"committed steps: {self.all_steps()}."
-      )
-
     abstract = jax.tree.map(_abstract_leaf, target)
+    if step is not None:
+      if step not in self._manager.all_steps():
+        raise FileNotFoundError(
+          f"No committed checkpoint for step {step} in {self.directory}; "
+          f"committed steps: {self.all_steps()}."
+        )
+      return self._restore_asked_step(step, abstract, target)
+    if not self._manager.all_steps():
+      raise FileNotFoundError(f"No committed checkpoint in {self.directory}.")
+    problems: list[str] = []
+    while (step := self._newest_intact(problems)) is not None:
+      try:
+        return self._restore_step(step, abstract, target)
+      except errors.CheckpointError:  # the target does not fit: no older step would either
+        raise
+      except Exception as error:
+        if self._has_manifest(step):
+          raise
+        problems.append(self._set_aside_everywhere(step, f"Orbax cannot read it ({_brief(error)})"))
+    raise self._nothing_intact(problems)
+
+  def _restore_asked_step(self, step: int, abstract: PyTree, target: PyTree):
+    problem = self._agreed_problem(step)
+    if problem is None:
+      try:
+        return self._restore_step(step, abstract, target)
+      except errors.CheckpointError:
+        raise
+      except Exception as error:
+        if self._has_manifest(step):
+          raise
+        problem, cause = f"Orbax cannot read it ({_brief(error)})", error
+    else:
+      cause = None
+    raise errors.CheckpointError(
+      f"Checkpoint {self._step_dir(step)} is damaged: {problem}.",
+      hint=f"Move that folder out of {self.directory} to resume from an older step (restoring "
+      "without naming a step does so itself: it renames damaged steps aside).",
+    ) from cause
+
+  def _restore_step(self, step: int, abstract: PyTree, target: PyTree):
     self._check_matches(step, abstract)
     restored = self._manager.restore(
       step,
@@ -375,10 +646,126 @@ class Checkpointer:
       listed = problems[:_MAX_LISTED]
       if len(problems) > _MAX_LISTED:
         listed.append(f"... {len(problems) - _MAX_LISTED} more")
-      raise ValueError(
+      raise errors.CheckpointError(
         f"Checkpoint {self._step_dir(step)} does not match the restore target: "
-        f"{problems[0]}{more}. Differences:\n  " + "\n  ".join(listed)
+        f"{problems[0]}{more}. Differences:\n  " + "\n  ".join(listed),
+        hint="Restore with the model and optimizer config the checkpoint was saved with, or "
+        "use another workdir.",
       )
+
+  # -- Integrity ------------------------------------------------------------------------------
+
+  def _has_manifest(self, step: int) -> bool:
+    return (epath.Path(self._step_dir(step)) / _MANIFEST).exists()
+
+  def _problem(self, step: int) -> str | None:
+    """What is wrong with `step`, or None when it is intact (process 0)."""
+    if step in self._verified:
+      return None
+    problems, has_manifest = _file_problems(epath.Path(self._step_dir(step)))
+    if problems:
+      return "; ".join(problems)
+    if has_manifest:
+      self._verified.add(step)
+      return None
+    try:  # No manifest: what Orbax reads first must at least read (no collective calls here).
+      if self._manager.item_metadata(step).get(_STATE) is None:
+        return "state/ holds no readable array metadata"
+      ocp.handlers.JsonCheckpointHandler().restore(epath.Path(self._step_dir(step)) / _META)
+    except Exception as error:
+      return f"Orbax cannot read it ({_brief(error)})"
+    if step not in self._unverified_warned:
+      self._unverified_warned.add(step)
+      logging.warning(
+        "Checkpoint %s has no checksum manifest (%s is missing): its bytes cannot be verified; "
+        "accepting it since Orbax reads it.",
+        self._step_dir(step),
+        _MANIFEST,
+      )
+    return None
+
+  def _agreed_problem(self, step: int) -> str | None:
+    """`_problem(step)` as process 0 sees it, on every process."""
+    found: list[str] = []
+
+    def check() -> int:
+      problem = self._problem(step)
+      if problem is not None:
+        found.append(problem)
+      return int(problem is not None)
+
+    if self._on_primary(check):
+      return found[0] if found else "see the log of process 0"
+    return None
+
+  def _newest_intact(self, problems: list[str]) -> int | None:
+    """The newest intact step; newer damaged ones are set aside and appended to `problems`."""
+
+    def scan() -> int:
+      for step in sorted(self._manager.all_steps(), reverse=True):
+        problem = self._problem(step)
+        if problem is None:
+          return step
+        problems.append(self._move_aside(step, problem))
+      return -1
+
+    step = self._on_primary(scan)
+    if jax.process_count() == 1 and problems:
+      self._manager.reload()
+    if step < 0:
+      if not problems:  # another process: process 0 logged what it found
+        problems.append("see the log of process 0")
+      return None
+    return step
+
+  def _on_primary(self, fn: Callable[[], int]) -> int:
+    """fn() on process 0 (which may rename steps), its result on every process."""
+    if jax.process_count() == 1:
+      return fn()
+    value = fn() if jax.process_index() == 0 else 0
+    value = int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+    self._manager.reload()  # the others see what process 0 renamed
+    return value
+
+  def _move_aside(self, step: int, problem: str) -> str:
+    """Renames a damaged step to `<step>.damaged-<UTC time>` (process 0); says what it did."""
+    source = epath.Path(self._step_dir(step))
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = source.parent / f"{step}{_ASIDE}{stamp}"
+    count = 1
+    while target.exists():
+      count += 1
+      target = source.parent / f"{step}{_ASIDE}{stamp}-{count}"
+    try:
+      source.rename(target)
+    except OSError as error:
+      raise errors.CheckpointError(
+        f"Checkpoint {source} is damaged ({problem}) and could not be renamed aside: {error}",
+        hint=f"Move that folder out of {self.directory} and run again.",
+      ) from error
+    self._verified.discard(step)
+    logging.warning(
+      "Checkpoint %s is damaged (%s): renamed it to %s; trying the older steps.",
+      source,
+      problem,
+      target.name,
+    )
+    return f"{source}: {problem} (renamed to {target.name})"
+
+  def _set_aside_everywhere(self, step: int, problem: str) -> str:
+    """`_move_aside` on process 0, then every process sees the steps without it."""
+    said = self._move_aside(step, problem) if jax.process_index() == 0 else problem
+    distributed.barrier("checkpoint-set-aside")
+    self._manager.reload()
+    return said
+
+  def _nothing_intact(self, problems: list[str]) -> errors.CheckpointError:
+    return errors.CheckpointError(
+      f"No intact checkpoint in {self.directory}: " + "; ".join(problems),
+      hint="Nothing was deleted: the damaged steps were renamed to <step>.damaged-<time> in "
+      "that folder, so running again starts from scratch; to keep them, move the folder away "
+      "first or restore it from a backup.",
+    )
 
   # -- Preemption -----------------------------------------------------------------------------
 

@@ -393,11 +393,11 @@ class FinishedStage(Check):
     from rlhf_jax import errors, stages  # imported late: stages needs JAX
 
     try:
-      if not stages.is_complete(value):
-        return "holds no finished stage (no up-to-date export.json); train it first"
       kind = stages.read_meta(value).get("kind")
     except errors.Error as error:
       return str(error)
     if kind != self.kind:
       return f"exports a {kind!r}, not a {self.kind}"
+    if not stages.is_complete(value):
+      return "was trained past its export (a newer checkpoint); rerun that stage to finish it"
     return None

@@ -502,16 +502,33 @@ def detect_distributed(environ: Mapping[str, str] | None = None) -> str | None:
   return None
 
 
-def maybe_initialize_distributed(enabled: bool | None) -> bool:
+def maybe_initialize_distributed(
+  enabled: bool | None,
+  *,
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> bool:
   """Calls jax.distributed.initialize() when asked, or (enabled=None) when detected.
 
-  Must run before anything touches JAX devices. Returns whether it initialized.
+  Must run before anything touches JAX devices. The coordinator address, process count
+  and id are found by JAX's cluster detection (SLURM, Open MPI, TPU pods, ...) unless
+  given; giving them runs a job of several processes on one machine or on hosts JAX
+  does not detect. On CPU the processes' collectives go through gloo. Returns whether
+  it initialized.
   """
+  given = coordinator_address is not None or num_processes is not None
   reason = detect_distributed() if enabled is None else ("--jax_distributed" if enabled else None)
+  if reason is None and given:
+    reason = "--coordinator_address/--num_processes"
   if reason is None:
     return False
   logging.info("Initializing jax.distributed (%s).", reason)
-  jax.distributed.initialize()
+  # CPU devices of several processes need a collectives backend; accelerators ignore it.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+  )
   return True
 
 

@@ -15,6 +15,11 @@ needs, on top of the coordination service's key-value store:
                            every other process prints it and ends that process
                            with exit status 2 within about a second, wherever
                            it is blocked (a collective, a barrier, a save).
+  exit_job(code)           end this process; process 0, which hosts JAX's
+                           coordination service, first waits (a few seconds at
+                           most) until every other process has reported or
+                           acknowledged the failure, since the others abort
+                           with an unrelated C++ error once the service is gone.
   start_watchdog()         the launcher starts it once per process.
 
 With one process every call is a plain local call: fn() runs, barriers return.
@@ -101,13 +106,14 @@ def _wait_for(client, key: str, what: str) -> str:
         ) from None
 
 
-def primary_first(name: str, fn: Callable[[], T]) -> T:
-  """Runs fn() on process 0; the others run it only once process 0 has returned.
+def primary_first(name: str, fn: Callable[[], T], others: Callable[[], T] | None = None) -> T:
+  """Runs fn() on process 0; the others run `others()` (default fn) once it has returned.
 
   Args:
     name: what is being done (e.g. "sft-data"); the same on every process.
     fn: the work. On process 0 it writes shared files; on the others it must
       only read them (e.g. a TFDS build that finds the dataset built).
+    others: what the other processes run instead of fn (e.g. load the file fn wrote).
   Raises:
     DistributedError: on the others, when process 0 failed instead.
   """
@@ -120,7 +126,7 @@ def primary_first(name: str, fn: Callable[[], T]) -> T:
     client.key_value_set(key, "done")
     return result
   _wait_for(client, key, f"waiting for process 0 to finish {name!r}")
-  return fn()
+  return (others or fn)()
 
 
 def barrier(name: str) -> None:
@@ -143,15 +149,45 @@ def barrier(name: str) -> None:
     time.sleep(_POLL_S)
 
 
-def report_fatal(message: str) -> None:
-  """Tells the other processes that this one is ending with `message` (no-op alone)."""
+def _set(key: str, value: str) -> None:
   client = _client()
   if client is None:
     return
   try:
-    client.key_value_set(f"{_PREFIX}/fatal/{jax.process_index()}", message)
-  except Exception:
+    client.key_value_set(key, value)
+  except Exception:  # already set, or the service is gone: nothing more to tell
     pass
+
+
+def report_fatal(message: str) -> None:
+  """Tells the other processes that this one is ending with `message` (no-op alone)."""
+  _set(f"{_PREFIX}/fatal/{jax.process_index()}", message)
+
+
+def acknowledge() -> None:
+  """Tells process 0 that this process saw another's failure and is ending too."""
+  _set(f"{_PREFIX}/ended/{jax.process_index()}", "ended")
+
+
+def exit_job(code: int, timeout_s: float = 5.0) -> None:
+  """Ends this process with `code` (os._exit: jax.distributed's exit handler would wait for
+  the others at a shutdown barrier). Process 0 first waits up to `timeout_s` until every
+  other process has reported a failure or acknowledged one."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  client = _client()
+  if client is not None and is_primary():
+    others = set(range(1, jax.process_count()))
+    deadline = time.monotonic() + timeout_s
+    while others and time.monotonic() < deadline:
+      for kind in ("fatal", "ended"):
+        try:
+          entries = client.key_value_dir_get(f"{_PREFIX}/{kind}/")
+        except Exception:  # the service is going down: stop waiting
+          entries, others = [], set()
+        others -= {int(key.rsplit("/", 1)[-1]) for key, _ in entries}
+      time.sleep(_POLL_S)
+  os._exit(code)
 
 
 def start_watchdog(poll_s: float = 0.5) -> None:
@@ -173,8 +209,8 @@ def start_watchdog(poll_s: float = 0.5) -> None:
       for process, message in _fatal_messages(client):
         if process != me:
           sys.stderr.write(f"FATAL {errors.DistributedError.kind} {process}: {message}\n")
-          sys.stderr.flush()
-          os._exit(errors.EXIT_CODE)
+          acknowledge()
+          exit_job(errors.EXIT_CODE)
 
   _watchdog = threading.Thread(target=watch, name="rlhf_jax-watchdog", daemon=True)
   _watchdog.start()

@@ -240,10 +240,28 @@ def _json_value(value: bool | int | float) -> bool | int | float | None:
   return value
 
 
-def _split_complete_lines(text: str) -> list[str]:
-  """Lines of a JSONL file, leaving out a last line that has no newline (a cut-off write)."""
-  lines = text.split("\n")
-  return [line for line in lines[:-1] if line.strip()]
+def _parse_lines(path: str, text: str) -> list[tuple[str, dict[str, Any]]]:
+  """(line, record) for each complete line; a damaged line is an error naming file and line.
+
+  A last line without a newline is left out: a write in progress, or one cut off by a crash.
+  """
+  out = []
+  for number, line in enumerate(text.split("\n")[:-1], start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        raise ValueError("not an object with an integer 'step'")
+    except ValueError as error:
+      raise errors.DataError(
+        path,
+        number,
+        f"not a metrics line ({error})",
+        hint=f"Move {path} aside to start a new log; nothing else in the run depends on it.",
+      ) from None
+    out.append((line, record))
+  return out
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -256,7 +274,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
   if os.path.isdir(path):
     path = os.path.join(path, METRICS_FILENAME)
   with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in _split_complete_lines(f.read())]
+    return [record for _, record in _parse_lines(path, f.read())]
 
 
 class MetricWriter:
@@ -310,9 +328,10 @@ class MetricWriter:
       return
     with open(self.path, encoding="utf-8") as f:
       text = f.read()
-    lines = _split_complete_lines(text)
+    parsed = _parse_lines(self.path, text)
     if resume_step is not None:
-      lines = [line for line in lines if json.loads(line)["step"] <= resume_step]
+      parsed = [(line, record) for line, record in parsed if record["step"] <= resume_step]
+    lines = [line for line, _ in parsed]
     new_text = "".join(line + "\n" for line in lines)
     if new_text == text:
       return

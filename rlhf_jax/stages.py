@@ -12,6 +12,12 @@ training it again. Loading goes through `checkpoint.Checkpointer`, so a
 checkpoint of the wrong shape fails with the parameter path named, and the
 parameters land directly in the requested sharding.
 
+A finished stage rerun with a larger `total_steps` trains on from its last
+checkpoint. From then on its export is stale: `is_complete` is False while the
+stage's newest checkpoint (`<workdir>/checkpoints/`) is past the export's
+"step", loading it raises a StageError, and the trainer re-exports when it
+finishes (`needs_export`), so a later stage never silently loads the old policy.
+
 Kinds: "policy" (LanguageModel params) and "reward" (ScalarModel params
 stacked over an ensemble axis, with a normalisation gain and bias).
 """
@@ -21,44 +27,115 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import checkpoint, models, sharding, utils
+from rlhf_jax import checkpoint, distributed, errors, models, sharding, utils
 from rlhf_jax.data.tokenizer import Tokenizer
 from rlhf_jax.rl.reward import last_token_scores
 
 EXPORT_DIR = "export"
 EXPORT_META = "export.json"
+CHECKPOINT_DIR = "checkpoints"  # the trainers' `Checkpointer` folder
 
 
 def is_complete(workdir: str) -> bool:
-  return os.path.exists(os.path.join(workdir, EXPORT_META))
+  """True when `workdir` holds a readable export that is not behind the stage's checkpoints."""
+  try:
+    meta = read_meta(workdir)
+  except errors.StageError:
+    return False
+  return _checkpoint_past_export(workdir, meta) is None
+
+
+def needs_export(workdir: str, step: int) -> bool:
+  """Whether a run that ended at `step` must (re)write the export.
+
+  True when there is none, when export.json is unreadable, or when it is of another step (the
+  stage was rerun with another `total_steps`).
+  """
+  try:
+    meta = read_meta(workdir)
+  except errors.StageError:
+    return True
+  return meta.get("step") != step
 
 
 def export(workdir: str, params: Any, meta: dict[str, Any]) -> None:
-  """Saves `params` and `meta` as the stage's export (synchronously, atomically)."""
+  """Saves `params` and `meta` as the stage's export (synchronously), replacing an older one.
+
+  The order keeps a kill at any point safe: export.json, the completion marker, goes first,
+  then the old parameters; the new ones are committed, and export.json is written last. In
+  between the stage reads as unfinished, and a rerun exports again from its final checkpoint.
+  """
+  marker = os.path.join(workdir, EXPORT_META)
+  export_dir = os.path.join(workdir, EXPORT_DIR)
+  if jax.process_index() == 0:
+    if os.path.exists(marker):
+      os.remove(marker)
+    # Checkpointer.save never overwrites a step, and a stale step 0 is what is being replaced.
+    if os.path.exists(export_dir):
+      shutil.rmtree(export_dir)
+  distributed.barrier("stage-export-cleared")
   with checkpoint.Checkpointer(
-    os.path.join(workdir, EXPORT_DIR), max_to_keep=1, save_interval_steps=1, async_save=False
+    export_dir, max_to_keep=1, save_interval_steps=1, async_save=False
   ) as ckpt:
     ckpt.save(0, params, meta, force=True)
     ckpt.wait()
   if jax.process_index() == 0:
-    utils.write_json_atomic(os.path.join(workdir, EXPORT_META), meta)
+    utils.write_json_atomic(marker, meta)
 
 
 def read_meta(workdir: str) -> dict[str, Any]:
+  """The stage's export.json.
+
+  Raises:
+    StageError: it is missing (the stage is not finished) or unreadable.
+  """
   path = os.path.join(workdir, EXPORT_META)
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-      f"{workdir} holds no finished stage ({EXPORT_META} is missing): train it first, or point "
-      "the config at a finished stage's workdir."
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except FileNotFoundError:
+    raise errors.StageError(
+      f"{workdir} holds no finished stage ({EXPORT_META} is missing)",
+      hint="Train it first, or point the config at a finished stage's workdir.",
+    ) from None
+  except (OSError, ValueError) as error:  # ValueError: JSONDecodeError, UnicodeDecodeError
+    raise errors.StageError(
+      f"{path} is unreadable ({error})", hint="Rerun that stage to export it again."
+    ) from None
+  if not isinstance(meta, dict):
+    raise errors.StageError(
+      f"{path} is not a JSON object", hint="Rerun that stage to export it again."
     )
-  with open(path) as f:
-    return json.load(f)
+  return meta
+
+
+def _checkpoint_past_export(workdir: str, meta: dict[str, Any]) -> int | None:
+  """The stage's newest checkpoint step when it is past the export's step, else None."""
+  steps = checkpoint.committed_steps(os.path.join(workdir, CHECKPOINT_DIR))
+  exported = meta.get("step")
+  if not steps or not isinstance(exported, int) or steps[-1] <= exported:
+    return None
+  return steps[-1]
+
+
+def _read_current_meta(workdir: str) -> dict[str, Any]:
+  """`read_meta`, refusing an export the stage has trained past since."""
+  meta = read_meta(workdir)
+  latest = _checkpoint_past_export(workdir, meta)
+  if latest is not None:
+    raise errors.StageError(
+      f"{workdir} was trained past its export: the export is of step {meta['step']}, its "
+      f"newest checkpoint of step {latest}",
+      hint="Rerun that stage to finish it: it resumes from that checkpoint and exports again.",
+    )
+  return meta
 
 
 def _restore(workdir, abstract_boxed, mesh, rules, *, stack: int = 0):
@@ -93,7 +170,7 @@ class Policy:
 
 
 def load_policy(workdir: str, mesh, rules: str = "fsdp") -> Policy:
-  meta = read_meta(workdir)
+  meta = _read_current_meta(workdir)
   if meta.get("kind") != "policy":
     raise ValueError(f"{workdir} exports a {meta.get('kind')!r}, not a policy.")
   module = models.LanguageModel(models.ModelConfig(**meta["model"]))
@@ -157,7 +234,7 @@ def ensemble_scores(module, params, tokens, mask) -> jax.Array:
 
 
 def load_reward_model(workdir: str, mesh, rules: str = "fsdp") -> RewardModel:
-  meta = read_meta(workdir)
+  meta = _read_current_meta(workdir)
   if meta.get("kind") != "reward":
     raise ValueError(f"{workdir} exports a {meta.get('kind')!r}, not a reward model.")
   module = models.ScalarModel(models.ModelConfig(**meta["model"]), head_init="reward")

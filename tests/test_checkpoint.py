@@ -1,5 +1,8 @@
-"""Tests for rlhf_jax.checkpoint: exact resume, keep-last-N, sharding, errors, SIGTERM."""
+"""Tests for rlhf_jax.checkpoint: exact resume, keep-last-N, sharding, errors, damage, SIGTERM."""
 
+import hashlib
+import json
+import logging
 import os
 import shutil
 import signal
@@ -11,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+from rlhf_jax import errors
 from rlhf_jax.checkpoint import Checkpointer
 
 
@@ -167,7 +171,7 @@ def test_mismatched_target_names_path_and_shapes(tmp_path, change, fragments):
       target["params"]["lora"] = {"kernel": jax.ShapeDtypeStruct((4, 2), jnp.float32)}
     else:
       del target["params"]["embed"]
-  with Checkpointer(directory) as ckpt, pytest.raises(ValueError) as error:
+  with Checkpointer(directory) as ckpt, pytest.raises(errors.CheckpointError) as error:
     ckpt.restore(target=target)
   message = str(error.value)
   assert os.path.join(str(directory), "2") in message
@@ -235,3 +239,202 @@ def test_sigterm_sets_flag_and_close_restores_previous_handler(tmp_path):
     assert received == [signal.SIGTERM]
   finally:
     signal.signal(signal.SIGTERM, original)
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged checkpoints: checksum manifests, fallback to the newest intact step
+# ---------------------------------------------------------------------------------------------
+
+
+def _save_steps(directory, steps, **kwargs):
+  with Checkpointer(directory, save_interval_steps=1, max_to_keep=None, **kwargs) as ckpt:
+    for step in steps:
+      assert ckpt.save(step, {"x": jnp.full((4,), float(step))}, {"step": step})
+
+
+def _restored_x(ckpt, step=None):
+  state, meta = ckpt.restore(step, target={"x": jax.ShapeDtypeStruct((4,), jnp.float32)})
+  return float(state["x"][0]), meta
+
+
+def _set_aside(directory):
+  return sorted(name for name in os.listdir(directory) if ".damaged-" in name)
+
+
+def _alter_meta(step_dir):
+  # Still valid JSON, so Orbax alone restores it without complaint.
+  (step_dir / "meta" / "metadata").write_text('{"step": 99}')
+
+
+def _flip_array_bytes(step_dir):
+  data = [path for path in (step_dir / "state").rglob("*") if path.parent.name == "d"]
+  assert data
+  for path in data:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def _remove_array_metadata(step_dir):
+  (step_dir / "state" / "array_metadatas" / "process_0").unlink()
+
+
+def _empty_state(step_dir):
+  shutil.rmtree(step_dir / "state")
+  (step_dir / "state").mkdir()
+
+
+def _garble(name):
+  return lambda step_dir: (step_dir / name).write_text('{"garbled')
+
+
+@pytest.mark.parametrize(
+  "damage, fragment",
+  [
+    (_alter_meta, "checksum mismatch in meta/metadata"),
+    (_flip_array_bytes, "checksum mismatch in state/"),
+    (_remove_array_metadata, "missing state/array_metadatas/process_0"),
+    (_empty_state, "state/ is empty"),
+    (_garble("_CHECKPOINT_METADATA"), "_CHECKPOINT_METADATA is garbled"),
+    (_garble("meta/metadata"), "checksum mismatch in meta/metadata"),
+    (_garble("state/_METADATA"), "checksum mismatch in state/_METADATA"),
+  ],
+  ids=[
+    "altered-meta",
+    "flipped-arrays",
+    "missing-file",
+    "empty-state",
+    "garbled-step-metadata",
+    "garbled-meta",
+    "garbled-state-metadata",
+  ],
+)
+def test_damaged_latest_step_falls_back_and_is_set_aside(tmp_path, caplog, damage, fragment):
+  directory = tmp_path / "checkpoints"
+  _save_steps(directory, [1, 2])
+  damage(directory / "2")
+  with Checkpointer(directory, save_interval_steps=1) as ckpt:
+    assert _restored_x(ckpt) == (1.0, {"step": 1})
+    # The warning names the folder and what is wrong with it.
+    warning = next(r.getMessage() for r in caplog.records if "is damaged" in r.getMessage())
+    assert str(directory / "2") in warning and fragment in warning
+    # Renamed aside, not deleted: Orbax no longer lists it, so step 2 can be saved again.
+    assert ckpt.all_steps() == [1]
+    (aside,) = _set_aside(directory)
+    assert aside.startswith("2.damaged-")
+    assert ckpt.save(2, {"x": jnp.full((4,), 20.0)}, {"step": 2})
+  with Checkpointer(directory) as ckpt:  # the start-up tmp cleanup leaves the damaged step
+    assert ckpt.all_steps() == [1, 2]
+    assert _restored_x(ckpt) == (20.0, {"step": 2})
+  assert _set_aside(directory) == [aside]
+
+
+def test_latest_intact_step_skips_damage_without_a_target(tmp_path, caplog):
+  directory = tmp_path / "checkpoints"
+  _save_steps(directory, [1, 2, 3])
+  _empty_state(directory / "3")
+  (directory / "2" / "state" / "stray").write_text("x")  # an extra file is damage too
+  with Checkpointer(directory, save_interval_steps=1) as ckpt:
+    assert ckpt.latest_intact_step() == 1
+    assert ckpt.all_steps() == [1]
+    assert _restored_x(ckpt, 1) == (1.0, {"step": 1})
+  assert [name.split(".")[0] for name in _set_aside(directory)] == ["2", "3"]
+  messages = " ".join(r.getMessage() for r in caplog.records)
+  assert "extra state/stray" in messages and "state/ is empty" in messages
+
+
+def test_every_step_damaged_raises_naming_the_directory(tmp_path):
+  directory = tmp_path / "checkpoints"
+  _save_steps(directory, [1, 2])
+  _alter_meta(directory / "1")
+  _empty_state(directory / "2")
+  with Checkpointer(directory) as ckpt:
+    with pytest.raises(errors.CheckpointError) as error:
+      ckpt.restore(target={"x": jnp.zeros(4)})
+    assert ckpt.latest_intact_step() is None  # both are set aside: a rerun starts afresh
+  message = str(error.value)
+  assert f"No intact checkpoint in {directory}" in message
+  assert "meta/metadata" in message and "state/ is empty" in message
+  assert error.value.hint and "Nothing was deleted" in error.value.hint
+  assert len(_set_aside(directory)) == 2
+
+  _save_steps(directory, [1])
+  _garble("_CHECKPOINT_METADATA")(directory / "1")
+  with Checkpointer(directory) as ckpt, pytest.raises(errors.CheckpointError, match=str(directory)):
+    ckpt.latest_intact_step()
+
+
+def test_restoring_a_named_damaged_step_raises_without_fallback(tmp_path):
+  directory = tmp_path / "checkpoints"
+  _save_steps(directory, [1, 2])
+  _flip_array_bytes(directory / "2")
+  with Checkpointer(directory) as ckpt:
+    with pytest.raises(errors.CheckpointError) as error:
+      ckpt.restore(2, target={"x": jnp.zeros(4)})
+    assert f"Checkpoint {directory / '2'} is damaged: checksum mismatch in state/" in str(
+      error.value
+    )
+    assert ckpt.all_steps() == [1, 2]  # an explicit request sets nothing aside
+  assert not _set_aside(directory)
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_manifest_is_written_on_commit_and_deleted_with_its_step(tmp_path, async_save):
+  directory = tmp_path / "checkpoints"
+  ckpt = Checkpointer(directory, save_interval_steps=1, max_to_keep=2, async_save=async_save)
+  try:
+    for step in (1, 2, 3):
+      assert ckpt.save(step, {"x": jnp.full((4,), float(step))}, {"step": step})
+    ckpt.wait()
+    # Keep-last-N deleted step 1 with its manifest; nothing else lies in the directory.
+    assert sorted(os.listdir(directory)) == ["2", "3"]
+    for step in (2, 3):
+      with open(directory / str(step) / "_CHECKSUMS.json") as f:
+        files = json.load(f)["files"]
+      hashed = {
+        os.path.relpath(os.path.join(root, name), directory / str(step))
+        for root, _, names in os.walk(directory / str(step))
+        for name in names
+      } - {"_CHECKSUMS.json", "_CHECKPOINT_METADATA", "commit_success.txt"}
+      assert set(files) == hashed and "meta/metadata" in files and "state/_METADATA" in files
+      digest = hashlib.sha256((directory / str(step) / "meta" / "metadata").read_bytes())
+      assert files["meta/metadata"] == digest.hexdigest()
+    assert ckpt.latest_intact_step() == 3
+  finally:
+    ckpt.close()
+
+
+def test_intact_checkpoint_restores_bit_exactly_without_warnings(tmp_path, caplog):
+  state = _train_state()
+  directory = tmp_path / "checkpoints"
+  with Checkpointer(directory, save_interval_steps=1) as ckpt:
+    ckpt.save(7, state, {"loader": 3})
+  with Checkpointer(directory) as ckpt:
+    assert ckpt.latest_intact_step() == 7
+    restored, meta = ckpt.restore(7, target=_abstract(state))
+  _assert_trees_equal(restored, state)
+  assert meta == {"loader": 3}
+  assert not [
+    r
+    for r in caplog.records
+    if r.levelno >= logging.WARNING and "checkpoint" in r.getMessage().lower()
+  ]
+  assert sorted(os.listdir(directory)) == ["7"]
+
+
+def test_step_without_manifest_is_accepted_only_if_orbax_reads_it(tmp_path, caplog):
+  # As a step saved before manifests were kept: no checksums to compare, so only reading tells.
+  directory = tmp_path / "checkpoints"
+  _save_steps(directory, [1, 2, 3])
+  for step in (1, 2, 3):
+    (directory / str(step) / "_CHECKSUMS.json").unlink()
+  _empty_state(directory / "3")
+  _flip_array_bytes(directory / "2")  # only a full read of the arrays finds this
+  with Checkpointer(directory, save_interval_steps=1) as ckpt:
+    assert _restored_x(ckpt) == (1.0, {"step": 1})
+    assert ckpt.all_steps() == [1]
+  messages = " ".join(r.getMessage() for r in caplog.records)
+  assert "has no checksum manifest" in messages
+  assert "state/ holds no readable array metadata" in messages
+  assert "Orbax cannot read it" in messages
+  assert [name.split(".")[0] for name in _set_aside(directory)] == ["2", "3"]

@@ -409,3 +409,14 @@ def test_peak_flops_cpu_is_nominal_and_shared_by_cpu_devices():
   num_cpu_devices = len(jax.local_devices(backend="cpu"))
   assert flops == os.cpu_count() * 2.5e9 * 32 / num_cpu_devices
   assert note.startswith("nominal CPU")
+
+
+def test_a_damaged_metrics_line_is_an_error_naming_file_and_line(tmp_path):
+  # It used to surface as a bare JSONDecodeError from the resume's truncation.
+  path = tmp_path / metrics_lib.METRICS_FILENAME
+  path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.0}\n')
+  with pytest.raises(metrics_lib.errors.DataError, match=rf"{path}:2: not a metrics line"):
+    metrics_lib.MetricWriter(tmp_path, resume_step=1, tensorboard=False)
+  with pytest.raises(metrics_lib.errors.DataError, match=rf"{path}:2: not a metrics line"):
+    metrics_lib.read_metrics(tmp_path)
+  assert path.read_text().count("\n") == 3  # nothing was rewritten or lost

@@ -7,6 +7,7 @@ these helpers only remove code that would otherwise be copied verbatim.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -17,7 +18,7 @@ import numpy as np
 from absl import logging
 
 from rlhf_jax import config_spec as cs
-from rlhf_jax import metrics, models, sharding
+from rlhf_jax import distributed, errors, metrics, models, sharding
 from rlhf_jax.data import tokenizer as tokenizer_lib
 from rlhf_jax.utils import write_json_atomic  # noqa: F401 (trainers use common.write_json_atomic)
 
@@ -29,6 +30,37 @@ TOKENIZER_SPEC = cs.Spec(
     "model_type": cs.Choice("unigram", "bpe"),
   }
 )
+
+
+def close_all(*closers: Callable[[], Any]) -> None:
+  """Calls every closer (waits for saves, closes files), even when one fails.
+
+  Called in a `finally`: while an exception propagates, a closer's own failure (Orbax
+  failing to finish a save after a NaN stop, say) is logged, not raised, so the user
+  sees the first error rather than a misleading second one.
+  """
+  propagating = sys.exc_info()[1] is not None
+  first: Exception | None = None
+  for close in closers:
+    try:
+      close()
+    except Exception as error:
+      if propagating:
+        logging.warning("Stopping after an error, %s failed too: %s", close.__qualname__, error)
+      elif first is None:
+        first = error
+  if first is not None:
+    raise first
+
+
+def check_batch_fits(num_records: int, batch_size: int, what: str, key="config.batch_size"):
+  """A training set must fill at least one batch (the loader drops partial batches)."""
+  if num_records < batch_size:
+    raise errors.ConfigError(
+      f"{key}={batch_size} exceeds the {num_records} {what} (after leaving out those that do "
+      "not fit): a training batch would never fill.",
+      hint=f"Lower {key} or give more data.",
+    )
 
 
 def model_config(section: Any, vocab_size: int) -> models.ModelConfig:
@@ -48,19 +80,34 @@ def get_tokenizer(config: Any, workdir: str, texts_fn) -> tokenizer_lib.Tokenize
   local = os.path.join(workdir, "tokenizer.model")
   path = config.tokenizer.path or local
   if os.path.exists(path):
-    tok = tokenizer_lib.Tokenizer.load(path)
+    tok = _load_tokenizer(path, "config.tokenizer.path" if config.tokenizer.path else None)
     if path != local and jax.process_index() == 0:
       tok.save(local)  # the workdir always holds the vocabulary its stage used
     return tok
   if config.tokenizer.path:
-    raise FileNotFoundError(f"config.tokenizer.path={config.tokenizer.path!r} does not exist.")
-  logging.info("Training a SentencePiece tokenizer (vocab %d)", config.tokenizer.vocab_size)
-  tok = tokenizer_lib.Tokenizer.train(
-    texts_fn(), config.tokenizer.vocab_size, model_type=config.tokenizer.model_type
-  )
-  if jax.process_index() == 0:
+    raise errors.ConfigError(f"config.tokenizer.path={config.tokenizer.path!r}: no such file.")
+
+  def train():
+    logging.info("Training a SentencePiece tokenizer (vocab %d)", config.tokenizer.vocab_size)
+    tok = tokenizer_lib.Tokenizer.train(
+      texts_fn(), config.tokenizer.vocab_size, model_type=config.tokenizer.model_type
+    )
     tok.save(path)
-  return tok
+    return tok
+
+  # Process 0 trains and saves it; the others load that file (one vocabulary for all).
+  return distributed.primary_first("tokenizer", train, others=lambda: _load_tokenizer(path))
+
+
+def _load_tokenizer(path: str, key: str | None = None) -> tokenizer_lib.Tokenizer:
+  """Tokenizer.load, with a damaged file as an error naming it (and the config key)."""
+  try:
+    return tokenizer_lib.Tokenizer.load(path)
+  except (OSError, RuntimeError, ValueError) as error:
+    where = f"{key}={path!r}" if key else path
+    raise errors.DataError(
+      path, 0, f"not a readable SentencePiece model ({error})", hint=f"Check {where}."
+    ) from None
 
 
 def state_shardings(abstract_state: Any) -> Any:

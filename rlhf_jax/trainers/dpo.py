@@ -39,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import zipfile
 from typing import Any
 
 import jax
@@ -50,6 +51,7 @@ from absl import logging
 
 from rlhf_jax import checkpoint, metrics, models, optim, sharding, stages
 from rlhf_jax import config_spec as cs
+from rlhf_jax.data import lengths
 from rlhf_jax.data import loader as loader_lib
 from rlhf_jax.data.testbed import config as testbed_config
 from rlhf_jax.rl import dpo as dpo_lib
@@ -186,7 +188,7 @@ def tokenize_pairs(
   table["tie"] = np.asarray([bool(e["tie"]) for e in examples], np.bool_)
   confidence = [reward.record_float(e.get("confidence")) for e in examples]
   if soft_labels == "confidence":
-    reward.check_confidence(confidence, confidence_range, what=what)
+    reward.check_confidence(confidence, confidence_range, where=reward.where_of(source, what))
   table["target"] = reward.label_targets(confidence, soft_labels, confidence_range)
   table["valid"] = ~(table.pop("chosen_dropped") | table.pop("rejected_dropped"))
   return table
@@ -209,11 +211,16 @@ def load_ref_logps(path: str, key: str) -> dict[str, np.ndarray] | None:
   """The stored reference log-probs if `path` holds them for `key`, else None."""
   if not os.path.exists(path):
     return None
-  with np.load(path) as stored:
-    if str(stored["key"]) != key:
-      logging.info("%s is stale (other data or SFT stage): recomputing.", path)
-      return None
-    return {k: stored[k] for k in stored.files if k != "key"}
+  try:
+    with np.load(path) as stored:
+      if str(stored["key"]) != key:
+        logging.info("%s is stale (other data or SFT stage): recomputing.", path)
+        return None
+      return {k: stored[k] for k in stored.files if k != "key"}
+  except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+    # A cache: a damaged file is computed again (and replaced), never trusted.
+    logging.warning("%s is unreadable (%s): recomputing.", path, error)
+    return None
 
 
 def save_ref_logps(path: str, key: str, values: dict[str, np.ndarray]) -> None:
@@ -257,7 +264,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     max_to_keep=config.keep_checkpoints,
     save_interval_steps=config.checkpoint_every,
   )
-  start_step = ckpt.latest_step() or 0
+  start_step = ckpt.latest_intact_step() or 0
   writer = metrics.MetricWriter(workdir, resume_step=start_step or -1)
 
   # -------------------------------------------------------- preference data
@@ -266,6 +273,15 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   )
   labels = dict(soft_labels=config.soft_labels, confidence_range=tuple(config.confidence_range))
   sources = {"train": train_source, "eval": eval_source}
+  # Pairs with a row too long for max_len are counted per file and left out (as in the
+  # reward model); none left is an error naming the files.
+  data_info["lengths"] = {}
+  for split, source in list(sources.items()):
+    if source is not None:
+      kept, data_info["lengths"][split] = lengths.check(
+        source, lengths.pair_fit(tok, config.max_len), what=f"{split} pairs", max_len=config.max_len
+      )
+      sources[split] = lengths.Subset(source, kept)
   tables = {
     split: tokenize_pairs(source, tok, config.max_len, what=f"{split} record", **labels)
     for split, source in sources.items()
@@ -275,10 +291,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     data_info[f"num_{split}_ties"] = int(table["tie"].sum())
     data_info[f"mean_{split}_target"] = float(table["target"].mean())
     data_info[f"num_{split}_too_long"] = int((~table["valid"]).sum())
-  if len(tables["train"]["tie"]) < batch_size:
-    raise ValueError(
-      f"config.batch_size={batch_size} exceeds the {len(tables['train']['tie'])} training pairs."
-    )
+  common.check_batch_fits(len(tables["train"]["tie"]), batch_size, "training pairs")
 
   # ------------------------------------------------ networks and their shapes
   row_fields = [f"{side}_{name}" for side in ("chosen", "rejected") for name in ROW_FIELDS]
@@ -509,13 +522,11 @@ def train(config: Any, workdir: str) -> dict[str, float]:
         logging.warning("SIGTERM: saved step %d and stopping; rerun to resume.", step)
         break
   finally:
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
+    common.close_all(ckpt.wait, ckpt.close, writer.close)
 
   # --------------------------------------------------------------- summary
   if step >= config.total_steps:
-    exported = stages.is_complete(workdir)
+    exported = not stages.needs_export(workdir, step)
     if not exported:
       # The loop's last eval (recomputed if the run stopped after its final checkpoint).
       loop.final_eval(start_step, lambda: evaluate(state["params"], step))

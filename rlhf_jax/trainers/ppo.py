@@ -159,7 +159,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     max_to_keep=config.keep_checkpoints,
     save_interval_steps=config.checkpoint_every,
   )
-  start_step = ckpt.latest_step() or 0
+  start_step = ckpt.latest_intact_step() or 0
   writer = metrics.MetricWriter(workdir, resume_step=start_step or -1)
   prompt_loader = rl_common.prompt_loader(config, tok, rollout_batch)
 
@@ -470,13 +470,11 @@ def train(config: Any, workdir: str) -> dict[str, float]:
         logging.warning("SIGTERM: saved iteration %d and stopping; rerun to resume.", step)
         break
   finally:
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
+    common.close_all(ckpt.wait, ckpt.close, writer.close)
 
   # --------------------------------------------------------------- summary
   if step >= config.total_steps:
-    exported = stages.is_complete(workdir)
+    exported = not stages.needs_export(workdir, step)
     if not exported:
       # The loop's last eval (recomputed if the run stopped after its final checkpoint).
       loop.final_eval(start_step, lambda: evaluate(lm_params(state["policy"]), step))

@@ -37,10 +37,20 @@ import numpy as np
 import optax
 from absl import logging
 
-from rlhf_jax import checkpoint, config_utils, metrics, models, optim, sharding, stages
+from rlhf_jax import (
+  checkpoint,
+  config_utils,
+  distributed,
+  errors,
+  metrics,
+  models,
+  optim,
+  sharding,
+  stages,
+)
 from rlhf_jax import config_spec as cs
+from rlhf_jax.data import lengths, preferences
 from rlhf_jax.data import loader as loader_lib
-from rlhf_jax.data import preferences
 from rlhf_jax.data.testbed import config as testbed_config
 from rlhf_jax.rl import reward as reward_lib
 from rlhf_jax.rl import sampler as sampler_lib
@@ -206,9 +216,10 @@ def prepare_pairs(config, workdir, policy, mesh, rules):
     paths = {s: [os.path.join(pair_dir, f"pairs_{s}.jsonl")] for s in ("train", "eval")}
     ceiling_path = os.path.join(pair_dir, "noise_ceiling.json")
     ceilings = {}
-    # The ceiling is written last: a run stopped before it left pairs but no ceiling, and
-    # redoes all three (same samples and labels: fixed seeds).
-    if not all(os.path.exists(p) for p in (paths["train"][0], paths["eval"][0], ceiling_path)):
+    # The ceiling is written last: a run stopped before it left pairs but no (or a damaged)
+    # ceiling, and redoes all three (same samples and labels: fixed seeds).
+    done = all(os.path.exists(p) for p in (paths["train"][0], paths["eval"][0]))
+    if not (done and _read_json(ceiling_path) is not None):
       os.makedirs(pair_dir, exist_ok=True)
       panel = testbed.RaterPanel(data.testbed)
       for split, n, seed, k in (
@@ -227,15 +238,14 @@ def prepare_pairs(config, workdir, policy, mesh, rules):
           ceilings[split]["num_pairs_skipped"] = len(records) - written
       if jax.process_index() == 0:
         common.write_json_atomic(ceiling_path, ceilings)
+    distributed.barrier("reward-pairs")  # the others read what process 0 wrote
     info["noise_ceiling"] = _read_json(ceiling_path)
   elif data.source == "jsonl":
-    if not data.train_files:
-      raise ValueError("config.data.train_files is empty but config.data.source='jsonl'.")
     paths = {"train": list(data.train_files)}
     if data.eval_files:
       paths["eval"] = list(data.eval_files)
   else:
-    raise ValueError(f"config.data.source={data.source!r}; expected 'testbed' or 'jsonl'.")
+    raise errors.ConfigError(f"config.data.source={data.source!r}; expected 'testbed' or 'jsonl'.")
   builder = preferences.build_preferences(paths, data_dir, skip_invalid=data.skip_invalid)
   train = builder.source("train")
   evals = builder.source("eval") if "eval" in paths else None
@@ -250,8 +260,12 @@ def prepare_pairs(config, workdir, policy, mesh, rules):
 
 
 def _read_json(path):
-  with open(path) as f:
-    return json.load(f)
+  """The JSON in `path`, or None when it is missing or damaged (then it is made again)."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
 
 
 def label_targets(confidence, soft_labels, confidence_range) -> np.ndarray:
@@ -270,8 +284,15 @@ def label_targets(confidence, soft_labels, confidence_range) -> np.ndarray:
   return reward_lib.confidence_targets(c, *confidence_range)
 
 
-def check_confidence(confidence, confidence_range, *, what="record") -> None:
-  """Refuses a confidence outside `confidence_range`, naming `what` and its index.
+def where_of(source, what: str = "record"):
+  """f(i) naming record i: its file and line for a built source, else `what` and i."""
+  if hasattr(source, "where"):
+    return source.where
+  return lambda i, record=None: f"{what} {i}"
+
+
+def check_confidence(confidence, confidence_range, *, where=lambda i: f"record {i}") -> None:
+  """Refuses a confidence outside `confidence_range`, naming the record by `where(i)`.
 
   A file whose raters report confidence on, say, 0..1 would otherwise map every label to
   the 1/2 of a guess. NaN (a record without a confidence) passes.
@@ -281,17 +302,18 @@ def check_confidence(confidence, confidence_range, *, what="record") -> None:
   outside = ~np.isnan(c) & ((c < low) | (c > high))
   if outside.any():
     i = int(np.argmax(outside))
-    raise ValueError(
-      f"{what} {i}: field 'confidence' = {c[i]} is outside "
-      f"config.confidence_range={tuple(confidence_range)}; set the range of this data's "
-      "confidence scale, or config.soft_labels='none'."
+    raise errors.ConfigError(
+      f"{where(i)}: field 'confidence' = {c[i]} is outside "
+      f"config.confidence_range={tuple(confidence_range)}",
+      hint="Set config.confidence_range to this data's confidence scale, or "
+      "config.soft_labels='none'.",
     )
 
 
 def check_confidence_range(source, confidence_range) -> None:
   """Refuses, before training, a source with a confidence outside `confidence_range`."""
   confidence = [record_float(r.get("confidence")) for _, r in preferences.iter_records(source)]
-  check_confidence(confidence, confidence_range, what="training record")
+  check_confidence(confidence, confidence_range, where=where_of(source, "training record"))
 
 
 LABEL_FIELDS = ("margin", "target", "tie", "valid")  # per comparison, [G, P] in a batch
@@ -394,13 +416,26 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     max_to_keep=config.keep_checkpoints,
     save_interval_steps=config.checkpoint_every,
   )
-  start_step = ckpt.latest_step() or 0
+  start_step = ckpt.latest_intact_step() or 0
   writer = metrics.MetricWriter(workdir, resume_step=start_step or -1)
 
   # -------------------------------------------------------- preference data
   train_source, eval_source, data_info = prepare_pairs(config, workdir, policy, mesh, rules)
   if config.soft_labels == "confidence":
     check_confidence_range(train_source, tuple(config.confidence_range))
+  # Pairs with a row too long for max_len are counted per file and left out before the
+  # groups are formed, so every comparison of a batch counts; none left is an error.
+  fit = lengths.pair_fit(tok, config.max_len)
+  data_info["lengths"] = {}
+  kept, data_info["lengths"]["train"] = lengths.check(
+    train_source, fit, what="training pairs", max_len=config.max_len
+  )
+  train_source = lengths.Subset(train_source, kept)
+  if eval_source is not None:
+    kept, data_info["lengths"]["eval"] = lengths.check(
+      eval_source, fit, what="eval pairs", max_len=config.max_len
+    )
+    eval_source = lengths.Subset(eval_source, kept)
   # K-wise groups: a batch is config.batch_size groups of up to K responses each, every
   # response scored once for all its comparisons. Eval pairs are plain pairs.
   k = config.data.responses_per_prompt
@@ -409,6 +444,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     train_source, preferences.comparison_groups(train_source, shape["responses"], shape["pairs"])
   )
   data_info["num_train_groups"] = len(train_groups)
+  norm_prompts = normalization_prompts(config, train_source)  # known before the first step
+  common.check_batch_fits(len(train_groups), config.batch_size, "comparison groups")
 
   def collate(responses, pairs):
     return functools.partial(
@@ -684,15 +721,13 @@ def train(config: Any, workdir: str) -> dict[str, float]:
         logging.warning("SIGTERM: saved step %d and stopping; rerun to resume.", step)
         break
   finally:
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
+    common.close_all(ckpt.wait, ckpt.close, writer.close)
 
   # ------------------------------------------------- normalisation, export
-  if step >= config.total_steps and not stages.is_complete(workdir):
+  if step >= config.total_steps and stages.needs_export(workdir, step):
     # The loop's last eval (recomputed if the run stopped after its final checkpoint).
     loop.final_eval(start_step, lambda: evaluate(state))
-    prompts = _train_prompts(config)
+    prompts = norm_prompts
     responses = sample_responses(
       policy,
       prompts,
@@ -737,17 +772,25 @@ def _gold_setup(config):
   return prompts, lambda p, r: testbed.gold_reward(p, r, config.data.testbed)
 
 
-def _train_prompts(config) -> list[str]:
+def normalization_prompts(config, train_source) -> list[str]:
+  """`config.normalize_samples` prompts whose SFT samples set the score's mean 0 and std 1.
+
+  On the testbed, fresh training prompts; with preference files, the distinct prompts
+  of the training pairs in file order, repeated (each copy gets its own sample) when
+  there are fewer than `normalize_samples`.
+  """
+  n = config.normalize_samples
   if config.data.source == "testbed":
     from rlhf_jax.data import testbed
 
-    return testbed.prompts(
-      "train", config.normalize_samples, config.data.seed + 3, config.data.testbed
-    )
-  raise ValueError(
-    "Normalisation needs SFT-policy prompts: with config.data.source='jsonl', set "
-    "config.data.source='testbed' or provide prompts (not supported yet)."
-  )
+    return testbed.prompts("train", n, config.data.seed + 3, config.data.testbed)
+  distinct: dict[str, None] = {}
+  for _, record in preferences.iter_records(train_source):
+    distinct.setdefault(record["prompt"])
+    if len(distinct) == n:
+      break
+  prompts = list(distinct)
+  return [prompts[i % len(prompts)] for i in range(n)]
 
 
 def record_float(value) -> float:

@@ -21,9 +21,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from rlhf_jax import checkpoint, metrics, models, optim, sharding, stages, utils
+from rlhf_jax import checkpoint, distributed, metrics, models, optim, sharding, stages, utils
 from rlhf_jax import config_spec as cs
-from rlhf_jax.data import builders
+from rlhf_jax.data import builders, lengths
 from rlhf_jax.data import loader as loader_lib
 from rlhf_jax.data.testbed import config as testbed_config
 from rlhf_jax.rl import sampler as sampler_lib
@@ -110,12 +110,14 @@ def prepare_data(config, workdir):
   if data.source == "testbed":
     from rlhf_jax.data import testbed
 
-    paths = testbed.write_sft_jsonl(
-      os.path.join(workdir, "data"),
-      num_train=data.num_train,
-      num_eval=data.num_eval,
-      seed=data.seed,
-      config=data.get("testbed"),
+    directory = os.path.join(workdir, "data")
+    # Process 0 writes the corpus; the others wait for it and read the same files.
+    paths = distributed.primary_first(
+      "sft-testbed-corpus",
+      lambda: testbed.write_sft_jsonl(
+        directory, data.num_train, data.num_eval, data.seed, config=data.get("testbed")
+      ),
+      others=lambda: testbed.sft_jsonl_paths(directory, data.num_train, data.num_eval),
     )
   elif data.source == "jsonl":
     paths = {"train": [data.train_jsonl]}
@@ -152,7 +154,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     max_to_keep=config.keep_checkpoints,
     save_interval_steps=config.checkpoint_every,
   )
-  start_step = ckpt.latest_step() or 0
+  start_step = ckpt.latest_intact_step() or 0
   # A fresh start (-1) drops any lines a run killed before its first checkpoint left.
   writer = metrics.MetricWriter(workdir, resume_step=start_step or -1)
 
@@ -163,9 +165,6 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
   # --------------------------------------------------------- data, tokenizer
   train_source, eval_source, data_info = prepare_data(config, workdir)
-  if is_primary:
-    common.write_json_atomic(os.path.join(workdir, "data_info.json"), data_info)
-  logging.info("Data: %s", data_info)
 
   def corpus():
     for i in range(len(train_source)):
@@ -174,6 +173,23 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       yield ex["response"]
 
   tok = common.get_tokenizer(config, workdir, corpus)
+  # Rows too long for max_len are counted per file and left out, so every row of every
+  # batch has target tokens; none left is an error (not 0-loss steps on padding).
+  fit = lengths.sft_fit(tok, config.max_len)
+  data_info["lengths"] = {}
+  kept, data_info["lengths"]["train"] = lengths.check(
+    train_source, fit, what="training examples", max_len=config.max_len
+  )
+  train_source = lengths.Subset(train_source, kept)
+  if eval_source is not None:
+    kept, data_info["lengths"]["eval"] = lengths.check(
+      eval_source, fit, what="eval examples", max_len=config.max_len
+    )
+    eval_source = lengths.Subset(eval_source, kept)
+  common.check_batch_fits(len(train_source), config.batch_size, "training examples")
+  if is_primary:
+    common.write_json_atomic(os.path.join(workdir, "data_info.json"), data_info)
+  logging.info("Data: %s", data_info)
   collate = functools.partial(loader_lib.sft_collate, tokenizer=tok, max_len=config.max_len)
   train_loader = loader_lib.Loader(
     train_source, global_batch_size=config.batch_size, seed=config.seed, collate=collate
@@ -372,10 +388,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
         logging.warning("SIGTERM: saved step %d and stopping; rerun to resume.", step)
         break
   finally:
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-  if step >= config.total_steps and not stages.is_complete(workdir):
+    common.close_all(ckpt.wait, ckpt.close, writer.close)
+  if step >= config.total_steps and stages.needs_export(workdir, step):
     # The loop's last eval (recomputed if the run stopped after its final checkpoint).
     loop.final_eval(start_step, lambda: evaluate(state, step))
     # The stage is done: later stages load this export (see rlhf_jax/stages.py).

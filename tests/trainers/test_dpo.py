@@ -170,8 +170,10 @@ def test_runlocal_on_finished_stages(reward_runlocal, tmp_path):
     assert all(np.isfinite(r[key]) for r in train_rows), key
   assert train_rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
   assert train_rows[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
-  # The policy moved away from the reference.
-  assert evals[-1]["eval/kl_to_ref"] > 1e-3
+  # The policy moved away from the reference, towards the held-out preferences. (Not
+  # judged by eval/kl_to_ref: a k1 mean over 64 samples is noise at this distance, and
+  # went negative when three over-long SFT examples were left out upstream.)
+  assert evals[-1]["eval/pref_loss"] < math.log(2) - 1e-3
   assert train_rows[-1]["logps/chosen"] != train_rows[0]["logps/chosen"]
   assert 0.0 <= final["eval/win_rate_vs_sft"] <= 1.0
 

@@ -52,7 +52,7 @@ def test_exported_ensemble_is_normalised_on_sft_samples(trained):
   assert rm.ensemble_size == config.ensemble_size
   # Re-create the normalisation samples (deterministic) and score them.
   policy = stages.load_policy(os.path.join(workdir, "sft"), mesh)
-  prompts = reward._train_prompts(config)
+  prompts = reward.normalization_prompts(config, None)
   responses = reward.sample_responses(
     policy,
     prompts,

@@ -20,6 +20,7 @@ from rlhf_jax.data.testbed.datasets import (
   preference_pairs,
   prompts,
   sft_examples,
+  sft_jsonl_paths,
   write_sft_jsonl,
 )
 from rlhf_jax.data.testbed.evaluation import distinct_n, length_stats, win_rate
@@ -47,6 +48,7 @@ __all__ = [
   "preference_probability",
   "prompts",
   "sft_examples",
+  "sft_jsonl_paths",
   "win_rate",
   "write_sft_jsonl",
 ]

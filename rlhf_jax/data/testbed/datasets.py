@@ -85,6 +85,16 @@ def preference_pairs(
   return anchors + panel.label(pairs, rng, start_time=start)
 
 
+def sft_jsonl_paths(directory: str, num_train: int, num_eval: int) -> dict[str, list[str]]:
+  """The files `write_sft_jsonl` writes for these counts (without writing them)."""
+  counts = {"train": num_train, "eval": num_eval}
+  return {
+    split: [os.path.join(directory, f"testbed_sft_{split}.jsonl")]
+    for split, n in counts.items()
+    if n > 0
+  }
+
+
 def write_sft_jsonl(
   directory: str,
   num_train: int,
@@ -96,15 +106,11 @@ def write_sft_jsonl(
 
   The eval examples name the held-out items. Files are written atomically (temp + rename).
   """
-  os.makedirs(directory, exist_ok=True)
-  splits = {"train": (num_train, seed), "eval": (num_eval, seed + 1)}
-  paths: dict[str, list[str]] = {}
-  for split, (n, split_seed) in splits.items():
-    if n <= 0:
-      continue
-    path = os.path.join(directory, f"testbed_sft_{split}.jsonl")
+  paths = sft_jsonl_paths(directory, num_train, num_eval)
+  seeds = {"train": (num_train, seed), "eval": (num_eval, seed + 1)}
+  for split, (path,) in paths.items():
+    n, split_seed = seeds[split]
     with utils.atomic_open(path) as f:
       for example in sft_examples(n, split_seed, config, split=split):
         f.write(json.dumps(example) + "\n")
-    paths[split] = [path]
   return paths
