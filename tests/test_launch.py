@@ -131,6 +131,40 @@ def test_launch_unknown_trainer_names_the_field(tmp_path):
   assert not (workdir / "config.json").exists()  # nothing written for a config that cannot run
 
 
+FAILING = "tests/fixtures/failing_config.py"
+
+
+def test_an_rlhf_jax_error_is_one_line_and_a_hint_with_exit_2(tmp_path):
+  result = _launch(f"--config={FAILING}", f"--workdir={tmp_path}")
+  assert result.returncode == 2
+  assert result.stderr.endswith(
+    "FATAL data error: data/x.jsonl:3: field 'chosen' is missing\nFix it.\n"
+  ), result.stderr[-500:]
+  assert "Traceback" not in result.stderr
+  # --verbose shows where it came from too.
+  verbose = _launch(f"--config={FAILING}", f"--workdir={tmp_path}", "--verbose")
+  assert verbose.returncode == 2
+  assert "Traceback" in verbose.stderr and "failing_trainer.py" in verbose.stderr
+  assert "FATAL data error: data/x.jsonl:3" in verbose.stderr
+
+
+def test_an_error_in_an_upstream_stage_names_that_stage(tmp_path):
+  result = _launch(f"--config={FAILING}:upstream", f"--workdir={tmp_path}")
+  assert result.returncode == 2 and "Traceback" not in result.stderr
+  assert f"(in the upstream stage {tmp_path / 'up'})" in result.stderr
+
+
+def test_any_other_exception_is_a_bug_and_keeps_its_traceback(tmp_path):
+  result = _launch(f"--config={FAILING}:bug", f"--workdir={tmp_path}")
+  assert result.returncode == 1
+  assert "Traceback" in result.stderr and "RuntimeError: a bug in the trainer" in result.stderr
+
+
+def test_flag_mistakes_exit_2(tmp_path):
+  result = _launch(f"--config={DUMMY_CONFIG}", "--config.optim.lrr=1e-3", f"--workdir={tmp_path}")
+  assert result.returncode == 2
+
+
 # ------------------------------------------------------------------------------------------------
 # configs/common.parse_arg.
 # ------------------------------------------------------------------------------------------------
@@ -331,8 +365,10 @@ def test_get_trainer_unknown_name_lists_available(monkeypatch):
   assert "config.trainer = 'dummy_trainr'" in message
   assert "Did you mean 'dummy_trainer'?" in message
   # dummy_config has no train function, so it is not offered as a trainer.
-  assert "Available trainers in rlhf_jax/trainers/: broken_trainer, collective_trainer, " in message
-  assert message.endswith("dummy_trainer.")
+  assert message.endswith(
+    "Available trainers in rlhf_jax/trainers/: broken_trainer, collective_trainer, "
+    "dummy_trainer, failing_trainer."
+  )
   assert config_utils.get_trainer("dummy_trainer") is dummy_trainer.train
 
 

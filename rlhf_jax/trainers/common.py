@@ -104,9 +104,14 @@ def _load_tokenizer(path: str, key: str | None = None) -> tokenizer_lib.Tokenize
   try:
     return tokenizer_lib.Tokenizer.load(path)
   except (OSError, RuntimeError, ValueError) as error:
-    where = f"{key}={path!r}" if key else path
+    hint = (
+      f"Point {key} at a SentencePiece .model file."
+      if key
+      else f"Delete {path} to train it again (the same data gives the same vocabulary), or "
+      "restore it."
+    )
     raise errors.DataError(
-      path, 0, f"not a readable SentencePiece model ({error})", hint=f"Check {where}."
+      path, 0, f"not a readable SentencePiece model ({error})", hint=hint
     ) from None
 
 

@@ -261,3 +261,72 @@ def test_resume_after_kill_and_after_sigterm_is_exact(reward_runlocal, tmp_path)
 def _read_json(path):
   with open(path) as f:
     return json.load(f)
+
+
+# A tiny hand-written preference dataset: for each item, a specific, a vague and an
+# off-topic review, and the three pairs among them (consecutive, so they form one group).
+_ITEMS = ["kettle", "lamp", "chair", "blender", "desk", "fan", "mug", "toaster"]
+_COLOURS = ["blue", "red"]
+
+
+def _handwritten_pairs():
+  records = []
+  for item in _ITEMS:
+    for colour in _COLOURS:
+      prompt = f"Review of the {colour} {item}:"
+      best = f"The {item} works well and looks great."
+      ok = "It is fine."
+      worst = "It is bad bad bad."
+      for chosen, rejected, confidence in ((best, ok, 4.0), (best, worst, 5.0), (ok, worst, 3.0)):
+        records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                        "rater_id": f"r{len(records) % 3}", "confidence": confidence})  # fmt: skip
+  return records
+
+
+@pytest.mark.slow
+def test_reward_model_on_preference_files_end_to_end(reward_runlocal, tmp_path):
+  """data.source=jsonl trains, normalises on SFT samples of the files' prompts and exports.
+
+  It used to run every step and then stop at the normalisation ("needs SFT-policy prompts").
+  """
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  _, reward_dir, _ = reward_runlocal
+  records = _handwritten_pairs()
+  train_file = tmp_path / "prefs.jsonl"
+  train_file.write_text("".join(json.dumps(r) + "\n" for r in records[:36]))
+  eval_file = tmp_path / "prefs_eval.parquet"
+  pq.write_table(pa.Table.from_pylist(records[36:]), eval_file)
+  config = config_utils.load_config(os.path.join(REPO, "configs/reward.py:runlocal"))
+  config.policy_init = os.path.join(reward_dir, "sft")
+  config.data.source = "jsonl"
+  config.data.train_files = (str(train_file),)
+  config.data.eval_files = (str(eval_file),)
+  config.total_steps, config.eval_every, config.checkpoint_every, config.log_every = 8, 8, 8, 4
+  config.optim.warmup_steps, config.normalize_samples = 2, 32
+  workdir = str(tmp_path / "rm")
+  final = config_utils.run(config, workdir)
+
+  assert np.isfinite(final["eval/accuracy"]) and "eval/gold_pearson" not in final
+  meta = stages.read_meta(workdir)
+  assert meta["kind"] == "reward" and meta["step"] == 8
+  assert np.isfinite(meta["gain"]) and meta["gain"] > 0 and np.isfinite(meta["bias"])
+  with open(os.path.join(workdir, "data_info.json")) as f:
+    info = json.load(f)
+  assert info["num_train"] == 36 and info["num_eval"] == 12
+  assert info["lengths"]["train"]["files"][str(train_file)]["records"] == 36
+  assert info["num_train_groups"] == 12  # three pairs of one prompt share a group
+  # Normalised on samples for the files' own prompts, repeated to normalize_samples.
+  source = preferences.build_preferences([str(train_file)], tmp_path / "tfds").source()
+  prompts = reward.normalization_prompts(config, source)
+  assert len(prompts) == 32 and set(prompts) == {r["prompt"] for r in records[:36]}
+  mesh = sharding.make_mesh((1, -1, 1))
+  rm = stages.load_reward_model(workdir, mesh)
+  # The export loads like any reward stage and scores new text.
+  rows = [{"prompt": "Review of the red desk:", "response": r} for r in
+          ("The desk works well and looks great.", "It is bad bad bad.")]  # fmt: skip
+  batch = loader_lib.sft_collate(rows, rm.tokenizer, config.max_len)
+  with sharding.use_mesh(mesh, "fsdp"):
+    scores, _ = rm.score(batch["tokens"], batch["input_mask"])
+  assert np.all(np.isfinite(np.asarray(scores)))
