@@ -160,6 +160,27 @@ def check(
   return kept_indices, report
 
 
+def keep_fitting(
+  sources: Mapping[str, Any], fit: FitFn, *, what: str, max_len: int
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+  """`check` for each split's source (None stays None): the fitting records and the reports.
+
+  Args:
+    sources: split name ("train", "eval") -> source or None.
+    what: the records, after the split name in messages ("pairs" -> "train pairs").
+  Returns:
+    ({split: Subset or None}, {split: report}) for data_info.json's "lengths".
+  """
+  kept_sources, reports = {}, {}
+  for split, source in sources.items():
+    if source is None:
+      kept_sources[split] = None
+      continue
+    kept, reports[split] = check(source, fit, what=f"{split} {what}", max_len=max_len)
+    kept_sources[split] = Subset(source, kept)
+  return kept_sources, reports
+
+
 class Subset:
   """The records of `source` at `indices`, as a random-access source (names them too)."""
 

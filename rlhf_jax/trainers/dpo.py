@@ -275,13 +275,9 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   sources = {"train": train_source, "eval": eval_source}
   # Pairs with a row too long for max_len are counted per file and left out (as in the
   # reward model); none left is an error naming the files.
-  data_info["lengths"] = {}
-  for split, source in list(sources.items()):
-    if source is not None:
-      kept, data_info["lengths"][split] = lengths.check(
-        source, lengths.pair_fit(tok, config.max_len), what=f"{split} pairs", max_len=config.max_len
-      )
-      sources[split] = lengths.Subset(source, kept)
+  sources, data_info["lengths"] = lengths.keep_fitting(
+    sources, lengths.pair_fit(tok, config.max_len), what="pairs", max_len=config.max_len
+  )
   tables = {
     split: tokenize_pairs(source, tok, config.max_len, what=f"{split} record", **labels)
     for split, source in sources.items()

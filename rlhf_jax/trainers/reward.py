@@ -425,17 +425,13 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     check_confidence_range(train_source, tuple(config.confidence_range))
   # Pairs with a row too long for max_len are counted per file and left out before the
   # groups are formed, so every comparison of a batch counts; none left is an error.
-  fit = lengths.pair_fit(tok, config.max_len)
-  data_info["lengths"] = {}
-  kept, data_info["lengths"]["train"] = lengths.check(
-    train_source, fit, what="training pairs", max_len=config.max_len
+  fitting, data_info["lengths"] = lengths.keep_fitting(
+    {"train": train_source, "eval": eval_source},
+    lengths.pair_fit(tok, config.max_len),
+    what="pairs",
+    max_len=config.max_len,
   )
-  train_source = lengths.Subset(train_source, kept)
-  if eval_source is not None:
-    kept, data_info["lengths"]["eval"] = lengths.check(
-      eval_source, fit, what="eval pairs", max_len=config.max_len
-    )
-    eval_source = lengths.Subset(eval_source, kept)
+  train_source, eval_source = fitting["train"], fitting["eval"]
   # K-wise groups: a batch is config.batch_size groups of up to K responses each, every
   # response scored once for all its comparisons. Eval pairs are plain pairs.
   k = config.data.responses_per_prompt

@@ -175,17 +175,13 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   tok = common.get_tokenizer(config, workdir, corpus)
   # Rows too long for max_len are counted per file and left out, so every row of every
   # batch has target tokens; none left is an error (not 0-loss steps on padding).
-  fit = lengths.sft_fit(tok, config.max_len)
-  data_info["lengths"] = {}
-  kept, data_info["lengths"]["train"] = lengths.check(
-    train_source, fit, what="training examples", max_len=config.max_len
+  fitting, data_info["lengths"] = lengths.keep_fitting(
+    {"train": train_source, "eval": eval_source},
+    lengths.sft_fit(tok, config.max_len),
+    what="examples",
+    max_len=config.max_len,
   )
-  train_source = lengths.Subset(train_source, kept)
-  if eval_source is not None:
-    kept, data_info["lengths"]["eval"] = lengths.check(
-      eval_source, fit, what="eval examples", max_len=config.max_len
-    )
-    eval_source = lengths.Subset(eval_source, kept)
+  train_source, eval_source = fitting["train"], fitting["eval"]
   common.check_batch_fits(len(train_source), config.batch_size, "training examples")
   if is_primary:
     common.write_json_atomic(os.path.join(workdir, "data_info.json"), data_info)
