@@ -73,7 +73,10 @@ def get_config(arg=None):
   # KL to the reference (SFT) policy, fixed coefficient
   config.kl = ml_collections.ConfigDict()
   config.kl.mode = "loss"  # "loss": + coef * KL term (GRPO); "reward": r - coef * sum_t k1_t
-  config.kl.estimator = "k3"  # per-token estimator of the loss term
+  # Per-token estimator of the loss term. As a loss on policy samples, k3's gradient is that
+  # of KL(ref || pi) and k2's that of KL(pi || ref); k1's is zero in expectation, so k1 is
+  # refused with mode="loss" (rlhf_jax/rl/grpo.py).
+  config.kl.estimator = "k3"
   config.kl.coef = 0.04
 
   # Optimizer (learning rate annealed linearly to 0)

@@ -35,7 +35,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from rlhf_jax import config_utils, metrics, plots, utils
+from rlhf_jax import config_utils, errors, metrics, plots, utils
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,16 +116,40 @@ def _set(config, key: str, value: Any, source: str) -> None:
   node[leaf] = value
 
 
-def ensure_shared_stages(workdir: str, size: str, overrides: dict[str, Any]) -> tuple[str, str]:
-  """One SFT and one reward stage for every run: <workdir>/sft, <workdir>/reward."""
-  from rlhf_jax.trainers import rl_common
-
+def shared_stages_config(size: str, overrides: dict[str, Any]):
+  """The config whose `sft` and `reward` sections make the stages every run shares."""
   spec = os.path.join(REPO, "configs/ppo.py") + (":runlocal" if size == "runlocal" else "")
   config = config_utils.load_config(spec)
   for key, value in overrides.items():
     if key.split(".")[0] in ("sft", "reward", "policy_init", "reward_init", "seed"):
       _set(config, key, value, source="--set")
-  return rl_common.ensure_stages(config, workdir)
+  return config
+
+
+def ensure_shared_stages(workdir: str, size: str, overrides: dict[str, Any]) -> tuple[str, str]:
+  """One SFT and one reward stage for every run: <workdir>/sft, <workdir>/reward."""
+  from rlhf_jax.trainers import rl_common
+
+  return rl_common.ensure_stages(shared_stages_config(size, overrides), workdir)
+
+
+def run_config(run: Run, sft_dir: str = "", reward_dir: str = ""):
+  """The config of one run: its method's config, the overrides and its KL-knob value."""
+  config = config_utils.load_config(run.config)
+  config.policy_init, config.reward_init = sft_dir, reward_dir
+  for key, value in run.overrides.items():
+    _set(config, key, value, source=f"the {run.method} overrides")
+  if run.knob is not None:
+    _set(config, run.knob, run.value, source=f"the {run.method} sweep")
+  return config
+
+
+def check(runs: Sequence[Run], size: str, shared: dict[str, Any]) -> None:
+  """Every run's config and the shared stages' pass their declared checks, before any of
+  them trains (a typo in one run's override must not cost the shared stages' training)."""
+  config_utils.validate(shared_stages_config(size, shared))
+  for run in runs:
+    config_utils.validate(run_config(run))
 
 
 def execute(run: Run, workdir: str, sft_dir: str, reward_dir: str) -> dict[str, Any]:
@@ -133,12 +157,7 @@ def execute(run: Run, workdir: str, sft_dir: str, reward_dir: str) -> dict[str, 
   run_dir = os.path.join(workdir, run.subdir)
   summary_path = os.path.join(run_dir, "summary.json")
   if not os.path.exists(summary_path):
-    config = config_utils.load_config(run.config)
-    config.policy_init, config.reward_init = sft_dir, reward_dir
-    for key, value in run.overrides.items():
-      _set(config, key, value, source=f"the {run.method} overrides")
-    if run.knob is not None:
-      _set(config, run.knob, run.value, source=f"the {run.method} sweep")
+    config = run_config(run, sft_dir, reward_dir)
     logging.info("compare: running %s into %s", run.label, run_dir)
     config_utils.run(config, run_dir)
   with open(summary_path) as f:
@@ -218,6 +237,7 @@ def _styles(rows) -> dict[str, dict[str, Any]]:
 
 def compare(workdir: str, runs: Sequence[Run], size: str, shared: dict[str, Any]) -> list[dict]:
   """Trains the shared stages, runs every run, writes the report; returns the table rows."""
+  check(runs, size, shared)
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
   sft_dir, reward_dir = ensure_shared_stages(workdir, size, shared)
@@ -257,9 +277,14 @@ def main(argv: list[str]) -> None:
   shared = _parse_set(_SET.value)
   try:
     runs = plan(_SIZE.value, _METHODS.value, overrides=shared)
-  except ValueError as error:
-    sys.exit(f"error: {error}")
-  rows = compare(_WORKDIR.value, runs, _SIZE.value, shared)
+  except ValueError as error:  # an unknown method, size or --set key
+    sys.stderr.write(f"FATAL config error: {error}\n")
+    sys.exit(errors.EXIT_CODE)
+  try:
+    rows = compare(_WORKDIR.value, runs, _SIZE.value, shared)
+  except errors.Error as error:  # bad input, reported as the launcher reports it
+    sys.stderr.write("\n".join(error.lines()) + "\n")
+    sys.exit(errors.EXIT_CODE)
   print(table(rows))
   print(f"Wrote {os.path.join(_WORKDIR.value, 'comparison.md')} and reward_vs_kl.png")
 

@@ -208,7 +208,7 @@ def start_watchdog(poll_s: float = 0.5) -> None:
       time.sleep(poll_s)
       for process, message in _fatal_messages(client):
         if process != me:
-          sys.stderr.write(f"FATAL {errors.DistributedError.kind} {process}: {message}\n")
+          sys.stderr.write(f"FATAL {errors.DistributedError.kind}: process {process}: {message}\n")
           acknowledge()
           exit_job(errors.EXIT_CODE)
 

@@ -1,7 +1,8 @@
 """Bad input through the real entry points: one clear line, exit 2, no traceback, nothing trusted.
 
 Every case runs `python -m experiments.launch` (or `experiments.label_report`) as a user
-would, on a malformed config value, data file, workdir or checkpoint, and requires:
+would, on a malformed config value, data file, workdir or checkpoint (and the two other
+entry points, `experiments.label_report` and `experiments.compare`), and requires:
 
   - exit status 2 and no Python traceback;
   - the message names what is wrong and where: the dotted config key, the file and line
@@ -166,6 +167,8 @@ CASES = [
   C("report_bad_record", ["--data={tmp}/p.jsonl"], "{tmp}/p.jsonl:2", "field 'chosen' must be a non-empty string", entry=REPORT),
   C("report_no_raters", ["--data={tmp}/p.jsonl"], "{tmp}/p.jsonl", "no record has a rater_id", entry=REPORT),
   C("report_missing_file", ["--data={tmp}/none.jsonl"], "{tmp}/none.jsonl", entry=REPORT),
+  C("compare_unknown_method", ["--methods=ppo,sac", "--workdir={tmp}/c"], "Unknown method 'sac'", entry="experiments.compare"),
+  C("compare_unknown_key", ["--methods=ppo", "--size=runlocal", "--set=kl.init_coeff=0.1", "--workdir={tmp}/c"], "config.kl.init_coeff", entry="experiments.compare"),
   # -- workdirs, stages and checkpoints (a copy of the finished SFT stage in {tmp}/work) -------
   C("ckpt_all_altered", RESUME, "{tmp}/work/checkpoints", "checksum mismatch"),
   C("ckpt_all_state_empty", RESUME, "{tmp}/work/checkpoints", "state/ is empty"),

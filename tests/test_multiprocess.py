@@ -133,5 +133,5 @@ def test_a_failure_on_one_process_ends_the_other_blocked_in_a_collective(tmp_pat
   assert rc1 == 2 and "FATAL data error: data/shard-1.jsonl:7: field 'prompt'" in out1, out1[-2000:]
   # Process 0 sat in an all-reduce waiting for process 1: its watchdog ends it.
   assert rc0 == 2, out0[-2000:]
-  assert "FATAL error in another process 1: data/shard-1.jsonl:7" in out0
+  assert "FATAL error in another process: process 1: data/shard-1.jsonl:7" in out0
   assert wall < 60
