@@ -13,7 +13,7 @@ function other than "model" the reward stage is only loaded (for the proxy
 reward in evals) when `reward_init` names one.
 
 Each iteration samples `group_size` responses to each of `prompts_per_iter`
-prompts; a response's advantage is its reward against its group's (RLHF_NOTES.md,
+prompts; a response's advantage is its reward against its group's (docs/rlhf_details.md,
 critic-free section). configs/rloo.py is this config with the RLOO baseline.
 """
 

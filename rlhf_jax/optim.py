@@ -40,7 +40,7 @@ OPTIMIZER_NAMES = ("adamw", "adam_tf", "adam", "sgd")
 SCHEDULE_NAMES = ("constant", "warmup_constant", "linear", "cosine")
 
 # eps=None picks the customary value for the optimizer: PyTorch/optax Adam use 1e-8, while
-# OpenAI's lm-human-preferences ran TensorFlow's AdamOptimizer with 1e-5 (RLHF_NOTES.md).
+# OpenAI's lm-human-preferences ran TensorFlow's AdamOptimizer with 1e-5 (docs/rlhf_details.md).
 _DEFAULT_EPS = {"adamw": 1e-8, "adam": 1e-8, "adam_tf": 1e-5}
 
 

@@ -357,7 +357,7 @@ class ScalarHead(nn.Module):
   def __call__(self, hidden: jax.Array) -> jax.Array:
     d = self.config.d_model
     if self.init == "reward":
-      # RLHF_NOTES.md: head weights ~ N(0, 1/sqrt(d_model + 1)), bias 0.
+      # docs/rlhf_details.md: head weights ~ N(0, 1/sqrt(d_model + 1)), bias 0.
       kernel_init = nn.initializers.normal(1.0 / (d + 1) ** 0.5)
     elif self.init == "zeros":
       kernel_init = nn.initializers.zeros

@@ -1,6 +1,6 @@
 """From scores to advantages: reward assembly, GAE, masked statistics and whitening.
 
-RLHF_NOTES.md, PPO section. Responses are [B, T] with `response_mask` True up
+docs/rlhf_details.md, PPO section. Responses are [B, T] with `response_mask` True up
 to and including the first EOS (the sampler's convention, so each row's mask
 is a prefix of length `lengths`). Each function treats positions outside the
 mask as absent: they are read through `jnp.where` (so NaN or inf there can't

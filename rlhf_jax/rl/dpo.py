@@ -1,6 +1,6 @@
 """Direct preference optimisation: sequence log-probs and the DPO loss family.
 
-RLHF_NOTES.md, critic-free and offline section. With y_w the chosen and y_l the
+docs/rlhf_details.md, critic-free and offline section. With y_w the chosen and y_l the
 rejected response of a pair, and log-probs summed over response tokens,
 
     h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))

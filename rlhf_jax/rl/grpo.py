@@ -1,6 +1,6 @@
 """Critic-free policy gradients with a group baseline: GRPO, Dr. GRPO and RLOO.
 
-RLHF_NOTES.md, critic-free section. Each prompt is sampled G times and the
+docs/rlhf_details.md, critic-free section. Each prompt is sampled G times and the
 rollout batch holds the G samples of a prompt as one consecutive block of rows
 (prompt i at rows [i * G, (i + 1) * G)). Every response gets one scalar
 reward, and its advantage is that reward measured against the other samples

@@ -1,6 +1,6 @@
 """KL to the reference policy: per-token estimators, the objective KL, KL controllers.
 
-RLHF_NOTES.md, PPO section. With logr = logp - ref_logp on tokens sampled from
+docs/rlhf_details.md, PPO section. With logr = logp - ref_logp on tokens sampled from
 the policy pi, each estimator's expectation under pi relates to KL(pi || ref):
   k1 = logr                       unbiased, high variance, can be negative
   k2 = logr^2 / 2                 biased, low variance, >= 0

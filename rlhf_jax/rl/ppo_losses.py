@@ -1,6 +1,6 @@
 """PPO losses for language models: clipped policy loss, clipped value loss, entropy.
 
-RLHF_NOTES.md, PPO section. Every per-token quantity is reduced by one
+docs/rlhf_details.md, PPO section. Every per-token quantity is reduced by one
 `aggregate` helper, so a config's `loss_aggregation` means the same thing for
 the policy loss, the value loss and the entropy:
   "token_mean"      sum over all response tokens / their number (long

@@ -1,6 +1,6 @@
 """Reward-model math: Bradley-Terry loss, score readout, calibration, correlation.
 
-All pure functions over arrays, float32. RLHF_NOTES.md, reward model section:
+All pure functions over arrays, float32. docs/rlhf_details.md, reward model section:
 the score is read at the last response token (the EOS), the loss is
 -log sigmoid(r_chosen - r_rejected - margin), ties are soft 0.5 labels, and an
 optional centering term keeps scores near zero.
@@ -158,7 +158,7 @@ def spearman(x, y) -> float:
 
 
 def normalization(scores: np.ndarray) -> tuple[float, float]:
-  """(gain, bias) with gain * scores + bias of mean 0 and std 1 (RLHF_NOTES.md)."""
+  """(gain, bias) with gain * scores + bias of mean 0 and std 1 (docs/rlhf_details.md)."""
   scores = np.asarray(scores, np.float64)
   std = float(scores.std())
   gain = 1.0 / std if std > 0 else 1.0

@@ -206,7 +206,7 @@ def test_scalar_heads():
   reward = models.reward_model(cfg)
   rparams = _init(reward)
   kernel = rparams["head"]["kernel"]
-  # RLHF_NOTES.md: N(0, 1/sqrt(d_model + 1)), bias 0.
+  # docs/rlhf_details.md: N(0, 1/sqrt(d_model + 1)), bias 0.
   assert abs(float(jnp.std(kernel)) - 1 / np.sqrt(cfg.d_model + 1)) < 0.015
   assert float(rparams["head"]["bias"]) == 0.0
   tokens = jnp.arange(12).reshape(2, 6)

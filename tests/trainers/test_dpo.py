@@ -15,7 +15,7 @@ from tests.trainers import resume
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# The names researchers read in TRL's DPO logs (RLHF_NOTES.md), plus the optimizer's.
+# The names researchers read in TRL's DPO logs (docs/rlhf_details.md), plus the optimizer's.
 TRAIN_METRICS = (
   "loss",
   "rewards/chosen",

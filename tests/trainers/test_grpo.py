@@ -13,7 +13,7 @@ from tests.trainers import resume
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# TRL's GRPO names where they exist (RLHF_NOTES.md), plus the PPO-style ones.
+# TRL's GRPO names where they exist (docs/rlhf_details.md), plus the PPO-style ones.
 TRAIN_METRICS = (
   "reward",
   "reward_std",

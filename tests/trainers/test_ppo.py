@@ -13,7 +13,7 @@ from tests.trainers import resume
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# The names researchers read in TRL / lm-human-preferences logs (RLHF_NOTES.md).
+# The names researchers read in TRL / lm-human-preferences logs (docs/rlhf_details.md).
 TRAIN_METRICS = (
   "objective/kl",
   "objective/kl_coef",
