@@ -191,17 +191,6 @@ class Path(Check):
 
 
 @dataclasses.dataclass(frozen=True)
-class Free(Check):
-  """A field checked where it is used (the reason says where); any value passes here."""
-
-  reason: str
-
-  def problem(self, value):
-    del value
-    return None
-
-
-@dataclasses.dataclass(frozen=True)
 class Spec(Check):
   """A config section: a check per field, then the cross-field checks.
 
@@ -304,15 +293,6 @@ def divides(small: str, big: str) -> CrossCheck:
     if b % a:
       name = lambda names: " * ".join(f"{prefix}.{n}" for n in names)
       raise ConfigError(f"{name(b_names)}={b} must be a multiple of {name(a_names)}={a}.")
-
-  return check
-
-
-def at_most(small: str, big: str) -> CrossCheck:
-  def check(section, prefix):
-    a, b = _get(section, small), _get(section, big)
-    if a > b:
-      raise ConfigError(f"{prefix}.{small}={a} must be <= {prefix}.{big}={b}.")
 
   return check
 

@@ -47,10 +47,6 @@ _counter_lock = threading.Lock()
 _watchdog: threading.Thread | None = None
 
 
-def process_count() -> int:
-  return jax.process_count()
-
-
 def is_primary() -> bool:
   return jax.process_index() == 0
 
