@@ -30,22 +30,21 @@ def get_config(arg=None):
   config.reward = reward_config.get_config(variant)
 
   # Held-out prompts come from the testbed, as for every other method.
-  config.data = ml_collections.ConfigDict()
-  config.data.seed = 3
+  config.data = common.prompt_data(num_prompts=4096, seed=3)  # best-of-n uses eval prompts only
   config.data.testbed = testbed_config.default_config()
 
   # Sampling: N samples per held-out prompt; best-of-n for every n in ns (n <= N).
   config.num_samples = 128
   config.ns = (1, 2, 4, 8, 16, 32, 64, 128)
-  config.prompt_len = 16
+  config.prompt_len = 18  # BOS + the longest testbed prompt (17 tokens with the default
+  # tokenizer); longer prompts are left out (counted in data_info.json)
   config.max_new_tokens = 40
   config.temperature = 1.0
   config.prompts_per_chunk = 8  # prompts per sampling batch (x num_samples rows)
 
   config.mesh = (1, -1, 1)
   config.sharding_rules = "fsdp"
-  config.eval = ml_collections.ConfigDict()
-  config.eval.num_prompts = 128
+  config.eval = common.eval_section(num_prompts=128)
 
   if arg.runlocal:
     config.num_samples = 16

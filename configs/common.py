@@ -95,3 +95,36 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         f"Config arg {key!r} needs a value ({key}=...): only bool keys may appear bare."
       )
   return result
+
+
+def prompt_data(num_prompts: int = 4096, seed: int = 3) -> ml_collections.ConfigDict:
+  """The `data` section of the RL stages: where prompts come from (rlhf_jax/data/prompts.py).
+
+  The testbed by default; with one's own prompts,
+  `--config.data.source=jsonl --config.data.prompts=prompts.jsonl` (JSONL or Parquet, each
+  record {"prompt": text} or {"messages": [...]}), and `eval_prompts` for a held-out file
+  (else `eval.num_prompts` distinct prompts are held out). The config file adds `testbed`.
+  """
+  return ml_collections.ConfigDict(
+    {
+      "source": "testbed",  # testbed | jsonl (JSONL or Parquet files) | tfds
+      "prompts": "",  # files, comma-separated; or a TFDS dataset (name or prepared directory)
+      "eval_prompts": "",  # held-out prompt files; "" = hold out eval.num_prompts of `prompts`
+      "train_split": "train",  # TFDS splits
+      "eval_split": "",
+      "skip_invalid": False,  # skip (and count) malformed records instead of failing
+      "data_dir": "",  # where TFDS finds registered datasets
+      "num_prompts": num_prompts,  # testbed: training prompts drawn; files: cap (0 = all)
+      "seed": seed,
+    }
+  )
+
+
+def eval_section(num_prompts: int = 128) -> ml_collections.ConfigDict:
+  """The held-out evaluation every RL stage runs (rlhf_jax/evaluation.py).
+
+  `judge`: "auto" (the testbed's gold reward on testbed prompts, else the proxy reward
+  model), "gold", "proxy", "rm:DIR" (a judge reward model, a finished reward stage) or
+  "package.module:function".
+  """
+  return ml_collections.ConfigDict({"num_prompts": num_prompts, "judge": "auto"})

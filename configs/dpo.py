@@ -59,7 +59,8 @@ def get_config(arg=None):
   config.max_len = 48
 
   # Sampling for the eval (and for testbed pairs); DPO's log-probs are at temperature 1.
-  config.prompt_len = 16
+  config.prompt_len = 18  # BOS + the longest testbed prompt (17 tokens with the default
+  # tokenizer); longer prompts are left out (counted in data_info.json)
   config.max_new_tokens = 40
   config.temperature = 1.0
 
@@ -96,8 +97,10 @@ def get_config(arg=None):
   config.eval_every = 125
   config.checkpoint_every = 125
   config.keep_checkpoints = 3
-  config.eval = ml_collections.ConfigDict()
-  config.eval.num_prompts = 128
+  config.eval = common.eval_section(num_prompts=128)
+  # Prompt files for the generation eval; "" = the testbed's held-out prompts for testbed
+  # pairs, else the prompts of the eval pairs.
+  config.eval.prompts = ""
 
   if arg.runlocal:
     config.total_steps = 12

@@ -40,15 +40,14 @@ def get_config(arg=None):
   config.reward = reward_config.get_config(variant)
 
   # Prompts (the testbed's training items; eval uses held-out items)
-  config.data = ml_collections.ConfigDict()
-  config.data.num_prompts = 4096
-  config.data.seed = 3
+  config.data = common.prompt_data(num_prompts=4096, seed=3)
   config.data.testbed = testbed_config.default_config()
 
   # Rollouts: prompts_per_iter * group_size responses per iteration
   config.prompts_per_iter = 16
   config.group_size = 4  # G samples per prompt, the group of the baseline
-  config.prompt_len = 16
+  config.prompt_len = 18  # BOS + the longest testbed prompt (17 tokens with the default
+  # tokenizer); longer prompts are left out (counted in data_info.json)
   config.max_new_tokens = 40
   config.temperature = 1.0  # sampling and log-prob recomputation use the same T
   config.missing_eos_penalty = True
@@ -98,8 +97,7 @@ def get_config(arg=None):
   config.eval_every = 20
   config.checkpoint_every = 20
   config.keep_checkpoints = 3
-  config.eval = ml_collections.ConfigDict()
-  config.eval.num_prompts = 128
+  config.eval = common.eval_section(num_prompts=128)
 
   if arg.runlocal:
     config.total_steps = 12

@@ -50,7 +50,7 @@ def get_config(arg=None):
   config.data.testbed = testbed_config.default_config()
   config.data.temperature = 1.0  # SFT sampling for pairs
   config.data.max_new_tokens = 40
-  config.data.prompt_len = 16
+  config.data.prompt_len = 18  # BOS + the longest testbed prompt (17 tokens)
   config.data.sample_batch = 256
   config.data.train_files = ()  # with source="jsonl"
   config.data.eval_files = ()

@@ -34,10 +34,20 @@ def get_config(arg=None):
   config.data.num_eval = 256
   config.data.seed = 0
   config.data.testbed = testbed_config.default_config()
-  config.data.train_jsonl = ""  # with source="jsonl": {"prompt", "response"} per line
+  # With source="jsonl": per line {"prompt", "response"} or a chat {"messages": [{"role":
+  # "system" | "user" | "assistant", "content"}, ...]}; a file may mix both.
+  config.data.train_jsonl = ""
   config.data.eval_jsonl = ""
   config.data.skip_invalid = False  # True: skip and count malformed lines
   config.data.data_dir = ""  # built array_record datasets; default <workdir>/data/tfds
+  # Which tokens carry the loss: "assistant" (every assistant turn and its EOS; a
+  # prompt/response record's response), "last" (the last assistant turn), "all" (every
+  # token after BOS, prompts and user turns too).
+  config.data.train_on = "assistant"
+  # True: pack several examples into each max_len row (attention and positions stay per
+  # example; same loss per example). A step then holds more examples, so fewer
+  # total_steps cover an epoch; data_info.json's "packing" says how many per row.
+  config.data.packing = False
 
   # Tokenizer: trained on the training texts unless a .model path is given.
   config.tokenizer = ml_collections.ConfigDict()
@@ -79,7 +89,7 @@ def get_config(arg=None):
   config.eval.num_samples = 32
   config.eval.temperature = 1.0
   config.eval.max_new_tokens = 40
-  config.eval.prompt_len = 16
+  config.eval.prompt_len = 18
 
   if arg.runlocal:
     config.total_steps = 120

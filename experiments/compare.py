@@ -128,9 +128,8 @@ def shared_stages_config(size: str, overrides: dict[str, Any]):
 
 def ensure_shared_stages(workdir: str, size: str, overrides: dict[str, Any]) -> tuple[str, str]:
   """One SFT and one reward stage for every run: <workdir>/sft, <workdir>/reward."""
-  from rlhf_jax.trainers import rl_common
-
-  return rl_common.ensure_stages(shared_stages_config(size, overrides), workdir)
+  resolved = config_utils.resolve_upstream(shared_stages_config(size, overrides), workdir)
+  return resolved.policy_init, resolved.reward_init
 
 
 def run_config(run: Run, sft_dir: str = "", reward_dir: str = ""):

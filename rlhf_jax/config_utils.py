@@ -583,11 +583,84 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
   if jax.process_index() == 0:
     path = write_config_json(config, workdir)
     logging.info("Wrote %s", path)
-  logging.info("Running %s.train with workdir %s", config.trainer, workdir)
   try:
+    config = resolve_upstream(config, workdir)
+    logging.info("Running %s.train with workdir %s", config.trainer, workdir)
     return train(config, workdir)
   except errors.Error as error:
     # The innermost stage is the one at fault (an upstream stage trained on demand).
     if getattr(error, "stage", None) is None:
       error.stage = workdir
     raise
+
+
+# ------------------------------------------------------------------------------------------------
+# The stage graph.
+# ------------------------------------------------------------------------------------------------
+
+
+def upstream_stages(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+  """The upstream stages `config` trains before its own: (section, init field) pairs.
+
+  A trainer declares each upstream stage in its CONFIG_SPEC as a `config_spec.Stage` field
+  (the stage's whole config, e.g. `sft`) with `unless=` the field that names a finished
+  stage instead (e.g. `policy_init`). A stage is trained when that field is empty and the
+  Stage's `when` condition holds; the order is the spec's (SFT before the reward model).
+  """
+  from rlhf_jax import config_spec as cs  # imported late: config_spec imports this module
+
+  spec = trainer_spec(config.get("trainer"))
+  out = []
+  for name, check in spec.fields.items() if spec is not None else ():
+    if not isinstance(check, cs.Stage) or check.unless is None or config.get(check.unless):
+      continue
+    if check.when is None or check.when(config):
+      out.append((name, check.unless))
+  return out
+
+
+def resolve_upstream(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """`config` with every upstream stage it needs finished: found, or trained, in the graph.
+
+  Each stage in `upstream_stages` lives in `<workdir>/<section>`: reused when it holds a
+  finished stage, else trained there by `run` (which resolves that stage's own upstream
+  stages the same way). Stages resolved earlier are handed down: an empty init field of a
+  later stage's config that names an earlier one is filled in, so the reward model of a
+  PPO run is trained on that run's SFT policy. Returns a copy with the init fields set to
+  the finished stages' workdirs (the trainer only loads them); `config` is unchanged, and
+  so is the `config.json` written from it.
+  """
+  from rlhf_jax import stages  # imported late: stages needs JAX and the models
+
+  resolved: dict[str, str] = {}
+  for section, init_field in upstream_stages(config):
+    stage_dir = os.path.join(workdir, section)
+    if not stages.is_complete(stage_dir):
+      child = ml_collections.ConfigDict(config[section].to_dict())
+      for field, value in resolved.items():
+        if field in child and not child[field]:
+          child[field] = value
+      logging.info("Training the upstream stage %s into %s", section, stage_dir)
+      run(child, stage_dir)
+    resolved[init_field] = stage_dir
+  if not resolved:
+    return config
+  out = ml_collections.ConfigDict(config.to_dict())
+  out.update(resolved)
+  return out
+
+
+def require_stage(config: Any, field: str) -> str:
+  """The finished stage `config.<field>` names; a StageError when it is empty.
+
+  Trainers load their upstream stages and never train them: `run` (and so the launcher)
+  resolves the graph first. A trainer called directly needs the field set.
+  """
+  path = config.get(field)
+  if not path:
+    raise errors.StageError(
+      f"config.{field} is empty: this trainer needs a finished stage there.",
+      hint="Run the config through experiments.launch or rlhf_jax.config_utils.run, which "
+      "train the upstream stages first, or set it to a finished stage's workdir.",
+    )
+  return path

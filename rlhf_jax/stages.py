@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import checkpoint, distributed, errors, models, sharding, utils
-from rlhf_jax.data.tokenizer import Tokenizer
+from rlhf_jax.data.tokenizer import Tokenizer, pad_batch
 from rlhf_jax.rl.reward import last_token_scores
 
 EXPORT_DIR = "export"
@@ -168,6 +168,72 @@ class Policy:
   # Compiled samplers, keyed by their settings: one compile per setting, not per call.
   samplers: dict[Any, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
+  def sampler(self, *, max_new_tokens: int, temperature: float, mesh, rules):
+    """The jitted, sharded KV-cache sampler for these settings, compiled once and kept.
+
+    f(params, prompt [B, P] left-padded, mask [B, P], rng) -> rl.sampler.SampleOutput;
+    params must have this policy's shardings (its own params, or a trained copy).
+    """
+    from rlhf_jax.rl import sampler as sampler_lib  # the sampler needs the models only
+
+    config = sampler_lib.SamplerConfig(
+      max_new_tokens=max_new_tokens,
+      eos_id=self.tokenizer.eos_id,
+      pad_id=self.tokenizer.pad_id,
+      temperature=temperature,
+    )
+    key = (config, mesh, str(rules))
+    if key not in self.samplers:
+      self.samplers[key] = sampler_lib.make_sampler(
+        self.module, config, mesh=mesh, rules=rules, param_shardings=self.shardings
+      )
+    return self.samplers[key]
+
+  def generator(self, **settings):
+    """f(prompts, rng) -> texts: `generate` with these settings (max_new_tokens,
+    temperature, prompt_len, batch_size, mesh, rules) fixed."""
+    return lambda prompts, rng: self.generate(prompts, rng=rng, **settings)
+
+  def generate(
+    self,
+    prompts,
+    *,
+    rng,
+    max_new_tokens: int,
+    temperature: float,
+    prompt_len: int,
+    batch_size: int,
+    mesh,
+    rules,
+    params=None,
+  ) -> list[str]:
+    """One sampled response (text) per prompt, in batches of `batch_size` (jitted, sharded).
+
+    Prompts are left-padded to `prompt_len` tokens keeping their end; the last batch is
+    padded with copies of its first prompt, so one compiled shape serves every batch.
+    Batch b uses the key fold_in(rng, b * batch_size). `params` default to the policy's.
+    """
+    from rlhf_jax.data import prompts as prompts_lib
+
+    fn = self.sampler(
+      max_new_tokens=max_new_tokens, temperature=temperature, mesh=mesh, rules=rules
+    )
+    params = self.params if params is None else params
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+      chunk = list(prompts[start : start + batch_size])
+      padded = chunk + [chunk[0]] * (batch_size - len(chunk))
+      tokens, mask = prompts_lib.left_pad(self.tokenizer, padded, prompt_len)
+      with sharding.use_mesh(mesh, rules):
+        result = fn(
+          params,
+          sharding.global_from_full(tokens, mesh),
+          sharding.global_from_full(mask, mesh),
+          jax.random.fold_in(rng, start),
+        )
+      out.extend(self.tokenizer.decode_batch(sharding.fetch(result.tokens)[: len(chunk)]))
+    return out
+
 
 def load_policy(workdir: str, mesh, rules: str = "fsdp") -> Policy:
   meta = _read_current_meta(workdir)
@@ -214,6 +280,36 @@ class RewardModel:
     """(mean normalised score [B], ensemble std [B])."""
     raw = self.gain * self.raw_scores(tokens, mask) + self.bias
     return jnp.mean(raw, axis=0), jnp.std(raw, axis=0)
+
+  def score_texts(
+    self, prompts, responses, *, mesh, rules, max_len: int, batch_size: int = 64
+  ) -> np.ndarray:
+    """Normalised ensemble-mean scores [N] (float64) of (prompt, response) texts.
+
+    Rows are made with this model's own tokenizer as it was trained: BOS + prompt +
+    response + EOS, right-padded to `max_len`; a longer row loses the start of its prompt
+    (the score is read at the last token). Batches are padded to a multiple of the mesh's
+    batch shards, so any number of texts works.
+    """
+    tok = self.tokenizer
+    rows = []
+    encoded = zip(tok.encode_batch(list(prompts)), tok.encode_batch(list(responses)), strict=True)
+    head = [tok.bos_id] if tok.bos_id >= 0 else []
+    for p_ids, r_ids in encoded:
+      rows.append(head + [*p_ids, *r_ids, tok.eos_id][-(max_len - len(head)) :])
+    shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+    batch_size = -(-batch_size // shards) * shards
+    out = []
+    for start in range(0, len(rows), batch_size):
+      chunk = rows[start : start + batch_size]
+      chunk = chunk + [chunk[0]] * (batch_size - len(chunk))
+      tokens, mask = pad_batch(chunk, max_len, tok.pad_id, "right")
+      with sharding.use_mesh(mesh, rules):
+        mean, _ = self.score(
+          sharding.global_from_full(tokens, mesh), sharding.global_from_full(mask, mesh)
+        )
+      out.append(np.asarray(sharding.fetch(mean), np.float64)[: len(rows) - start])
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def ensemble_scores(module, params, tokens, mask) -> jax.Array:

@@ -45,6 +45,9 @@ SFT_FILE = [SFT, "--config.data.source=jsonl", "--config.data.train_jsonl={tmp}/
 RM_FILE = [RM, "--config.policy_init={sft}", "--config.data.source=jsonl",
            "--config.data.train_files=('{tmp}/p.jsonl',)"]  # fmt: skip
 RM_PARQUET = [*RM_FILE[:3], "--config.data.train_files=('{tmp}/p.parquet',)"]
+PROMPT_FILE = [GRPO, "--config.data.source=jsonl", "--config.data.prompts={tmp}/q.jsonl",
+               "--config.policy_init={sft}", "--config.eval.num_prompts=8",
+               "--config.reward_fn=tests.trainers.test_grpo:length_reward"]  # fmt: skip
 # The finished tiny SFT stage every workdir case starts from (trained once, copied per case).
 SFT_SMALL = [SFT, "--config.total_steps=20", "--config.checkpoint_every=10",
              "--config.eval_every=20", "--config.log_every=10", "--config.data.num_train=200",
@@ -53,6 +56,7 @@ SFT_SMALL = [SFT, "--config.total_steps=20", "--config.checkpoint_every=10",
 RESUME = [*SFT_SMALL, "--workdir={tmp}/work"]  # rerun of that stage, copied to {tmp}/work
 REPORT = "experiments.label_report"
 
+ELEVEN_PROMPTS = [f"Review of the {c} {i}:" for c in ("red", "blue") for i in ("lamp", "desk", "mug", "fan", "chair", "kettle")][:11]  # fmt: skip
 GOOD_SFT = '{"prompt": "Review of the lamp:", "response": "It glows warmly."}\n'
 GOOD_PAIR = {"prompt": "Review of the lamp:", "chosen": "It glows.", "rejected": "Bad.",
              "rater_id": 1, "confidence": 4.0}  # fmt: skip
@@ -136,6 +140,16 @@ CASES = [
   C("grpo_group_1", [GRPO, "--config.group_size=1"], "config.group_size=1"),
   C("grpo_reward_fn", [GRPO, "--config.reward_fn=no_such_module_q:score"], "config.reward_fn='no_such_module_q:score'", "cannot import"),
   C("bon_n_too_big", [BON, "--config.ns=(1,32)"], "config.ns", "n=32 > config.num_samples=16"),
+  C("ppo_prompts_missing", [PPO, "--config.data.source=jsonl"], "config.data.prompts is empty"),
+  C("ppo_prompt_file_missing", [PPO, "--config.data.source=jsonl", "--config.data.prompts={tmp}/none.jsonl"], "config.data.prompts", "none.jsonl", "is not a file"),
+  C("ppo_judge_gold_on_files", [PPO, "--config.data.source=jsonl", "--config.data.prompts={tmp}/q.jsonl", "--config.eval.judge=gold"], "config.eval.judge='gold'", "only for the testbed's prompts"),
+  C("ppo_judge_unknown", [PPO, "--config.eval.judge=oracle"], "config.eval.judge='oracle'", "expected one of"),
+  C("ppo_judge_rm_missing", [PPO, "--config.eval.judge=rm:{tmp}/none"], "config.eval.judge='rm:", "no such directory"),
+  # -- prompt files for the RL stages (GRPO on a reward function: no reward model needed) ----
+  C("prompts_bad_record", PROMPT_FILE, "{tmp}/q.jsonl:2", "exactly one of the fields 'prompt' and 'messages'"),
+  C("prompts_chat_ends_with_assistant", PROMPT_FILE, "{tmp}/q.jsonl:2", "must end with a user turn"),
+  C("prompts_all_too_long", PROMPT_FILE, "{tmp}/q.jsonl", "no train prompt fits prompt_len=18 tokens"),
+  C("prompts_too_few", [*PROMPT_FILE, "--config.prompt_len=40"], "config.prompts_per_iter=8", "exceeds the 3 training prompts"),
   # -- SFT data files -------------------------------------------------------------------------
   C("sft_not_json", SFT_FILE, "{tmp}/s.jsonl:2", "not valid JSON"),
   C("sft_missing_field", SFT_FILE, "{tmp}/s.jsonl:2", "missing field 'response'"),
@@ -197,6 +211,17 @@ FILES = {
   "sft_all_too_long": {"s.jsonl": GOOD_SFT * 40},
   "sft_bad_eval_file": {"s.jsonl": GOOD_SFT * 40, "e.jsonl": '{"response": "y"}\n'},
   "sft_too_few_for_batch": {"s.jsonl": GOOD_SFT * 40},
+  "ppo_judge_gold_on_files": {"q.jsonl": '{"prompt": "Review of the lamp:"}\n'},
+  "prompts_bad_record": {"q.jsonl": '{"prompt": "Review of the lamp:"}\n{"text": "x"}\n'},
+  "prompts_chat_ends_with_assistant": {
+    "q.jsonl": '{"prompt": "Review of the lamp:"}\n'
+    + json.dumps(
+      {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    )
+    + "\n"
+  },
+  "prompts_all_too_long": {"q.jsonl": json.dumps({"prompt": "Review of the lamp: " * 20}) + "\n"},
+  "prompts_too_few": {"q.jsonl": "".join(json.dumps({"prompt": p}) + "\n" for p in ELEVEN_PROMPTS)},
   "rm_same_texts": {"p.jsonl": _pairs({"rejected": GOOD_PAIR["chosen"]})},
   "rm_negative_margin": {"p.jsonl": _pairs({"margin": -1.0})},
   "rm_tie_margin": {"p.jsonl": _pairs({"tie": True, "margin": 0.5})},

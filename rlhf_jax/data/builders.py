@@ -1,13 +1,13 @@
-"""TFDS builders that turn local prompt/response JSONL files into array_record.
+"""TFDS builders that turn local SFT JSONL files (prompt/response or chat) into array_record.
 
 TensorFlow is not needed: TFDS writes `array_record` files with pure-Python
 example serialisation and reads them back as random-access data sources.
 
     builder = build_sft_jsonl(["data/sft.jsonl"], data_dir="/tmp/rlhf_data")
-    source = builder.source("train")    # len(source), source[i] -> {"prompt", "response"}
+    source = builder.source("train")    # len(source), source[i] -> {"prompt", "response", ...}
     print(builder.content_hash, builder.num_skipped)
 
-A dataset is written once into `data_dir/sft_jsonl/<key>/1.0.0/` and reused
+A dataset is written once into `data_dir/sft_jsonl/<key>/<VERSION>/` and reused
 afterwards. The key is a sha256 of the input files' contents (see
 `content_hash`) with the split names and the `skip_invalid` mode, so editing
 an input file builds a new dataset rather than silently reusing stale data;
@@ -15,8 +15,10 @@ renaming or moving a file does not. TFDS writes
 into an `incomplete.*` sibling directory and renames it into place when the
 build finishes, so an interrupted build is never read.
 
-Each JSONL line is one object with non-empty string fields `prompt` and
-`response`; other fields are ignored and blank lines skipped. Anything else
+Each JSONL line is one object: either with non-empty string fields `prompt` and
+`response`, or with `messages`, a chat (`[{"role": "system" | "user" | "assistant",
+"content": str}, ...]`, see `rlhf_jax.data.chat`) with at least one assistant turn. A file
+may mix both kinds. Other fields are ignored and blank lines skipped. Anything else
 raises `DataError` naming the file, the 1-based line and the field, unless
 `skip_invalid=True`, which skips the line and counts it (`num_skipped`,
 persisted with the dataset). Examples keep the order of the files and lines.
@@ -44,11 +46,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from rlhf_jax import utils
+from rlhf_jax.data import chat
 from rlhf_jax.errors import DataError
 
 PathLike = str | os.PathLike[str]
 
 SFT_FIELDS = ("prompt", "response")
+MESSAGES = "messages"  # a chat record's field (and the stored feature: its turns as JSON)
 
 # How many skipped-line messages are kept in the dataset's metadata: enough
 # to see what is wrong with a file without storing one per bad line.
@@ -83,11 +87,18 @@ def _type_name(value: Any) -> str:
 
 
 def parse_sft_record(raw: bytes | str, path: PathLike, line: int) -> dict[str, str]:
-  """Validates one JSONL line into `{"prompt": str, "response": str}`.
+  """Validates one JSONL line into `{"prompt": str, "response": str, "messages": str}`.
+
+  A prompt/response record stores "" as its messages. A chat record stores its validated
+  turns as JSON text (one Text feature holds any number of turns), and as prompt and
+  response its last exchange (`chat.last_exchange`: the rendered turns before the last
+  assistant reply, and that reply), which evaluations sample from; training reads the
+  turns.
 
   Raises:
-    DataError: the line is not UTF-8 JSON, not an object, or a field is
-      missing, not a string, or blank.
+    DataError: the line is not UTF-8 JSON, not an object, a prompt/response field is
+      missing, not a string, or blank, or the messages are not a valid chat with an
+      assistant turn (or come with a prompt or response as well).
   """
   if isinstance(raw, bytes):
     try:
@@ -104,8 +115,11 @@ def parse_sft_record(raw: bytes | str, path: PathLike, line: int) -> dict[str, s
     raise DataError(
       path,
       line,
-      f"expected a JSON object with fields 'prompt' and 'response', got {_type_name(record)}",
+      "expected a JSON object with fields 'prompt' and 'response' (or 'messages'), got "
+      f"{_type_name(record)}",
     )
+  if MESSAGES in record:
+    return _parse_chat_record(record, path, line)
   out = {}
   for field in SFT_FIELDS:
     if field not in record:
@@ -122,7 +136,34 @@ def parse_sft_record(raw: bytes | str, path: PathLike, line: int) -> dict[str, s
         path, line, f"field {field!r} must be a non-empty string, got {value!r}", field
       )
     out[field] = value
+  out[MESSAGES] = ""
   return out
+
+
+def _parse_chat_record(record: dict[str, Any], path: PathLike, line: int) -> dict[str, str]:
+  both = [field for field in SFT_FIELDS if field in record]
+  if both:
+    # Which one would train is a guess either way; an export that writes both is broken.
+    raise DataError(
+      path,
+      line,
+      f"the record has both 'messages' and {both[0]!r}: give either messages or a prompt "
+      "and a response",
+      MESSAGES,
+    )
+  messages = chat.validate_messages(
+    record[MESSAGES], lambda message, field: DataError(path, line, message, field)
+  )
+  if not any(turn["role"] == "assistant" for turn in messages):
+    raise DataError(
+      path, line, "field 'messages' has no assistant turn: there is nothing to train on", MESSAGES
+    )
+  prompt, response = chat.last_exchange(messages)
+  return {
+    "prompt": prompt,
+    "response": response,
+    MESSAGES: json.dumps(messages, ensure_ascii=False),
+  }
 
 
 def iter_sft_jsonl(
@@ -222,9 +263,9 @@ class FileSplitsConfig(tfds.core.BuilderConfig):
 
 @dataclasses.dataclass(kw_only=True)
 class SftJsonlConfig(FileSplitsConfig):
-  """prompt/response JSONL files per split."""
+  """SFT JSONL files (prompt/response or chat records) per split."""
 
-  KIND: ClassVar[str] = "prompt/response JSONL"
+  KIND: ClassVar[str] = "SFT JSONL"
 
 
 LINE = "line"  # provenance feature: the record's 1-based line (Parquet: row) in its file
@@ -379,21 +420,33 @@ class RecordSource:
 
 
 class SftSource(RecordSource):
-  """`{"prompt": str, "response": str, "line": int}` records."""
+  """`{"prompt": str, "response": str, "line": int}` records, and "messages" for chat records.
+
+  A chat record's "messages" is its list of turns; a prompt/response record has no
+  "messages" key (its stored "" is left out), so it reads as it did before chat records.
+  """
+
+  def _decode(self, record: Mapping[str, Any]) -> dict[str, Any]:
+    out = super()._decode(record)
+    messages = out.pop(MESSAGES, "")
+    if messages:
+      out[MESSAGES] = json.loads(messages)
+    return out
 
 
 class SftJsonl(FileRecords, tfds.core.GeneratorBasedBuilder):
-  """Prompt/response SFT examples from local JSONL files, stored as array_record.
+  """SFT examples (prompt/response or chat) from local JSONL files, stored as array_record.
 
   `SftJsonl(paths=[...], data_dir=...)` or `SftJsonl(config=SftJsonlConfig...)`;
   then `download_and_prepare()` (a no-op when already built) and `source(split)`.
   `build_sft_jsonl` does both steps.
   """
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {
     "1.0.0": "prompt and response text, in file and line order.",
     "1.1.0": "each record's line in its file; records per file; a file without records fails.",
+    "1.2.0": "chat records: the turns as JSON in 'messages' ('' for prompt/response records).",
   }
   SOURCE = SftSource
 
@@ -420,11 +473,12 @@ class SftJsonl(FileRecords, tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
       builder=self,
-      description="Prompt/response pairs for supervised fine-tuning, from local JSONL files.",
+      description="Prompt/response pairs and chats for supervised fine-tuning, from JSONL.",
       features=tfds.features.FeaturesDict(
         {
           "prompt": tfds.features.Text(),
           "response": tfds.features.Text(),
+          MESSAGES: tfds.features.Text(),
           LINE: tfds.features.Scalar(np.int64),
         }
       ),

@@ -1,8 +1,9 @@
 """Records too long for `max_len`: counted per file, reported, and left out before training.
 
-A row is `[BOS] + prompt + response + [EOS]`; a prompt too long loses its start
-(`truncated`), a row whose response alone does not fit is `dropped`
-(`loader.fit_rows`). Trainers check every record once before their first step:
+A row is `[BOS] + prompt + response + [EOS]` (a chat record: its context pieces and
+replies, `loader.sft_rows`); a prompt (the context before the first target) too long loses
+its start (`truncated`), a row whose targets alone do not fit is `dropped`
+(`loader.fit_lengths`). Trainers check every record once before their first step:
 
     kept, report = lengths.check(source, lengths.sft_fit(tok), what="SFT examples",
                                  max_len=config.max_len)
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from rlhf_jax.data import loader
 from rlhf_jax.data.loader import fit_rows
 from rlhf_jax.data.tokenizer import Tokenizer
 from rlhf_jax.errors import DataError
@@ -32,8 +34,9 @@ WARN_FRACTION = 0.01  # dropped records above this fraction of a split are worth
 _MAX_LISTED = 5
 _CHUNK = 4096
 
-# records -> (dropped [N] bool, truncated [N] bool, tokens needed [N] int)
-FitFn = Callable[[Sequence[Mapping[str, Any]]], tuple[np.ndarray, np.ndarray, np.ndarray]]
+# records -> (dropped [N] bool, truncated [N] bool, tokens needed [N] int), optionally with a
+# fourth [N] int: the tokens each kept row takes (what sequence packing needs).
+FitFn = Callable[[Sequence[Mapping[str, Any]]], tuple[np.ndarray, ...]]
 
 
 def _text(value: Any) -> str:
@@ -49,11 +52,27 @@ def _fit(tokenizer: Tokenizer, max_len: int, prompts, responses):
   return dropped, truncated, needed
 
 
-def sft_fit(tokenizer: Tokenizer, max_len: int) -> FitFn:
-  """How `{prompt, response}` records fit as SFT rows."""
-  return lambda records: _fit(
-    tokenizer, max_len, [r["prompt"] for r in records], [r["response"] for r in records]
-  )
+def sft_fit(
+  tokenizer: Tokenizer, max_len: int, train_on: str = "assistant", add_bos: bool = True
+) -> FitFn:
+  """How SFT records (`{prompt, response}` or chat `messages`) fit as rows of `sft_collate`.
+
+  The fourth array is each kept row's length in tokens (max_len for a truncated one), from
+  the same token layout as the collate (`loader.sft_sequences`), so a packer can place rows
+  without tokenizing the records again.
+  """
+
+  def fit(records):
+    sequences = loader.sft_sequences(records, tokenizer, train_on)
+    bos = 1 if add_bos and tokenizer.bos_id >= 0 else 0
+    lead = np.asarray([loader.first_target(t) for _, t in sequences], np.int64)
+    rest = np.asarray([len(ids) for ids, _ in sequences], np.int64) - lead
+    dropped, truncated, kept = loader.fit_lengths(lead, rest, max_len, bos)
+    needed = bos + np.minimum(lead, 1) + rest  # the shortest row that keeps the record
+    length = np.where(dropped, 0, bos + kept + rest)
+    return dropped, truncated, needed, length
+
+  return fit
 
 
 def pair_fit(tokenizer: Tokenizer, max_len: int) -> FitFn:
@@ -101,18 +120,29 @@ def check(
     DataError: no record fits; the message names the files, the shortest row
       needed and the key to raise.
   """
+  kept, report, _ = _check(source, fit, what=what, max_len=max_len, key=key)
+  return kept, report
+
+
+def _check(
+  source: Any, fit: FitFn, *, what: str, max_len: int, key: str
+) -> tuple[np.ndarray, dict[str, Any], np.ndarray | None]:
+  """`check`, and the kept rows' lengths when `fit` gives them (else None)."""
   n = len(source)
   has_files = hasattr(source, "file_of")
   files: dict[str, dict[str, int]] = {}
   kept: list[np.ndarray] = []
+  row_lengths: list[np.ndarray] = []
   first: list[str] = []
   shortest = None
   dropped_total = truncated_total = 0
   for start in range(0, n, _CHUNK):
     indices = list(range(start, min(n, start + _CHUNK)))
     records = _read(source, indices)
-    dropped, truncated, needed = fit(records)
+    dropped, truncated, needed, *length = fit(records)
     kept.append(np.asarray(indices, np.int64)[~dropped])
+    if length:
+      row_lengths.append(np.asarray(length[0], np.int64)[~dropped])
     dropped_total += int(dropped.sum())
     truncated_total += int(truncated.sum())
     shortest = int(needed.min()) if shortest is None else min(shortest, int(needed.min()))
@@ -157,7 +187,8 @@ def check(
     )
   elif dropped_total:
     logging.info("%d of %d %s do not fit %s=%d: left out.", dropped_total, n, what, key, max_len)
-  return kept_indices, report
+  kept_lengths = np.concatenate(row_lengths) if row_lengths else None
+  return kept_indices, report, kept_lengths
 
 
 def keep_fitting(
@@ -169,24 +200,33 @@ def keep_fitting(
     sources: split name ("train", "eval") -> source or None.
     what: the records, after the split name in messages ("pairs" -> "train pairs").
   Returns:
-    ({split: Subset or None}, {split: report}) for data_info.json's "lengths".
+    ({split: Subset or None}, {split: report}) for data_info.json's "lengths". With a fit
+    that gives row lengths (`sft_fit`), each Subset's `row_lengths` holds them.
   """
   kept_sources, reports = {}, {}
   for split, source in sources.items():
     if source is None:
       kept_sources[split] = None
       continue
-    kept, reports[split] = check(source, fit, what=f"{split} {what}", max_len=max_len)
-    kept_sources[split] = Subset(source, kept)
+    kept, reports[split], row_lengths = _check(
+      source, fit, what=f"{split} {what}", max_len=max_len, key="config.max_len"
+    )
+    kept_sources[split] = Subset(source, kept, row_lengths)
   return kept_sources, reports
 
 
 class Subset:
-  """The records of `source` at `indices`, as a random-access source (names them too)."""
+  """The records of `source` at `indices`, as a random-access source (names them too).
 
-  def __init__(self, source: Any, indices: Sequence[int]):
+  `row_lengths` ([len] int, or None when unknown): the tokens each record's row takes.
+  """
+
+  def __init__(self, source: Any, indices: Sequence[int], row_lengths: Sequence[int] | None = None):
     self._source = source
     self._indices = np.asarray(indices, np.int64)
+    self.row_lengths = None if row_lengths is None else np.asarray(row_lengths, np.int64)
+    if self.row_lengths is not None and len(self.row_lengths) != len(self._indices):
+      raise ValueError(f"{len(self.row_lengths)} row lengths for {len(self._indices)} records")
 
   def __len__(self) -> int:
     return len(self._indices)

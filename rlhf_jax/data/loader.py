@@ -30,6 +30,7 @@ Shape legend: B batch, T length.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -37,6 +38,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import sharding
+from rlhf_jax.data import chat
 from rlhf_jax.data.tokenizer import Tokenizer, pad_batch
 
 Batch = dict[str, np.ndarray]
@@ -263,87 +265,184 @@ def global_batches(batches: Iterator[Batch], mesh: jax.sharding.Mesh) -> Iterato
 # ---------------------------------------------------------------------- SFT
 
 
+def fit_lengths(
+  lead_lengths: Sequence[int], rest_lengths: Sequence[int], max_len: int, bos_len: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """How `[BOS] + lead + rest` rows fit in `max_len` tokens.
+
+  `lead` is the context before the row's first target token, `rest` everything from that
+  target on (later context and EOS included). The rest is kept whole; the lead loses
+  tokens from its start when there is no room, but keeps at least one when it has any (a
+  response with no prompt is not an example of answering it). Truncating only the lead
+  keeps every target, and the context nearest to the first one.
+
+  Returns:
+    dropped [N] bool (the row does not fit), truncated [N] bool (the lead lost tokens),
+    kept [N] int (lead tokens kept; 0 for a dropped row).
+  """
+  lead = np.asarray(lead_lengths, np.int64)
+  room = max_len - bos_len - np.asarray(rest_lengths, np.int64)
+  dropped = room < np.minimum(1, lead)
+  truncated = ~dropped & (lead > room)
+  kept = np.where(dropped, 0, np.minimum(lead, np.maximum(room, 0)))
+  return dropped, truncated, kept
+
+
 def fit_rows(
   prompt_lengths: Sequence[int], response_lengths: Sequence[int], max_len: int, bos_len: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """How `[BOS] + prompt + response + [EOS]` rows fit in `max_len` tokens.
+  """How `[BOS] + prompt + response + [EOS]` rows fit in `max_len` tokens (`fit_lengths`).
 
   The response and EOS are kept whole; the prompt loses tokens from its start when
-  there is no room, but keeps at least one (a response with no prompt is not an
-  example of answering it). Shared by `sft_collate` and the length reports
-  (`rlhf_jax.data.lengths`), so both count the same rows.
+  there is no room, but keeps at least one. Shared by `sft_collate` (through
+  `fit_lengths`) and the length reports (`rlhf_jax.data.lengths`), so both count the same
+  rows.
 
   Returns:
     dropped [N] bool (the row does not fit), truncated [N] bool (the prompt lost
     tokens), kept [N] int (prompt tokens kept; 0 for a dropped row).
   """
-  prompt = np.asarray(prompt_lengths, np.int64)
-  room = max_len - bos_len - (np.asarray(response_lengths, np.int64) + 1)
-  dropped = room < np.minimum(1, prompt)
-  truncated = ~dropped & (prompt > room)
-  kept = np.where(dropped, 0, np.minimum(prompt, np.maximum(room, 0)))
-  return dropped, truncated, kept
+  rest = np.asarray(response_lengths, np.int64) + 1  # the response and its EOS
+  return fit_lengths(prompt_lengths, rest, max_len, bos_len)
 
 
-def sft_collate(
-  examples: Sequence[Mapping[str, str | bytes]],
+def _text(value: str | bytes) -> str:
+  return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def record_pieces(record: Mapping[str, Any], train_on: str = "assistant") -> list[chat.Piece]:
+  """The pieces an SFT record is tokenized in (see `chat.sft_pieces`).
+
+  A chat record (a non-empty "messages": a list of turns or its JSON text) gives its
+  conversation's pieces; a {"prompt", "response"} record is the one-turn case: the prompt
+  (trained only with `train_on="all"`), then the response as a trained reply.
+  """
+  messages = record.get("messages")
+  if messages:
+    if isinstance(messages, str | bytes):
+      messages = json.loads(messages)
+    return chat.sft_pieces(messages, train_on)
+  if train_on not in chat.TRAIN_ON:
+    raise ValueError(f"train_on={train_on!r}; expected one of {', '.join(chat.TRAIN_ON)}")
+  return [
+    chat.Piece(_text(record["prompt"]), train_on == "all", False),
+    chat.Piece(_text(record["response"]), True, True),
+  ]
+
+
+def sft_sequences(
+  examples: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, train_on: str = "assistant"
+) -> list[tuple[list[int], list[bool]]]:
+  """Each record's tokens after BOS and which of them are targets, before any truncation.
+
+  Every piece is tokenized on its own (all of them in one `encode_batch` call), so a
+  prompt/response record gives `prompt + response + [EOS]` exactly as before chat records
+  existed; an EOS follows every reply and is a target when the reply is. Shared by
+  `sft_rows` and the length reports (`lengths.sft_fit`).
+  """
+  if tokenizer.pad_id == tokenizer.eos_id:
+    raise ValueError("the tokenizer pads with its EOS id; masks would hide every EOS")
+  pieces = [record_pieces(e, train_on) for e in examples]
+  encoded = iter(tokenizer.encode_batch([p.text for ps in pieces for p in ps]))
+  out = []
+  for parts in pieces:
+    ids: list[int] = []
+    targets: list[bool] = []
+    for piece in parts:
+      piece_ids = next(encoded)
+      ids += piece_ids
+      targets += [piece.trained] * len(piece_ids)
+      if piece.reply:
+        ids.append(tokenizer.eos_id)
+        targets.append(piece.trained)
+    out.append((ids, targets))
+  return out
+
+
+def first_target(targets: Sequence[bool]) -> int:
+  """The index of the first target token (the length of the lead), len() when none."""
+  for i, target in enumerate(targets):
+    if target:
+      return i
+  return len(targets)
+
+
+def sft_rows(
+  examples: Sequence[Mapping[str, Any]],
   tokenizer: Tokenizer,
   max_len: int,
   *,
   add_bos: bool = True,
-) -> Batch:
-  """Tokenizes prompt/response examples into right-padded training rows.
+  train_on: str = "assistant",
+) -> tuple[list[tuple[list[int], list[bool]]], np.ndarray, np.ndarray]:
+  """The unpadded rows of SFT records: `[BOS] + sft_sequences(...)`, fitted to `max_len`.
 
-  A row is `[BOS] + prompt + response + [EOS]`, prompt and response
-  tokenized separately. Too long a row loses tokens from the *start* of the
-  prompt (the end, next to the response, matters most) and is flagged in
-  `truncated`. If even BOS, one prompt token, the response and EOS do not
-  fit, the row is dropped: it stays in the batch (so shards keep their
-  shape) but is all PAD with both masks False, and flagged in `dropped`.
-  Sum the flags for counts. Padding uses the tokenizer's PAD id, never EOS.
+  A row too long loses tokens from the start of its lead (the context before its first
+  target, `fit_lengths`); a row that cannot fit even so is dropped.
+
+  Returns:
+    rows: N (ids, targets) pairs, BOS included (never a target); ([], []) for a dropped row.
+    truncated: [N] bool, the row's lead lost tokens from its start.
+    dropped: [N] bool, the row does not fit.
+  """
+  sequences = sft_sequences(examples, tokenizer, train_on)
+  bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id >= 0 else []
+  leads = [first_target(targets) for _, targets in sequences]
+  rests = [len(ids) - lead for (ids, _), lead in zip(sequences, leads, strict=True)]
+  dropped, truncated, kept = fit_lengths(leads, rests, max_len, len(bos))
+  rows = []
+  for i, (ids, targets) in enumerate(sequences):
+    if dropped[i]:
+      rows.append(([], []))
+      continue
+    start = leads[i] - int(kept[i])
+    rows.append(([*bos, *ids[start:]], [False] * len(bos) + targets[start:]))
+  return rows, truncated, dropped
+
+
+def sft_collate(
+  examples: Sequence[Mapping[str, Any]],
+  tokenizer: Tokenizer,
+  max_len: int,
+  *,
+  add_bos: bool = True,
+  train_on: str = "assistant",
+) -> Batch:
+  """Tokenizes SFT records into right-padded training rows, one record per row.
+
+  A prompt/response row is `[BOS] + prompt + response + [EOS]`, prompt and response
+  tokenized separately; a chat row (`"messages"`) is `[BOS]`, then each context piece and
+  each assistant reply followed by EOS (`chat.sft_pieces`). Too long a row loses tokens
+  from the *start* of its context before the first target (the end, next to the reply,
+  matters most) and is flagged in `truncated`. If even BOS, one context token and
+  everything from the first target on do not fit, the row is dropped: it stays in the
+  batch (so shards keep their shape) but is all PAD with both masks False, and flagged in
+  `dropped`. Sum the flags for counts. Padding uses the tokenizer's PAD id, never EOS.
 
   Args:
-    examples: B dicts with "prompt" and "response" text (str or UTF-8 bytes).
+    examples: B dicts with "prompt" and "response" text (str or UTF-8 bytes), or with
+      "messages" (see `record_pieces`).
     tokenizer: supplies the ids; PAD must differ from EOS.
     max_len: T, the padded length.
     add_bos: start each row with BOS (when the tokenizer has one).
+    train_on: which tokens are targets: "assistant" (every reply and its EOS), "last"
+      (the last reply), "all" (every token after BOS).
 
   Returns:
     tokens: [B, T] int32, PAD after the row.
     input_mask: [B, T] bool, True on real tokens.
-    loss_mask: [B, T] bool, True exactly where `tokens` holds a response
-      token or the EOS: the targets (predicted from the position before).
-    truncated: [B] bool, the prompt lost tokens from its start.
+    loss_mask: [B, T] bool, True exactly where `tokens` holds a target (with the default
+      `train_on`, a reply token or its EOS), predicted from the position before.
+    truncated: [B] bool, the row lost tokens from the start of its context.
     dropped: [B] bool, the row did not fit and is empty.
   """
-  if tokenizer.pad_id == tokenizer.eos_id:
-    raise ValueError("the tokenizer pads with its EOS id; masks would hide every EOS")
-
-  def text(example: Mapping[str, str | bytes], field: str) -> str:
-    value = example[field]
-    return value.decode("utf-8") if isinstance(value, bytes) else value
-
-  prompts = tokenizer.encode_batch([text(e, "prompt") for e in examples])
-  responses = tokenizer.encode_batch([text(e, "response") for e in examples])
-  bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id >= 0 else []
-  eos = tokenizer.eos_id
-
-  dropped, truncated, keep = fit_rows(
-    [len(p) for p in prompts], [len(r) for r in responses], max_len, len(bos)
+  rows, truncated, dropped = sft_rows(
+    examples, tokenizer, max_len, add_bos=add_bos, train_on=train_on
   )
-  rows, response_starts = [], []
-  for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
-    if dropped[i]:
-      rows.append([])
-      response_starts.append(0)
-      continue
-    prompt = prompt[len(prompt) - keep[i] :]
-    rows.append([*bos, *prompt, *response, eos])
-    response_starts.append(len(bos) + len(prompt))
-
-  tokens, input_mask = pad_batch(rows, max_len, tokenizer.pad_id, "right")
-  positions = np.arange(max_len)[None, :]
-  loss_mask = (positions >= np.asarray(response_starts)[:, None]) & input_mask
+  tokens, input_mask = pad_batch([ids for ids, _ in rows], max_len, tokenizer.pad_id, "right")
+  loss_mask = np.zeros_like(input_mask)
+  for i, (_, targets) in enumerate(rows):
+    loss_mask[i, : len(targets)] = targets
   return {
     "tokens": tokens,
     "input_mask": input_mask,

@@ -71,7 +71,6 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from rlhf_jax import utils
-from rlhf_jax.data import testbed
 from rlhf_jax.data.builders import (
   _MAX_RECORDED_ERRORS,
   LINE,
@@ -218,7 +217,7 @@ def is_parquet(path: PathLike) -> bool:
     return f.read(len(_PARQUET_MAGIC)) == _PARQUET_MAGIC
 
 
-def _parse_json_line(raw: bytes, path: PathLike, line: int) -> dict:
+def _parse_json_line(raw: bytes, path: PathLike, line: int, validate=None) -> Any:
   fail = lambda message, field: DataError(path, line, message, field)
   try:
     text = raw.decode("utf-8")
@@ -228,20 +227,20 @@ def _parse_json_line(raw: bytes, path: PathLike, line: int) -> dict:
     record = json.loads(text)
   except json.JSONDecodeError as error:
     raise fail(f"not valid JSON ({error.msg} at column {error.colno})", None) from None
-  return validate_preference(record, fail)
+  return (validate or validate_preference)(record, fail)
 
 
 # The two readers yield (line or row, a function that validates the record), so that
 # iter_preference_file can skip one bad record while a broken file still raises.
-def _iter_jsonl(path: PathLike) -> Iterator[tuple[int, Callable[[], dict]]]:
+def _iter_jsonl(path: PathLike, validate) -> Iterator[tuple[int, Callable[[], Any]]]:
   # Binary mode: lines split on b"\n" only, so numbers match an editor (as in builders.py).
   with open(path, "rb") as f:
     for line, raw in enumerate(f, start=1):
       if raw.strip():
-        yield line, lambda raw=raw, line=line: _parse_json_line(raw, path, line)
+        yield line, lambda raw=raw, line=line: _parse_json_line(raw, path, line, validate)
 
 
-def _iter_parquet(path: PathLike) -> Iterator[tuple[int, Callable[[], dict]]]:
+def _iter_parquet(path: PathLike, validate) -> Iterator[tuple[int, Callable[[], Any]]]:
   import pyarrow  # Imported here: only Parquet input needs it.
   import pyarrow.parquet as pq
 
@@ -262,20 +261,27 @@ def _iter_parquet(path: PathLike) -> Iterator[tuple[int, Callable[[], dict]]]:
     for raw in batch.to_pylist():
       row += 1
       fail = lambda message, field, row=row: ParquetRowError(path, row, message, field)
-      yield row, lambda raw=raw, fail=fail: validate_preference(raw, fail)
+      yield row, lambda raw=raw, fail=fail: validate(raw, fail)
 
 
 def iter_preference_file(
-  path: PathLike, *, skip_invalid: bool = False, skipped: list[DataError] | None = None
-) -> Iterator[tuple[int, dict]]:
+  path: PathLike,
+  *,
+  skip_invalid: bool = False,
+  skipped: list[DataError] | None = None,
+  validate: Callable[[Any, Callable[[str, str | None], DataError]], Any] = validate_preference,
+) -> Iterator[tuple[int, Any]]:
   """Yields (1-based line or row, schema record) for each valid record of one file.
 
   Args:
     path: a JSONL or Parquet file (see `is_parquet`).
     skip_invalid: skip malformed records instead of raising.
     skipped: if given, each skipped record's DataError is appended to it.
+    validate: validate(raw record, fail) -> the record to yield; `fail(message, field)`
+      makes the DataError naming the file and line. Other record kinds (prompts) read
+      their files through this function with their own validation.
   """
-  rows = _iter_parquet(path) if is_parquet(path) else _iter_jsonl(path)
+  rows = _iter_parquet(path, validate) if is_parquet(path) else _iter_jsonl(path, validate)
   for number, parse in rows:
     try:
       yield number, parse()
@@ -438,6 +444,8 @@ def resolve_testbed_config(
   Raises:
     ValueError: naming the dotted key of an override the testbed config does not have.
   """
+  from rlhf_jax.data import testbed  # imported only for testbed data
+
   config = testbed.default_config()
   if isinstance(overrides, ml_collections.ConfigDict):
     overrides = overrides.to_dict()
@@ -459,6 +467,8 @@ def resolve_testbed_config(
 
 def _testbed_source_hash() -> str:
   """sha256 of the testbed package's source files: a code change must not reuse old data."""
+  from rlhf_jax.data import testbed  # imported only for testbed data
+
   directory = os.path.dirname(testbed.__file__)
   digest = hashlib.sha256()
   for path in sorted(glob.glob(os.path.join(directory, "*.py"))):
@@ -582,6 +592,8 @@ class TestbedPreferences(FileRecords, _PreferenceBuilder):
     return {config.split: self._generate_examples(config.split)}
 
   def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
+    from rlhf_jax.data import testbed  # imported only for testbed data
+
     config = self.builder_config
     records = testbed.preference_pairs(
       config.n,

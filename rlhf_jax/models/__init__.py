@@ -11,7 +11,9 @@ from rlhf_jax.models.transformer import (
   init_cache,
   init_params,
   positions_from_mask,
+  positions_from_segments,
   reward_model,
+  segment_attention_mask,
   value_model,
 )
 
@@ -29,6 +31,8 @@ __all__ = [
   "init_cache",
   "init_params",
   "positions_from_mask",
+  "positions_from_segments",
   "reward_model",
+  "segment_attention_mask",
   "value_model",
 ]

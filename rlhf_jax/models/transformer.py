@@ -51,6 +51,37 @@ def causal_attention_mask(mask: jax.Array) -> jax.Array:
   return causal[None] & mask[:, None, :].astype(jnp.bool_)
 
 
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+  """Positions that restart at 0 for each packed example: [B, T] int -> [B, T] int32.
+
+  `segment_ids` numbers the examples packed into a row (1, 2, ...; each one contiguous)
+  and marks padding with 0, which gets position 0. An example then sees the positions it
+  would see alone in a row, so packing changes neither RoPE nor learned positions.
+  """
+  segment_ids = segment_ids.astype(jnp.int32)
+  t = segment_ids.shape[-1]
+  index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+  first = jnp.ones_like(segment_ids[:, :1], jnp.bool_)
+  starts = jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  # The index of each token's segment start: the running maximum of the start indices.
+  start_index = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+  return jnp.where(segment_ids != 0, index - start_index, 0)
+
+
+def segment_attention_mask(segment_ids: jax.Array) -> jax.Array:
+  """Causal mask within each packed example: [B, T] int -> [B, T, T] bool.
+
+  Query t attends key s when s <= t and both belong to the same example; padding
+  (segment 0) attends to nothing and nothing attends to it (a fully masked row gets a
+  uniform softmax, see `_MASK_VALUE`, and its output is never used). With one example
+  per row (`segment_ids = mask`) it equals `causal_attention_mask` on every real query.
+  """
+  t = segment_ids.shape[-1]
+  causal = jnp.tril(jnp.ones((t, t), dtype=jnp.bool_))
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  return causal[None] & same & (segment_ids[:, None, :] != 0)
+
+
 def init_cache(config: ModelConfig, batch_size: int, num_slots: int) -> Cache:
   """An empty KV cache: {"k", "v"} of [L, B, S, K, H] in the compute dtype."""
   shape = (config.num_layers, batch_size, num_slots, config.kv_heads, config.head_size)

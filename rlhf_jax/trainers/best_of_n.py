@@ -4,12 +4,12 @@
 
 For each held-out prompt, N = `config.num_samples` responses are sampled from
 the SFT policy and scored by the reward model. For every n in `config.ns`
-the run reports the expected gold and proxy reward of the best-of-n choice
+the run reports the expected judge ("gold") and proxy reward of the best-of-n choice
 (the unbiased estimate over all n-subsets of the N samples,
 rl/best_of_n.expected_best_of_n), its analytic KL to the SFT policy,
 log n - (n-1)/n, and the win rate against the SFT samples of the shared
-evaluator (judged by gold, for one actual best-of-n draw: the best of the
-first n samples). The metrics line for n is written at "step" n, after the
+evaluator (by its judge, `config.eval.judge`, for one actual best-of-n draw: the
+best of the first n samples). The metrics line for n is written at "step" n, after the
 step-0 line every method writes for the SFT policy.
 
 Sampling is done in chunks of prompts; each finished chunk is written
@@ -30,8 +30,7 @@ import numpy as np
 from absl import logging
 
 from rlhf_jax import config_spec as cs
-from rlhf_jax import metrics, sharding, stages, utils
-from rlhf_jax.data.testbed import config as testbed_config
+from rlhf_jax import config_utils, metrics, rng, sharding, stages, utils
 from rlhf_jax.rl import best_of_n
 from rlhf_jax.trainers import common, rl_common
 
@@ -52,13 +51,13 @@ CONFIG_SPEC = cs.Spec(
     **cs.RUN_FIELDS,
     **rl_common.UPSTREAM_FIELDS,
     **rl_common.SAMPLING_FIELDS,
-    "data": cs.Spec({"seed": cs.Int(min=0), "testbed": testbed_config.CONFIG_SPEC}),
+    "data": rl_common.PROMPT_DATA_SPEC,
     "num_samples": cs.Int(min=1),
     "ns": cs.Seq(cs.Int(min=1), min_len=1),
     "prompts_per_chunk": cs.Int(min=1),
     "eval": rl_common.EVAL_SPEC,
   },
-  checks=(_check_ns, cs.mesh_batch("prompts_per_chunk*num_samples")),
+  checks=(_check_ns, rl_common.check_eval, cs.mesh_batch("prompts_per_chunk*num_samples")),
 )
 
 
@@ -77,7 +76,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   rules = config.sharding_rules
 
   # -------------------------------------------------------- upstream stages
-  sft_dir, reward_dir = rl_common.ensure_stages(config, workdir)
+  sft_dir = config_utils.require_stage(config, "policy_init")
+  reward_dir = config_utils.require_stage(config, "reward_init")
   clock = time.perf_counter()
   sft = stages.load_policy(sft_dir, mesh, rules)
   rm = stages.load_reward_model(reward_dir, mesh, rules)
@@ -85,10 +85,19 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   if is_primary:
     tok.save(os.path.join(workdir, "tokenizer.model"))
   p_len, n_new, n_samples = config.prompt_len, config.max_new_tokens, config.num_samples
-  sample_fn = rl_common.policy_sampler(sft.module, sft, config, mesh, rules)
+  sample_fn = rl_common.sampler(sft, config, mesh, rules)
   logps_fn = rl_common.response_logps_fn(sft.module, p_len, n_new, config.temperature)
-  evaluate = rl_common.Evaluator(
-    config, workdir, sft=sft, rm=rm, sample_fn=sample_fn, logps_fn=logps_fn, mesh=mesh, rules=rules
+  prompt_set = rl_common.load_prompts(config, tok, workdir)
+  evaluate = rl_common.make_evaluator(
+    config,
+    workdir,
+    prompt_set.eval,
+    sft=sft,
+    rm=rm,
+    sample_fn=sample_fn,
+    logps_fn=logps_fn,
+    mesh=mesh,
+    rules=rules,
   )
 
   # ------------------------------------------------ candidates, in chunks
@@ -97,7 +106,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   cand_dir = os.path.join(workdir, "candidates")
   os.makedirs(cand_dir, exist_ok=True)
   chunks = range(0, len(prompts), config.prompts_per_chunk)
-  rng = jax.random.key(config.seed + 13)
+  key = rng.key(config.seed, "candidates")
   results = []
   for index, start in enumerate(chunks):
     path = os.path.join(cand_dir, f"chunk_{index:05d}.json")
@@ -109,7 +118,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
         sample_fn,
         score_fn,
         sft,
-        jax.random.fold_in(rng, index),
+        jax.random.fold_in(key, index),
         n_samples,
         mesh,
         rules,
@@ -160,12 +169,17 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     last = line
   writer.close()
   rl_common.write_summary(
-    workdir, "best_of_n", time.perf_counter() - clock, n=ns[-1], num_samples=n_samples
+    workdir,
+    "best_of_n",
+    time.perf_counter() - clock,
+    evaluator=evaluate.judge.name,
+    n=ns[-1],
+    num_samples=n_samples,
   )
   return last
 
 
-def _sample_chunk(prompts, chunk_size, evaluate, sample_fn, score_fn, sft, rng, n, mesh, rules):
+def _sample_chunk(prompts, chunk_size, evaluate, sample_fn, score_fn, sft, key, n, mesh, rules):
   """N samples for each prompt of the chunk: texts, RM scores, gold, lengths, EOS flags."""
   tok = sft.tokenizer
   count = len(prompts)
@@ -178,17 +192,22 @@ def _sample_chunk(prompts, chunk_size, evaluate, sample_fn, score_fn, sft, rng, 
       sft.params,
       sharding.global_from_full(tokens, mesh),
       sharding.global_from_full(mask, mesh),
-      rng,
+      key,
     )
     full = jnp.concatenate([jnp.asarray(tokens), out.tokens], axis=1)
     fmask = jnp.concatenate([jnp.asarray(mask), out.response_mask], axis=1)
     scores = score_fn(full, fmask, out.response_mask)
   keep = count * n
   texts = tok.decode_batch(sharding.fetch(out.tokens)[:keep])
-  gold = [evaluate.gold_fn(p, r) for p, r in zip(np.repeat(prompts, n), texts, strict=True)]
+  scores = np.asarray(sharding.fetch(scores))[:keep]
+  # The judge's scores; with the proxy as judge, the reward model's own.
+  if evaluate.judge.fn is None:
+    gold = scores.astype(np.float64)
+  else:
+    gold = evaluate.judge.fn([p for p in prompts for _ in range(n)], texts)
   return {
     "texts": texts,
-    "scores": np.asarray(sharding.fetch(scores))[:keep].reshape(count, n).tolist(),
+    "scores": scores.reshape(count, n).tolist(),
     "gold": np.asarray(gold, np.float64).reshape(count, n).tolist(),
     "lengths": np.asarray(sharding.fetch(out.lengths))[:keep].reshape(count, n).tolist(),
     "has_eos": np.asarray(sharding.fetch(out.has_eos), np.float64)[:keep]

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from rlhf_jax import checkpoint, distributed, errors, metrics, models, sharding
 from rlhf_jax import config_spec as cs
-from rlhf_jax import distributed, errors, metrics, models, sharding
+from rlhf_jax.data import prompts as prompts_lib
 from rlhf_jax.data import tokenizer as tokenizer_lib
 from rlhf_jax.utils import write_json_atomic  # noqa: F401 (trainers use common.write_json_atomic)
 
@@ -145,13 +146,17 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
   return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def left_pad_prompts(tok: tokenizer_lib.Tokenizer, prompts: list[str], length: int):
-  """Tokenized, left-padded prompts [B, length] (BOS first), keeping the prompt's end."""
-  rows = []
-  for ids in tok.encode_batch(prompts):
-    row = ([tok.bos_id] if tok.bos_id >= 0 else []) + ids
-    rows.append(row[-length:])
-  return tokenizer_lib.pad_batch(rows, length, tok.pad_id, "left")
+# Tokenized, left-padded prompts [B, length] (BOS first), keeping each prompt's end.
+left_pad_prompts = prompts_lib.left_pad
+
+
+def checkpointer(config: Any, workdir: str) -> checkpoint.Checkpointer:
+  """The stage's `<workdir>/checkpoints` with the config's keep and save intervals."""
+  return checkpoint.Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    max_to_keep=config.keep_checkpoints,
+    save_interval_steps=config.checkpoint_every,
+  )
 
 
 def mesh_from_config(config: Any):

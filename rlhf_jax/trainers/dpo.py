@@ -44,19 +44,29 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
 
-from rlhf_jax import checkpoint, metrics, models, optim, sharding, stages
 from rlhf_jax import config_spec as cs
-from rlhf_jax.data import lengths
+from rlhf_jax import (
+  config_utils,
+  errors,
+  evaluation,
+  metrics,
+  models,
+  optim,
+  rng,
+  sharding,
+  stages,
+)
+from rlhf_jax.data import lengths, preferences
 from rlhf_jax.data import loader as loader_lib
-from rlhf_jax.data.testbed import config as testbed_config
+from rlhf_jax.data import pairs as pairs_lib
+from rlhf_jax.data import prompts as prompts_lib
 from rlhf_jax.rl import dpo as dpo_lib
 from rlhf_jax.rl import reward as reward_lib
-from rlhf_jax.trainers import common, reward, rl_common
+from rlhf_jax.trainers import common, rl_common
 
 TIMING_METRICS = ("tokens_per_s", "steps_per_s", "mfu")
 
@@ -99,29 +109,65 @@ CONFIG_SPEC = cs.Spec(
         "sample_batch": cs.Int(min=1),
         "responses_per_prompt": cs.Int(min=2),
         "seed": cs.Int(min=0),
-        "testbed": testbed_config.CONFIG_SPEC,
-        **reward.PAIR_FILE_FIELDS,
+        "testbed": prompts_lib.TestbedSection(("testbed", "reward_stage")),
+        **pairs_lib.PAIR_FILE_FIELDS,
       },
-      checks=(reward.check_pair_data,),
+      checks=(pairs_lib.check_pair_data,),
     ),
     "max_len": cs.Int(min=3),
     "loss_type": cs.Choice(*dpo_lib.LOSS_TYPES),
     "beta": cs.Float(gt=0),
     "label_smoothing": cs.Float(min=0, max=0.5),
     "ties": cs.Choice(*TIE_MODES),
-    "soft_labels": cs.Choice(*reward.SOFT_LABELS),
+    "soft_labels": cs.Choice(*pairs_lib.SOFT_LABELS),
     "confidence_range": cs.Seq(cs.Float(), length=2),
     "batch_size": cs.Int(min=1),
     "optim": optim.CONFIG_SPEC,
-    "eval": rl_common.EVAL_SPEC,
+    # The generation eval's prompts: prompt files, or (by default) the testbed's
+    # held-out prompts for testbed pairs and the eval pairs' prompts for files.
+    "eval": rl_common.EVAL_SPEC.extend({"prompts": cs.Str()}),
   },
   checks=(
     _check_losses,
-    reward.check_confidence_range_field,
+    lambda c, prefix: evaluation.check_judge(c, prefix, testbed_prompts=testbed_eval(c)),
+    pairs_lib.check_confidence_range_field,
     optim.check_steps("optim", lambda c: c.total_steps),
     cs.mesh_batch("batch_size", "data.sample_batch"),
   ),
 )
+
+
+def testbed_eval(config) -> bool:
+  """Whether the generation eval samples the testbed's held-out prompts (see eval_prompts)."""
+  if config.eval.prompts or config.data.source == "jsonl":
+    return False
+  if config.data.source == "testbed":
+    return True
+  if config.reward_init:  # source "reward_stage": testbed pairs iff the stage made them
+    try:
+      return config_utils.read_config_json(config.reward_init).data.source == "testbed"
+    except (OSError, ValueError, AttributeError):
+      return False
+  return config.reward.data.source == "testbed"
+
+
+def eval_prompts(config, eval_source, train_source) -> list[str]:
+  """The generation eval's prompts: `config.eval.prompts` files, the testbed's held-out
+  prompts (testbed pairs), or the distinct prompts of the eval pairs (of the training
+  pairs when there are none), `config.eval.num_prompts` at most."""
+  n = config.eval.num_prompts
+  if config.eval.prompts:
+    found, _ = prompts_lib.read_files(prompts_lib.split_paths(config.eval.prompts))
+    return [p.text for p in found][:n]
+  if testbed_eval(config):
+    from rlhf_jax.data import testbed
+
+    return testbed.prompts(
+      "eval", n, rng.seed(config.data.seed, "eval_prompts"), config.data.testbed
+    )
+  source = eval_source if eval_source is not None else train_source
+  distinct = dict.fromkeys(record["prompt"] for _, record in preferences.iter_records(source))
+  return list(distinct)[:n]
 
 
 def check_config(config) -> None:
@@ -129,33 +175,55 @@ def check_config(config) -> None:
   CONFIG_SPEC.validate(config)
 
 
-def prepare_pairs(config, workdir, reward_dir, sft, mesh, rules):
-  """Train/eval preference sources and their info, through `reward.prepare_pairs`."""
-  cfg = ml_collections.ConfigDict(config.to_dict())
-  data = cfg.data
-  # Testbed pairs are sampled the way the evaluation samples.
-  data.prompt_len, data.max_new_tokens = config.prompt_len, config.max_new_tokens
-  data.temperature = config.temperature
-  if data.source == "reward_stage":
-    pair_dir = os.path.join(reward_dir, "data")
-    train_file = os.path.join(pair_dir, "pairs_train.jsonl")
-    if not os.path.exists(train_file):
-      raise FileNotFoundError(
-        f"config.data.source='reward_stage' but the reward stage {reward_dir!r} "
-        f"(config.reward_init) holds no {train_file}: it was not trained on testbed pairs. "
-        "Set config.data.source='testbed' or 'jsonl'."
-      )
+def pair_paths(config, reward_dir: str | None) -> dict[str, list[str]]:
+  """Preference files by split for `config.data.source` "reward_stage" or "jsonl".
+
+  "reward_stage": the files the reward stage learned from: its panel-labelled testbed pairs
+  (`<reward_dir>/data/pairs_{train,eval}.jsonl`), or the preference files its config names.
+  """
+  data = config.data
+  if data.source == "jsonl":
+    return pairs_lib.file_paths(data.train_files, data.eval_files)
+  pair_dir = os.path.join(reward_dir, "data")
+  train_file = os.path.join(pair_dir, "pairs_train.jsonl")
+  if os.path.exists(train_file):
     eval_file = os.path.join(pair_dir, "pairs_eval.jsonl")
-    data.source = "jsonl"
-    data.train_files = (train_file,)
-    data.eval_files = (eval_file,) if os.path.exists(eval_file) else ()
-  elif data.source == "jsonl":
-    for field in ("train_files", "eval_files"):
-      for path in data[field]:
-        if not os.path.exists(path):
-          raise FileNotFoundError(f"config.data.{field}: {path!r} does not exist.")
-  train, evals, info = reward.prepare_pairs(cfg, workdir, sft, mesh, rules)
-  info["source"] = config.data.source
+    return pairs_lib.file_paths([train_file], [eval_file] if os.path.exists(eval_file) else [])
+  try:
+    reward_data = config_utils.read_config_json(reward_dir).data
+  except (OSError, ValueError, AttributeError):
+    reward_data = None
+  if reward_data is None or reward_data.get("source") != "jsonl":
+    raise errors.StageError(
+      f"config.data.source='reward_stage' but the reward stage {reward_dir!r} "
+      f"(config.reward_init) holds neither {train_file} nor a config naming its "
+      "preference files.",
+      hint="Set config.data.source='testbed' or 'jsonl'.",
+    )
+  return pairs_lib.file_paths(reward_data.train_files, reward_data.eval_files)
+
+
+def prepare_pairs(config, workdir, reward_dir, sft, mesh, rules):
+  """Train/eval preference sources and their info (`config.data.source`)."""
+  data = config.data
+  info = {}
+  if data.source == "testbed":
+    generate = sft.generator(  # testbed pairs are sampled the way the evaluation samples
+      max_new_tokens=config.max_new_tokens,
+      temperature=config.temperature,
+      prompt_len=config.prompt_len,
+      batch_size=data.sample_batch,
+      mesh=mesh,
+      rules=rules,
+    )
+    paths, info["noise_ceiling"] = pairs_lib.testbed_pairs(
+      data, os.path.join(workdir, "data"), generate
+    )
+  else:
+    paths = pair_paths(config, reward_dir)
+  data_dir = data.data_dir or os.path.join(workdir, "data", "tfds")
+  train, evals, info = pairs_lib.build(paths, data_dir, data.skip_invalid, info)
+  info["source"] = data.source
   return train, evals, info
 
 
@@ -186,10 +254,10 @@ def tokenize_pairs(
     table[f"{side}_loss_mask"] = out["loss_mask"]
     table[f"{side}_dropped"] = out["dropped"]
   table["tie"] = np.asarray([bool(e["tie"]) for e in examples], np.bool_)
-  confidence = [reward.record_float(e.get("confidence")) for e in examples]
+  confidence = [pairs_lib.record_float(e.get("confidence")) for e in examples]
   if soft_labels == "confidence":
-    reward.check_confidence(confidence, confidence_range, where=reward.where_of(source, what))
-  table["target"] = reward.label_targets(confidence, soft_labels, confidence_range)
+    pairs_lib.check_confidence(confidence, confidence_range, where=pairs_lib.where_of(source, what))
+  table["target"] = pairs_lib.label_targets(confidence, soft_labels, confidence_range)
   table["valid"] = ~(table.pop("chosen_dropped") | table.pop("rejected_dropped"))
   return table
 
@@ -249,7 +317,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   rules = config.sharding_rules
 
   # -------------------------------------------------------- upstream stages
-  sft_dir, reward_dir = rl_common.ensure_stages(config, workdir)
+  sft_dir = config_utils.require_stage(config, "policy_init")
+  reward_dir = config_utils.require_stage(config, "reward_init")
   clock_start = time.perf_counter()
   sft = stages.load_policy(sft_dir, mesh, rules)
   rm = stages.load_reward_model(reward_dir, mesh, rules)
@@ -259,11 +328,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   lm_module = sft.module
   p_len, n_new = config.prompt_len, config.max_new_tokens
 
-  ckpt = checkpoint.Checkpointer(
-    os.path.join(workdir, "checkpoints"),
-    max_to_keep=config.keep_checkpoints,
-    save_interval_steps=config.checkpoint_every,
-  )
+  ckpt = common.checkpointer(config, workdir)
   start_step = ckpt.latest_intact_step() or 0
   writer = metrics.MetricWriter(workdir, resume_step=start_step or -1)
 
@@ -441,14 +506,25 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   stage_clock = rl_common.StageClock(previous_time, start=clock_start)
 
   # ------------------------------------------------------------ evaluators
-  sample_fn = rl_common.policy_sampler(lm_module, sft, config, mesh, rules)
-  generation_eval = rl_common.Evaluator(
+  sample_fn = rl_common.sampler(sft, config, mesh, rules)
+  judge = evaluation.make_judge(
     config,
+    testbed_prompts=testbed_eval(config),
+    mesh=mesh,
+    rules=rules,
+    max_len=p_len + n_new + 2,
+    batch_size=config.eval.num_prompts,
+  )
+  generation_eval = evaluation.Evaluator(
     workdir,
+    prompts=eval_prompts(config, sources["eval"], sources["train"]),
+    judge=judge,
     sft=sft,
-    rm=rm,
     sample_fn=sample_fn,
     logps_fn=rl_common.response_logps_fn(lm_module, p_len, n_new, config.temperature),
+    proxy_score=rl_common.rm_score_fn(rm, p_len),
+    prompt_len=p_len,
+    seed=rng.seed(config.seed, "eval"),
     mesh=mesh,
     rules=rules,
   )
@@ -527,7 +603,12 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       # The loop's last eval (recomputed if the run stopped after its final checkpoint).
       loop.final_eval(start_step, lambda: evaluate(state["params"], step))
     rl_common.write_summary(
-      workdir, "dpo", stage_clock.elapsed(), beta=config.beta, loss_type=config.loss_type
+      workdir,
+      "dpo",
+      stage_clock.elapsed(),
+      evaluator=judge.name,
+      beta=config.beta,
+      loss_type=config.loss_type,
     )
     if not exported:
       stages.export(

@@ -3,9 +3,9 @@
     python -m experiments.launch --config=configs/grpo.py
     python -m experiments.launch --config=configs/rloo.py
 
-Sections, in order: logging and config checks, mesh, upstream stages (SFT,
-reward model), reward function, sharded state, sampler, experience, update,
-checkpoint restore, evaluator, train loop, summary.
+The module-level functions are the method (unit-tested on small arrays in
+tests/trainers/test_grpo_parts.py): `init_state`, `make_experience` and `update`;
+`train` wires them to the shared RL loop of rl_common, as PPO's does.
 
 One iteration: `prompts_per_iter` prompts, each repeated `group_size` (G)
 times as a consecutive block of rows, are sampled with the jitted KV-cache
@@ -29,9 +29,8 @@ state and `stop_gradient` on its log-probs.
 
 from __future__ import annotations
 
-import importlib
-import os
-import time
+import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,8 +40,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from rlhf_jax import checkpoint, metrics, optim, sharding, stages
 from rlhf_jax import config_spec as cs
+from rlhf_jax import evaluation, optim, rng, sharding
 from rlhf_jax.rl import advantages as adv_lib
 from rlhf_jax.rl import grpo as grpo_lib
 from rlhf_jax.rl import kl as kl_lib
@@ -73,9 +72,9 @@ HostRewardFn = Callable[[list[str], list[str]], Sequence[float]]
 def resolve_reward_fn(config) -> HostRewardFn | None:
   """The host-side reward function `config.reward_fn` names; None for "model".
 
-  "model": the reward stage, scored on device (None here). "gold": the
-  testbed's gold reward. "package.module:function": imported, and called as
-  function(prompts: list[str], responses: list[str]) -> a float per response.
+  "model": the reward stage, scored on device (None here). "gold": the testbed's gold
+  reward. "package.module:function": imported, and called as function(prompts: list[str],
+  responses: list[str]) -> a float per response.
   """
   name = config.reward_fn
   if name == "model":
@@ -85,44 +84,19 @@ def resolve_reward_fn(config) -> HostRewardFn | None:
 
     tb = config.data.testbed
     return lambda prompts, responses: testbed.gold_rewards(prompts, responses, tb)
-  if not isinstance(name, str) or name.count(":") != 1:
-    raise ValueError(
-      f"config.reward_fn={name!r}: expected 'model', 'gold' or 'package.module:function'."
-    )
-  module_name, _, attr = name.partition(":")
-  try:
-    module = importlib.import_module(module_name)
-  except ImportError as error:
-    raise ValueError(
-      f"config.reward_fn={name!r}: cannot import {module_name!r} ({error})."
-    ) from None
-  fn = getattr(module, attr, None)
-  if not callable(fn):
-    raise ValueError(f"config.reward_fn={name!r}: {module_name} has no function {attr!r}.")
-  return fn
+  return evaluation.import_function(name, "config.reward_fn")
 
 
 def host_rewards(fn: HostRewardFn, name: str, prompts: list[str], responses: list[str]):
   """fn(prompts, responses) as [B] float32, checked: one finite float per response."""
-  out = fn(prompts, responses)
-  try:
-    scores = np.asarray(out, dtype=np.float32)
-  except (TypeError, ValueError) as error:
-    raise ValueError(f"config.reward_fn={name!r} returned {out!r}, not floats: {error}") from None
-  if scores.shape != (len(responses),):
-    raise ValueError(
-      f"config.reward_fn={name!r} returned shape {scores.shape} for {len(responses)} responses; "
-      "expected one float per response."
-    )
-  if not np.all(np.isfinite(scores)):
-    raise ValueError(f"config.reward_fn={name!r} returned non-finite rewards: {scores}.")
-  return scores
+  scores = evaluation.host_scores(fn, f"config.reward_fn={name!r}", prompts, responses)
+  return scores.astype(np.float32)
 
 
 def _check_reward_fn(config, prefix: str) -> None:
   try:
     resolve_reward_fn(config)
-  except ValueError as error:
+  except cs.ConfigError as error:
     raise cs.ConfigError(str(error).replace("config.", f"{prefix}.", 1)) from None
 
 
@@ -173,6 +147,7 @@ CONFIG_SPEC = cs.Spec(
     _check_kl,
     _check_reward_fn,
     optim.check_steps("optim", _updates),
+    rl_common.check_eval,
     cs.mesh_batch("prompts_per_iter*group_size", "minibatch_size"),
   ),
 )
@@ -183,194 +158,191 @@ def check_config(config) -> None:
   CONFIG_SPEC.validate(config)
 
 
+# ------------------------------------------------------------------- settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(rl_common.RolloutSettings):
+  """The static values GRPO's jitted functions read, from the config (`from_config`)."""
+
+  group_size: int
+  advantage: str
+  scale_rewards: bool
+  kl_in_loss: bool
+  kl_estimator: str
+  kl_coef: float
+
+  @classmethod
+  def from_config(cls, config) -> Settings:
+    rollout = config.prompts_per_iter * config.group_size
+    return cls(
+      **cls.fields(config, epochs=config.num_epochs, rollout_batch_size=rollout),
+      group_size=config.group_size,
+      advantage=config.advantage,
+      scale_rewards=config.scale_rewards,
+      kl_in_loss=config.kl.mode == "loss",
+      kl_estimator=config.kl.estimator,
+      kl_coef=config.kl.coef,
+    )
+
+
+def init_state(policy, key, *, tx):
+  """The training state: the policy's params, optimizer state, step and RNG."""
+  return dict(policy=policy, policy_opt=tx.init(policy), step=jnp.zeros((), jnp.int32), rng=key)
+
+
+def logps_fn(module, s: Settings):
+  """f(params, full, fmask, response) -> (log-probs at the sampling T, response logits)."""
+  return rl_common.response_logps_fn(module, s.prompt_len, s.max_new_tokens, s.temperature)
+
+
+# ----------------------------------------------------------------- experience
+
+
+def make_experience(
+  state, ref_params, prompt, pmask, sample, host_scores=None, *, module, rm_score, s: Settings
+):
+  """One rollout's training arrays and statistics, in one program after sampling.
+
+  The scores are the reward model's (`rm_score(full, fmask, rmask)`, read at each
+  response's last token) or, from a host reward function, `host_scores` [B]; then the
+  missing-EOS penalty, the KL in the reward when the KL is not in the loss, and the group
+  advantages broadcast over the response tokens.
+  """
+  response, rmask = sample.tokens, sample.response_mask
+  full = jnp.concatenate([prompt, response], axis=1)
+  fmask = jnp.concatenate([pmask, rmask], axis=1)
+  logps = logps_fn(module, s)
+  logp, _ = logps(state["policy"], full, fmask, response)
+  ref_logp = jax.lax.stop_gradient(logps(ref_params, full, fmask, response)[0])
+  raw = rm_score(full, fmask, rmask) if host_scores is None else host_scores
+  scores = adv_lib.penalize_missing_eos(raw, sample.has_eos, s.missing_eos_score)
+  if s.kl_in_loss:
+    rewards = scores
+    seq_kl = kl_lib.sequence_kl(kl_lib.kl_penalty(logp, ref_logp, "k1", rmask), rmask)
+  else:
+    rewards, seq_kl = grpo_lib.kl_shaped_rewards(scores, logp, ref_logp, rmask, s.kl_coef)
+  advantages = grpo_lib.group_advantages(rewards, s.group_size, s.advantage, scale=s.scale_rewards)
+  exp = dict(
+    full=full,
+    fmask=fmask,
+    response=response,
+    rmask=rmask,
+    old_logp=logp,
+    ref_logp=ref_logp,
+    advantages=grpo_lib.token_advantages(advantages, rmask),
+  )
+  lengths = jnp.sum(rmask, axis=-1).astype(jnp.float32)
+  stats = {
+    "reward": jnp.mean(scores),
+    **grpo_lib.group_reward_stats(scores, s.group_size),
+    "objective/raw_scores": jnp.mean(raw),
+    "objective/kl": jnp.mean(seq_kl),
+    "objective/rlhf_reward": jnp.mean(rewards),
+    "advantages/abs_mean": jnp.mean(jnp.abs(advantages)),
+    "completion_length": jnp.mean(lengths),
+    "frac_no_eos": 1.0 - jnp.mean(sample.has_eos.astype(jnp.float32)),
+  }
+  return exp, stats
+
+
+# --------------------------------------------------------------------- update
+
+
+def minibatch_loss(policy, mb, *, module, s: Settings):
+  """The clipped surrogate plus, with the KL in the loss, coef x the per-token KL term."""
+  logp, resp_logits = logps_fn(module, s)(policy, mb["full"], mb["fmask"], mb["response"])
+  mode = s.loss_aggregation
+  pg_loss, pg_stats = ppo_losses.policy_loss(
+    logp, mb["old_logp"], mb["advantages"], mb["rmask"], clip_eps=s.clip_eps, mode=mode
+  )
+  kl_term = grpo_lib.kl_loss(
+    logp, mb["ref_logp"], mb["rmask"], estimator=s.kl_estimator, mode=mode, as_loss=s.kl_in_loss
+  )
+  # With the KL in the reward the term is only watched, not optimised.
+  loss = pg_loss + s.kl_coef * kl_term if s.kl_in_loss else pg_loss
+  entropy = ppo_losses.masked_entropy(
+    resp_logits, mb["rmask"], temperature=s.temperature, mode=mode
+  )
+  stats = {
+    "loss/policy": pg_loss,
+    "loss/kl": kl_term,
+    "loss/total": loss,
+    "policy/entropy": entropy,
+    **{f"policy/{k}": v for k, v in pg_stats.items()},
+  }
+  return loss, stats
+
+
+def update(state, exp, *, module, tx, lr_schedule, s: Settings):
+  """`s.epochs` passes of minibatch updates; rows are shuffled across groups (the
+  advantages already hold the baseline)."""
+  rng, perm_rng = jax.random.split(state["rng"])
+  loss_fn = functools.partial(minibatch_loss, module=module, s=s)
+
+  def step(carry, mb):
+    policy, policy_opt = carry
+    (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(policy, mb)
+    updates, policy_opt = tx.update(grads, policy_opt, policy)
+    stats["grad_norm"] = optim.l2_norm(grads)
+    stats["policy/update_norm"] = optim.l2_norm(updates)
+    return (optax.apply_updates(policy, updates), policy_opt), stats
+
+  (policy, policy_opt), stats = rl_common.scan_minibatches(
+    step, (state["policy"], state["policy_opt"]), exp, perm_rng,
+    epochs=s.epochs, minibatch_size=s.minibatch_size,
+  )  # fmt: skip
+  stats["lr"] = lr_schedule(state["step"] * s.updates_per_iteration)
+  stats["policy/param_norm"] = optim.l2_norm(policy)
+  new = dict(state, policy=policy, policy_opt=policy_opt, rng=rng, step=state["step"] + 1)
+  return new, stats
+
+
+def flops_per_iteration(model_config, s: Settings, rm_ensemble: int) -> float:
+  """Policy forward-backward per epoch; forwards of the old policy, reference and RM."""
+  seq = s.prompt_len + s.max_new_tokens
+  per_seq = seq * model_config.train_flops_per_token(seq)
+  return s.rollout_batch_size * per_seq * (s.epochs + (2 + rm_ensemble) / 3)
+
+
 # ---------------------------------------------------------------------- train
 
 
 def train(config: Any, workdir: str) -> dict[str, float]:
   """Runs GRPO or RLOO; returns the final eval metrics and writes `<workdir>/summary.json`."""
-  # ------------------------------------------------------- logging, checks
-  os.makedirs(workdir, exist_ok=True)
-  is_primary = jax.process_index() == 0
   check_config(config)
-  group_size = config.group_size
-  rollout_batch = config.prompts_per_iter * group_size
-  num_minibatches = rollout_batch // config.minibatch_size
-  updates_per_iter = config.num_epochs * num_minibatches
+  s = Settings.from_config(config)
   reward_fn = resolve_reward_fn(config)
-  kl_in_loss = config.kl.mode == "loss"
-  # Config errors surface before any stage trains.
-  tx, lr_schedule = optim.make_optimizer(config.optim, config.total_steps * updates_per_iter)
-
-  # -------------------------------------------------------------------- mesh
-  mesh = common.mesh_from_config(config)
-  rules = config.sharding_rules
-
-  # -------------------------------------------------------- upstream stages
-  # A host-side reward needs no reward model; one given is still loaded for the
-  # eval's proxy reward.
-  if reward_fn is None or config.reward_init:
-    sft_dir, reward_dir = rl_common.ensure_stages(config, workdir)
-  else:
-    sft_dir, reward_dir = rl_common.ensure_sft(config, workdir), None
-  clock_start = time.perf_counter()
-  sft = stages.load_policy(sft_dir, mesh, rules)
-  rm = stages.load_reward_model(reward_dir, mesh, rules) if reward_dir else None
+  tx, lr_schedule = optim.make_optimizer(config.optim, config.total_steps * s.updates_per_iteration)
+  # A host reward needs no reward model; one given is still loaded for the eval's proxy.
+  run = rl_common.start(config, workdir, reward=reward_fn is None)
+  mesh, rules, sft, rm = run.mesh, run.rules, run.sft, run.rm
   tok = sft.tokenizer
-  if is_primary:
-    tok.save(os.path.join(workdir, "tokenizer.model"))
-  module = sft.module
-  temperature = config.temperature
-  p_len, n_new = config.prompt_len, config.max_new_tokens
-
-  ckpt = checkpoint.Checkpointer(
-    os.path.join(workdir, "checkpoints"),
-    max_to_keep=config.keep_checkpoints,
-    save_interval_steps=config.checkpoint_every,
+  loader = rl_common.prompt_loader(
+    config, tok, run.prompt_set.train, config.prompts_per_iter, key="config.prompts_per_iter"
   )
-  start_step = ckpt.latest_intact_step() or 0
-  writer = metrics.MetricWriter(workdir, resume_step=start_step or -1)
-  prompt_loader = rl_common.prompt_loader(config, tok, config.prompts_per_iter)
 
-  # ------------------------------------------------------- sharded state
-  def init_state(policy_params, rng):
-    return dict(
-      policy=policy_params,
-      policy_opt=tx.init(policy_params),
-      step=jnp.zeros((), jnp.int32),
-      rng=rng,
-    )
-
-  abstract = jax.eval_shape(init_state, sft.params, jax.random.key(config.seed))
+  # ------------------------------------------------ state, jitted programs
+  init = functools.partial(init_state, tx=tx)
+  key = rng.key(config.seed, "init")
+  abstract = jax.eval_shape(init, sft.params, key)
   rep = common.replicated(mesh)
-  state_sh = dict(
-    policy=sft.shardings,
-    policy_opt=common.mirror_shardings(
-      abstract["policy_opt"], abstract["policy"], sft.shardings, mesh
-    ),
-    step=rep,
-    rng=rep,
-  )
-  abstract_state = common.with_shardings(abstract, state_sh)
-
-  # --------------------------------------------------------------- sampler
-  sample_fn = rl_common.policy_sampler(module, sft, config, mesh, rules)
-
-  # ------------------------------------------------------------ experience
-  # Log-probs of the response tokens at the sampling temperature, from the
-  # positions that predict them; the same function serves policy and reference.
-  logps = rl_common.response_logps_fn(module, p_len, n_new, temperature)
-  rm_score = rl_common.rm_score_fn(rm, p_len) if reward_fn is None else None
-  missing_eos_score = config.missing_eos_score if config.missing_eos_penalty else None
-
-  def make_experience(state, prompt, pmask, sample, host_scores=None):
-    """Rollout arrays for the update, and their statistics; host_scores [B] or None."""
-    response, rmask = sample.tokens, sample.response_mask
-    full = jnp.concatenate([prompt, response], axis=1)
-    fmask = jnp.concatenate([pmask, rmask], axis=1)
-    logp, _ = logps(state["policy"], full, fmask, response)
-    ref_logp, _ = logps(sft.params, full, fmask, response)
-    ref_logp = jax.lax.stop_gradient(ref_logp)
-    raw = rm_score(full, fmask, rmask) if host_scores is None else host_scores
-    scores = adv_lib.penalize_missing_eos(raw, sample.has_eos, missing_eos_score)
-    if kl_in_loss:
-      rewards = scores
-      seq_kl = kl_lib.sequence_kl(kl_lib.kl_penalty(logp, ref_logp, "k1", rmask), rmask)
-    else:
-      rewards, seq_kl = grpo_lib.kl_shaped_rewards(scores, logp, ref_logp, rmask, config.kl.coef)
-    advantages = grpo_lib.group_advantages(
-      rewards, group_size, config.advantage, scale=config.scale_rewards
-    )
-    exp = dict(
-      full=full,
-      fmask=fmask,
-      response=response,
-      rmask=rmask,
-      old_logp=logp,
-      ref_logp=ref_logp,
-      advantages=grpo_lib.token_advantages(advantages, rmask),
-    )
-    lengths = jnp.sum(rmask, axis=-1).astype(jnp.float32)
-    stats = {
-      "reward": jnp.mean(scores),
-      **grpo_lib.group_reward_stats(scores, group_size),
-      "objective/raw_scores": jnp.mean(raw),
-      "objective/kl": jnp.mean(seq_kl),
-      "objective/rlhf_reward": jnp.mean(rewards),
-      "advantages/abs_mean": jnp.mean(jnp.abs(advantages)),
-      "completion_length": jnp.mean(lengths),
-      "frac_no_eos": 1.0 - jnp.mean(sample.has_eos.astype(jnp.float32)),
-    }
-    return exp, stats
-
-  # ---------------------------------------------------------------- update
-  def minibatch_loss(policy_params, mb):
-    logp, resp_logits = logps(policy_params, mb["full"], mb["fmask"], mb["response"])
-    pg_loss, pg_stats = ppo_losses.policy_loss(
-      logp,
-      mb["old_logp"],
-      mb["advantages"],
-      mb["rmask"],
-      clip_eps=config.clip_eps,
-      mode=config.loss_aggregation,
-    )
-    kl_term = grpo_lib.kl_loss(
-      logp,
-      mb["ref_logp"],
-      mb["rmask"],
-      estimator=config.kl.estimator,
-      mode=config.loss_aggregation,
-      as_loss=kl_in_loss,
-    )
-    # With the KL in the reward the term is only watched, not optimised.
-    loss = pg_loss + config.kl.coef * kl_term if kl_in_loss else pg_loss
-    entropy = ppo_losses.masked_entropy(
-      resp_logits, mb["rmask"], temperature=temperature, mode=config.loss_aggregation
-    )
-    stats = {
-      "loss/policy": pg_loss,
-      "loss/kl": kl_term,
-      "loss/total": loss,
-      "policy/entropy": entropy,
-      **{f"policy/{k}": v for k, v in pg_stats.items()},
-    }
-    return loss, stats
-
-  def update(state, exp):
-    rng, perm_rng = jax.random.split(state["rng"])
-
-    def one_minibatch(carry, index):
-      policy, policy_opt = carry
-      mb = jax.tree.map(lambda x: jnp.take(x, index, axis=0), exp)
-      (_, stats), grads = jax.value_and_grad(minibatch_loss, has_aux=True)(policy, mb)
-      updates, policy_opt = tx.update(grads, policy_opt, policy)
-      stats["grad_norm"] = optim.l2_norm(grads)
-      stats["policy/update_norm"] = optim.l2_norm(updates)
-      return (optax.apply_updates(policy, updates), policy_opt), stats
-
-    # Rows are shuffled across groups: the advantages already hold the baseline.
-    perms = jax.vmap(lambda k: jax.random.permutation(k, rollout_batch))(
-      jax.random.split(perm_rng, config.num_epochs)
-    )
-    indices = perms.reshape(updates_per_iter, config.minibatch_size)
-    carry = (state["policy"], state["policy_opt"])
-    (policy, policy_opt), stats = jax.lax.scan(one_minibatch, carry, indices)
-    stats = jax.tree.map(jnp.mean, stats)
-    stats["lr"] = lr_schedule(state["step"] * updates_per_iter)
-    stats["policy/param_norm"] = optim.l2_norm(policy)
-    new = dict(state, policy=policy, policy_opt=policy_opt, rng=rng, step=state["step"] + 1)
-    return new, stats
-
-  # Two programs, so the time of each phase can be measured; the experience
-  # stays on device between them.
-  batch_sh = sharding.batch_sharding(mesh, 2)
-  vec_sh = sharding.batch_sharding(mesh, 1)
+  opt_sh = common.mirror_shardings(abstract["policy_opt"], abstract["policy"], sft.shardings, mesh)
+  state_sh = dict(policy=sft.shardings, policy_opt=opt_sh, step=rep, rng=rep)
+  batch_sh, vec_sh = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
   sample_sh = sampler_lib.SampleOutput(batch_sh, batch_sh, batch_sh, batch_sh, vec_sh, vec_sh)
   host_sh = () if reward_fn is None else (vec_sh,)
+  sample_fn = rl_common.sampler(sft, config, mesh, rules)
+  rm_score = rl_common.rm_score_fn(rm, s.prompt_len) if reward_fn is None else None
   experience_fn = jax.jit(
-    make_experience, in_shardings=(state_sh, batch_sh, batch_sh, sample_sh, *host_sh)
+    functools.partial(make_experience, module=sft.module, rm_score=rm_score, s=s),
+    in_shardings=(state_sh, sft.shardings, batch_sh, batch_sh, sample_sh, *host_sh),
   )
   update_fn = jax.jit(
-    update, in_shardings=(state_sh, None), out_shardings=(state_sh, rep), donate_argnums=(0,)
+    functools.partial(update, module=sft.module, tx=tx, lr_schedule=lr_schedule, s=s),
+    in_shardings=(state_sh, None),
+    out_shardings=(state_sh, rep),
+    donate_argnums=(0,),
   )
 
   def score_on_host(prompt, sample) -> tuple[jax.Array, ...]:
@@ -382,120 +354,69 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     scores = host_rewards(reward_fn, config.reward_fn, prompts, responses)
     return (sharding.global_from_full(scores, mesh),)
 
-  # ------------------------------------------------------ load checkpoint
-  previous_time = 0.0
-  with sharding.use_mesh(mesh, rules):
-    if start_step:
-      state, meta = ckpt.restore(start_step, target=abstract_state)
-      prompt_loader.set_state(meta["loader"])
-      previous_time = float(meta.get("wall_time_s", 0.0))
-      logging.info("Resumed from iteration %d", start_step)
-    else:
-      init = jax.jit(init_state, out_shardings=state_sh)
-      state = init(sft.params, jax.random.key(config.seed))
-  ckpt.install_sigterm_handler()
-  stage_clock = rl_common.StageClock(previous_time, start=clock_start)
-
-  # ------------------------------------------------------------- evaluator
-  evaluate = rl_common.Evaluator(
-    config, workdir, sft=sft, rm=rm, sample_fn=sample_fn, logps_fn=logps, mesh=mesh, rules=rules
+  state, clock = rl_common.restore_or_init(
+    run,
+    common.with_shardings(abstract, state_sh),
+    lambda: jax.jit(init, out_shardings=state_sh)(sft.params, key),
+    loader,
   )
 
-  # ----------------------------------------------------------- train loop
-  progress = metrics.ProgressLogger(
-    config.total_steps,
-    every_n_steps=config.log_every,
-    start_step=start_step,
+  # ------------------------------------------------------ evaluator, loop
+  evaluate = rl_common.make_evaluator(
+    config, workdir, run.prompt_set.eval, sft=sft, rm=rm, sample_fn=sample_fn,
+    logps_fn=logps_fn(sft.module, s), mesh=mesh, rules=rules, proxy_host=reward_fn,
+  )  # fmt: skip
+  ensemble = rm.ensemble_size if reward_fn is None else 0
+  loop = rl_common.bookkeeping(
+    run,
+    flops_per_step=flops_per_iteration(sft.module.config, s, ensemble),
+    dtype=sft.module.config.dtype,
     metric_keys=("reward", "objective/kl", "eval/gold_reward"),
   )
-  cfg_model = module.config
-  seq = p_len + n_new
-  per_seq = seq * cfg_model.train_flops_per_token(seq)
-  # Policy forward-backward per epoch; forwards of the old policy, reference and RM.
-  forwards = 2 + (rm.ensemble_size if reward_fn is None else 0)
-  flops = rollout_batch * per_seq * (config.num_epochs + forwards / 3)
-  loop = common.LoopBookkeeping(
-    config, writer=writer, progress=progress, mesh=mesh, flops_per_step=flops, dtype=cfg_model.dtype
-  )
-  if start_step == 0:
-    first = evaluate(state["policy"], 0)
-    metrics.check_finite(0, first, context="eval")
-    writer.write(0, first)
-  step = start_step
+  rl_common.evaluate_start(run, evaluate, state["policy"])
+  rollout_key = rng.key(config.seed, "rollout")
+  tokens = float(s.rollout_batch_size * (s.prompt_len + s.max_new_tokens))
+  step = run.start_step
   try:
     while step < config.total_steps:
-      batch = next(prompt_loader)
+      batch = next(loader)
       # Prompt i fills rows [i * G, (i + 1) * G): the groups the baseline is taken over.
-      batch = jax.tree.map(lambda x: np.repeat(x, group_size, axis=0), batch)
-      rollout_rng = jax.random.fold_in(jax.random.key(config.seed + 7), step)
+      batch = jax.tree.map(lambda x: np.repeat(x, s.group_size, axis=0), batch)
+      phases = rl_common.PhaseClock((step + 1) % config.log_every == 0, state)
       with sharding.use_mesh(mesh, rules):
         prompt = sharding.host_to_global(batch["tokens"], mesh)
         pmask = sharding.host_to_global(batch["mask"], mesh)
-        # Phase times are measured on log steps only (blocking elsewhere would
-        # stop the host from running ahead of the device).
-        timed = (step + 1) % config.log_every == 0
-        if timed:  # the host runs ahead of the device: drain earlier iterations first
-          jax.block_until_ready(state)
-        clock = [time.perf_counter()]
-        sample = rl_common.timed(
-          sample_fn(state["policy"], prompt, pmask, rollout_rng), timed, clock
-        )
+        key = jax.random.fold_in(rollout_key, step)
+        sample = phases(sample_fn(state["policy"], prompt, pmask, key))
         scores = score_on_host(prompt, sample)
-        exp, exp_stats = rl_common.timed(
-          experience_fn(state, prompt, pmask, sample, *scores), timed, clock
-        )
-        state, upd_stats = rl_common.timed(update_fn(state, exp), timed, clock)
-      stats = {**exp_stats, **upd_stats}
-      if timed:
-        phases = np.diff(clock)
-        stats.update(
-          {
-            "time/rollout_s": phases[0],
-            "time/scoring_s": phases[1],
-            "time/update_s": phases[2],
-            "time/generation_fraction": phases[0] / phases.sum(),
-          }
-        )
+        exp, exp_stats = phases(experience_fn(state, sft.params, prompt, pmask, sample, *scores))
+        state, upd_stats = phases(update_fn(state, exp))
       step += 1
-      preempted = ckpt.preemption_requested(step)
-      tokens = float(rollout_batch * seq)
+      preempted = run.ckpt.preemption_requested(step)
+      stats = {**exp_stats, **upd_stats, **phases.metrics()}
       loop.after_update(
         step, stats, tokens, lambda: evaluate(state["policy"], step), preempted=preempted
       )
-      if loop.should_save:
-        meta = {"loader": prompt_loader.get_state(), "wall_time_s": stage_clock.elapsed()}
-        ckpt.save(step, state, meta, force=True)
+      rl_common.save_if_due(run, loop, step, state, loader, clock)
       if preempted:
         logging.warning("SIGTERM: saved iteration %d and stopping; rerun to resume.", step)
         break
   finally:
-    common.close_all(ckpt.wait, ckpt.close, writer.close)
-
-  # --------------------------------------------------------------- summary
-  if step >= config.total_steps:
-    exported = not stages.needs_export(workdir, step)
-    if not exported:
-      # The loop's last eval (recomputed if the run stopped after its final checkpoint).
-      loop.final_eval(start_step, lambda: evaluate(state["policy"], step))
-    rl_common.write_summary(
-      workdir,
-      config.advantage,
-      stage_clock.elapsed(),
-      kl_coef=float(config.kl.coef),
-      kl_mode=config.kl.mode,
-      group_size=group_size,
-      reward_fn=config.reward_fn,
-    )
-    if not exported:
-      stages.export(
-        workdir,
-        state["policy"],
-        {
-          "kind": "policy",
-          "model": cfg_model.to_dict(),
-          "tokenizer": "tokenizer.model",
-          "step": step,
-          "eval": loop.last_eval,
-        },
-      )
-  return loop.last_eval
+    rl_common.close(run)
+  return rl_common.finish(
+    run,
+    loop,
+    step,
+    params=lambda: state["policy"],
+    evaluate=evaluate,
+    method=config.advantage,
+    clock=clock,
+    evaluator=evaluate.judge.name,
+    model_config=sft.module.config,
+    summary={
+      "kl_coef": float(config.kl.coef),
+      "kl_mode": config.kl.mode,
+      "group_size": s.group_size,
+      "reward_fn": config.reward_fn,
+    },
+  )

@@ -2,9 +2,12 @@
 
     python -m experiments.launch --config=configs/ppo.py
 
-Sections, in order: logging, mesh, upstream stages (SFT, reward model),
-networks and optimizers, sharded state, experience, update, checkpoint
-restore, evaluator, train loop, summary.
+The module-level functions are the method (each unit-tested on small arrays in
+tests/trainers/test_ppo_parts.py): `networks` (the policy, critic and reference and
+their initial params), `init_state`, `make_experience` (one jitted program after
+sampling) and `update` (the PPO epochs and the KL controller, one jitted program).
+`train` wires them to the shared RL loop of rl_common: start, restore or init, the
+iteration loop, finish.
 
 One iteration: sample responses for a batch of prompts with the jitted KV-cache
 sampler; in one jitted function recompute the policy's and the reference's
@@ -24,18 +27,17 @@ reference is the SFT policy, frozen twice: no optimizer state and
 
 from __future__ import annotations
 
-import os
-import time
+import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 
-from rlhf_jax import checkpoint, metrics, models, optim, sharding, stages
 from rlhf_jax import config_spec as cs
+from rlhf_jax import models, optim, rng, sharding
 from rlhf_jax.rl import advantages as adv_lib
 from rlhf_jax.rl import kl as kl_lib
 from rlhf_jax.rl import ppo_losses
@@ -112,97 +114,109 @@ CONFIG_SPEC = cs.Spec(
     cs.divides("minibatch_size", "rollout_batch_size"),
     check_kl_controller,
     optim.check_steps("optim", _updates),
+    rl_common.check_eval,
     optim.check_steps("value_optim", _updates),
     cs.mesh_batch("rollout_batch_size", "minibatch_size"),
   ),
 )
 
-# Kept for callers of the PPO module; the shared implementation lives in rl_common.
-ensure_stages = rl_common.ensure_stages
+# ------------------------------------------------------------------- settings
 
 
-# ---------------------------------------------------------------------- train
+@dataclasses.dataclass(frozen=True)
+class Settings(rl_common.RolloutSettings):
+  """The static values PPO's jitted functions read, from the config (`from_config`)."""
+
+  kl_estimator: str
+  whiten_rewards: bool
+  gamma: float
+  lam: float
+  value_clip_eps: float
+  vf_coef: float
+  kl_controller: str
+  kl_target: float
+  kl_horizon: float
+
+  @classmethod
+  def from_config(cls, config) -> Settings:
+    shared = cls.fields(
+      config, epochs=config.ppo_epochs, rollout_batch_size=config.rollout_batch_size
+    )
+    return cls(
+      **shared,
+      kl_estimator=config.kl.estimator,
+      whiten_rewards=config.whiten_rewards,
+      gamma=config.gamma,
+      lam=config.lam,
+      value_clip_eps=config.value_clip_eps,
+      vf_coef=config.vf_coef,
+      kl_controller=config.kl.controller,
+      kl_target=config.kl.target,
+      kl_horizon=config.kl.horizon,
+    )
 
 
-def train(config: Any, workdir: str) -> dict[str, float]:
-  """Runs PPO; returns the final eval metrics and writes `<workdir>/summary.json`."""
-  # ----------------------------------------------------------------- logging
-  CONFIG_SPEC.validate(config)  # before anything is written or any stage trains
-  os.makedirs(workdir, exist_ok=True)
-  is_primary = jax.process_index() == 0
-  rollout_batch = config.rollout_batch_size
-  num_minibatches = rollout_batch // config.minibatch_size
-  head = config.value_model == "policy_head"
-  updates_per_iter = config.ppo_epochs * num_minibatches
-  # Config errors surface before any stage trains.
-  policy_tx, policy_lr = optim.make_optimizer(config.optim, config.total_steps * updates_per_iter)
-  value_tx, _ = optim.make_optimizer(config.value_optim, config.total_steps * updates_per_iter)
+# ------------------------------------------------------------------- networks
 
-  # -------------------------------------------------------------------- mesh
-  mesh = common.mesh_from_config(config)
-  rules = config.sharding_rules
 
-  # -------------------------------------------------------- upstream stages
-  sft_dir, reward_dir = rl_common.ensure_stages(config, workdir)
-  clock_start = time.perf_counter()
-  sft = stages.load_policy(sft_dir, mesh, rules)
-  rm = stages.load_reward_model(reward_dir, mesh, rules)
-  tok = sft.tokenizer
-  if is_primary:
-    tok.save(os.path.join(workdir, "tokenizer.model"))
-  lm_module = sft.module  # the policy as a language model: sampling and log-probs
-  temperature = config.temperature
-  p_len, n_new = config.prompt_len, config.max_new_tokens
+@dataclasses.dataclass(frozen=True)
+class Networks:
+  """The policy (with a value head when `value` is None), the critic and the reference."""
 
-  ckpt = checkpoint.Checkpointer(
-    os.path.join(workdir, "checkpoints"),
-    max_to_keep=config.keep_checkpoints,
-    save_interval_steps=config.checkpoint_every,
-  )
-  start_step = ckpt.latest_intact_step() or 0
-  writer = metrics.MetricWriter(workdir, resume_step=start_step or -1)
-  prompt_loader = rl_common.prompt_loader(config, tok, rollout_batch)
+  policy: models.LanguageModel
+  value: models.ScalarModel | None
+  reference: models.LanguageModel
 
-  # ------------------------------------------------ networks and their init
-  if head:
-    # The value head joins the policy's params as a "value" subtree; the critic
-    # slot of the state stays empty.
-    policy_module = models.LanguageModel(lm_module.config, value_head=True)
-    boxed = jax.eval_shape(lambda: models.init_params(policy_module, jax.random.key(0)))
+
+def lm_params(policy: dict) -> dict:
+  """The language-model part of the policy's params (what the sampler and evals see)."""
+  return {k: v for k, v in policy.items() if k != "value"}
+
+
+def networks(sft, rm, value_model: str, mesh, rules):
+  """(Networks, (policy params, shardings), (value params, shardings)) at the start.
+
+  "separate": the critic is a value network initialised from reward member 0 (trunk and
+  head); "policy_head": a zero-initialised value head joins the policy's params as a
+  "value" subtree and the critic's slot stays empty.
+  """
+  if value_model == "policy_head":
+    policy = models.LanguageModel(sft.module.config, value_head=True)
+    boxed = jax.eval_shape(lambda: models.init_params(policy, jax.random.key(0)))
     head_shapes = sharding.unbox(boxed["value"])
     head_sh = sharding.tree_shardings(
       head_shapes, sharding.logical_specs(boxed["value"]), mesh, rules
     )
-    head_init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), head_shapes)
-    policy_init = {**sft.params, "value": head_init}
-    policy_sh = {**sft.shardings, "value": head_sh}
-    value_init, value_sh = {}, {}
-  else:
-    policy_module = lm_module
-    value_module = models.ScalarModel(rm.module.config, head_init="zeros")
-    policy_init, policy_sh = sft.params, sft.shardings
-    value_init = jax.tree.map(lambda x: x[0], rm.params)  # reward member 0: trunk and head
-    value_sh = jax.tree.map(lambda s: rl_common.drop_leading(s, mesh), rm.shardings)
+    head = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), head_shapes)
+    nets = Networks(policy, None, sft.module)
+    return nets, ({**sft.params, "value": head}, {**sft.shardings, "value": head_sh}), ({}, {})
+  value = models.ScalarModel(rm.module.config, head_init="zeros")
+  value_init = jax.tree.map(lambda x: x[0], rm.params)
+  value_sh = jax.tree.map(lambda s: rl_common.drop_leading(s, mesh), rm.shardings)
+  return (
+    Networks(sft.module, value, sft.module),
+    (sft.params, sft.shardings),
+    (value_init, value_sh),
+  )
 
-  def lm_params(policy):
-    """The language-model part of the policy's params (what the sampler and the evals see)."""
-    return {k: v for k, v in policy.items() if k != "value"} if head else policy
 
-  # ------------------------------------------------------- sharded state
-  def init_state(policy_params, value_params, rng):
-    return dict(
-      policy=policy_params,
-      value=value_params,
-      policy_opt=policy_tx.init(policy_params),
-      value_opt=value_tx.init(value_params),
-      kl=kl_lib.init_kl_controller(config.kl.init_coef),
-      step=jnp.zeros((), jnp.int32),
-      rng=rng,
-    )
+def init_state(policy, value, key, *, policy_tx, value_tx, kl_coef: float):
+  """The training state: params, optimizer states, the KL controller, step and RNG."""
+  return dict(
+    policy=policy,
+    value=value,
+    policy_opt=policy_tx.init(policy),
+    value_opt=value_tx.init(value),
+    kl=kl_lib.init_kl_controller(kl_coef),
+    step=jnp.zeros((), jnp.int32),
+    rng=key,
+  )
 
-  abstract = jax.eval_shape(init_state, policy_init, value_init, jax.random.key(config.seed))
+
+def state_shardings(abstract, policy_sh, value_sh, mesh) -> dict:
+  """Shardings of the state: optimizer moments like their params, the rest replicated."""
   rep = common.replicated(mesh)
-  state_sh = dict(
+  return dict(
     policy=policy_sh,
     value=value_sh,
     policy_opt=common.mirror_shardings(abstract["policy_opt"], abstract["policy"], policy_sh, mesh),
@@ -211,286 +225,278 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     step=rep,
     rng=rep,
   )
-  abstract_state = common.with_shardings(abstract, state_sh)
 
-  # --------------------------------------------------------------- sampler
-  sample_fn = rl_common.policy_sampler(lm_module, sft, config, mesh, rules)
 
-  # ------------------------------------------------------------ experience
-  ref_logps = rl_common.response_logps_fn(lm_module, p_len, n_new, temperature)
-  rm_score = rl_common.rm_score_fn(rm, p_len)
+def forward(nets: Networks, policy, value, full, fmask, response, s: Settings):
+  """Log-probs [B, N] at the sampling T, response logits, and V(s_t) [B, N].
 
-  def forward(policy, value, full, fmask, response):
-    """Log-probs [B, N] at the sampling T, response logits, and V(s_t) [B, N].
+  V(s_t) is read at the position that predicts response token t, i.e. the value of the
+  state before that token.
+  """
+  positions = models.positions_from_mask(fmask)
+  attn = models.causal_attention_mask(fmask)
+  if nets.value is None:
+    logits, _, values = nets.policy.apply({"params": policy}, full, positions, attn)
+  else:
+    logits, _ = nets.policy.apply({"params": policy}, full, positions, attn)
+    values = nets.value.apply({"params": value}, full, positions, attn)
+  window = slice(s.prompt_len - 1, s.prompt_len + s.max_new_tokens - 1)
+  resp_logits = logits[:, window]
+  return token_logprobs(resp_logits, response, s.temperature), resp_logits, values[:, window]
 
-    V(s_t) is read at the position that predicts response token t, i.e. the
-    value of the state before that token.
-    """
-    positions = models.positions_from_mask(fmask)
-    attn = models.causal_attention_mask(fmask)
-    if head:
-      logits, _, values = policy_module.apply({"params": policy}, full, positions, attn)
-    else:
-      logits, _ = policy_module.apply({"params": policy}, full, positions, attn)
-      values = value_module.apply({"params": value}, full, positions, attn)
-    window = slice(p_len - 1, p_len + n_new - 1)
-    resp_logits = logits[:, window]
-    return token_logprobs(resp_logits, response, temperature), resp_logits, values[:, window]
 
-  def make_experience(state, prompt, pmask, sample):
-    response, rmask = sample.tokens, sample.response_mask
-    full = jnp.concatenate([prompt, response], axis=1)
-    fmask = jnp.concatenate([pmask, rmask], axis=1)
-    logp, resp_logits, values = forward(state["policy"], state["value"], full, fmask, response)
-    ref_logp, _ = ref_logps(sft.params, full, fmask, response)
-    ref_logp = jax.lax.stop_gradient(ref_logp)
-    scores = rm_score(full, fmask, rmask)
-    kl = kl_lib.kl_penalty(logp, ref_logp, config.kl.estimator, rmask)
-    rewards, non_score, used_scores = adv_lib.assemble_rewards(
-      scores,
-      kl,
-      rmask,
-      state["kl"].kl_coef,
-      has_eos=sample.has_eos,
-      missing_eos_score=config.missing_eos_score if config.missing_eos_penalty else None,
+# ----------------------------------------------------------------- experience
+
+
+def make_experience(state, ref_params, prompt, pmask, sample, *, nets: Networks, rm_score, s):
+  """One rollout's training arrays and statistics, in one program after sampling.
+
+  The policy's and the reference's log-probs at the sampling temperature, the values,
+  the reward-model score `rm_score(full, fmask, rmask)` read at each response's last
+  token, the per-token KL penalty, rewards (score at the last token, missing-EOS penalty,
+  minus coef x KL per token), GAE and whitened advantages.
+  """
+  response, rmask = sample.tokens, sample.response_mask
+  full = jnp.concatenate([prompt, response], axis=1)
+  fmask = jnp.concatenate([pmask, rmask], axis=1)
+  logp, resp_logits, values = forward(
+    nets, state["policy"], state["value"], full, fmask, response, s
+  )
+  ref_fn = rl_common.response_logps_fn(
+    nets.reference, s.prompt_len, s.max_new_tokens, s.temperature
+  )
+  ref_logp = jax.lax.stop_gradient(ref_fn(ref_params, full, fmask, response)[0])
+  scores = rm_score(full, fmask, rmask)
+  kl = kl_lib.kl_penalty(logp, ref_logp, s.kl_estimator, rmask)
+  rewards, non_score, used_scores = adv_lib.assemble_rewards(
+    scores,
+    kl,
+    rmask,
+    state["kl"].kl_coef,
+    has_eos=sample.has_eos,
+    missing_eos_score=s.missing_eos_score,
+  )
+  if s.whiten_rewards:
+    rewards = adv_lib.whiten(rewards, rmask, shift_mean=False)
+  advantages, returns = adv_lib.gae(rewards, values, rmask, s.gamma, s.lam)
+  advantages = adv_lib.whiten(advantages, rmask)
+  exp = dict(
+    full=full,
+    fmask=fmask,
+    response=response,
+    rmask=rmask,
+    old_logp=logp,
+    old_values=values,
+    advantages=advantages,
+    returns=returns,
+  )
+  seq_kl = kl_lib.objective_kl(kl_lib.kl_penalty(logp, ref_logp, "k1", rmask), rmask)
+  stats = {
+    "objective/kl": seq_kl,
+    "objective/kl_coef": state["kl"].kl_coef,
+    "objective/entropy": jnp.sum(entropy_from_logits(resp_logits, s.temperature) * rmask)
+    / jnp.maximum(rmask.shape[0], 1),
+    "objective/scores": jnp.mean(used_scores),
+    "objective/rm_scores": jnp.mean(scores),
+    "objective/non_score_reward": jnp.mean(non_score),
+    "returns/mean": adv_lib.masked_mean(returns, rmask),
+    "returns/var": adv_lib.masked_var(returns, rmask),
+    "val/vpred_rollout": adv_lib.masked_mean(values, rmask),
+    "response_length": jnp.mean(jnp.sum(rmask, axis=-1).astype(jnp.float32)),
+    "frac_no_eos": 1.0 - jnp.mean(sample.has_eos.astype(jnp.float32)),
+  }
+  return exp, stats
+
+
+# --------------------------------------------------------------------- update
+
+
+def minibatch_loss(policy, value, mb, *, nets: Networks, s: Settings):
+  """The clipped policy loss plus vf_coef x the clipped value loss of one minibatch."""
+  logp, resp_logits, vpred = forward(
+    nets, policy, value, mb["full"], mb["fmask"], mb["response"], s
+  )
+  mode = s.loss_aggregation
+  pg_loss, pg_stats = ppo_losses.policy_loss(
+    logp, mb["old_logp"], mb["advantages"], mb["rmask"], clip_eps=s.clip_eps, mode=mode
+  )
+  vf_loss, vf_stats = ppo_losses.value_loss(
+    vpred, mb["old_values"], mb["returns"], mb["rmask"], clip_eps=s.value_clip_eps, mode=mode
+  )
+  entropy = ppo_losses.masked_entropy(
+    resp_logits, mb["rmask"], temperature=s.temperature, mode=mode
+  )
+  stats = {
+    "loss/policy": pg_loss,
+    "loss/value": vf_loss,
+    "policy/entropy": entropy,
+    "val/vpred": adv_lib.masked_mean(vpred, mb["rmask"]),
+    "val/error": adv_lib.masked_mean(jnp.square(vpred - mb["returns"]), mb["rmask"]),
+    "val/var_explained": adv_lib.explained_variance(vpred, mb["returns"], mb["rmask"]),
+    **{f"policy/{k}": v for k, v in pg_stats.items()},
+    **{f"val/{k}": v for k, v in vf_stats.items()},
+  }
+  return pg_loss + s.vf_coef * vf_loss, stats
+
+
+def update(state, exp, kl, *, nets: Networks, policy_tx, value_tx, lr_schedule, s: Settings):
+  """`s.epochs` passes of minibatch updates of policy and critic, then the KL controller
+  (adaptive: towards `s.kl_target` with the rollout's KL `kl`)."""
+  rng, perm_rng = jax.random.split(state["rng"])
+
+  def step(carry, mb):
+    policy, value, policy_opt, value_opt = carry
+    (_, stats), (g_policy, g_value) = jax.value_and_grad(
+      functools.partial(minibatch_loss, nets=nets, s=s), argnums=(0, 1), has_aux=True
+    )(policy, value, mb)
+    u_policy, policy_opt = policy_tx.update(g_policy, policy_opt, policy)
+    u_value, value_opt = value_tx.update(g_value, value_opt, value)
+    stats["policy/grad_norm"] = optim.l2_norm(g_policy)
+    stats["policy/update_norm"] = optim.l2_norm(u_policy)
+    stats["val/grad_norm"] = optim.l2_norm(g_policy["value"] if nets.value is None else g_value)
+    new = (
+      optax.apply_updates(policy, u_policy),
+      optax.apply_updates(value, u_value),
+      policy_opt,
+      value_opt,
     )
-    if config.whiten_rewards:
-      rewards = adv_lib.whiten(rewards, rmask, shift_mean=False)
-    advantages, returns = adv_lib.gae(rewards, values, rmask, config.gamma, config.lam)
-    advantages = adv_lib.whiten(advantages, rmask)
-    exp = dict(
-      full=full,
-      fmask=fmask,
-      response=response,
-      rmask=rmask,
-      old_logp=logp,
-      old_values=values,
-      advantages=advantages,
-      returns=returns,
-    )
-    seq_kl = kl_lib.objective_kl(kl_lib.kl_penalty(logp, ref_logp, "k1", rmask), rmask)
-    stats = {
-      "objective/kl": seq_kl,
-      "objective/kl_coef": state["kl"].kl_coef,
-      "objective/entropy": jnp.sum(entropy_from_logits(resp_logits, temperature) * rmask)
-      / jnp.maximum(rmask.shape[0], 1),
-      "objective/scores": jnp.mean(used_scores),
-      "objective/rm_scores": jnp.mean(scores),
-      "objective/non_score_reward": jnp.mean(non_score),
-      "returns/mean": adv_lib.masked_mean(returns, rmask),
-      "returns/var": adv_lib.masked_var(returns, rmask),
-      "val/vpred_rollout": adv_lib.masked_mean(values, rmask),
-      "response_length": jnp.mean(jnp.sum(rmask, axis=-1).astype(jnp.float32)),
-      "frac_no_eos": 1.0 - jnp.mean(sample.has_eos.astype(jnp.float32)),
-    }
-    return exp, stats
+    return new, stats
 
-  # ---------------------------------------------------------------- update
-  def minibatch_loss(policy_params, value_params, mb):
-    logp, resp_logits, vpred = forward(
-      policy_params, value_params, mb["full"], mb["fmask"], mb["response"]
-    )
-    pg_loss, pg_stats = ppo_losses.policy_loss(
-      logp,
-      mb["old_logp"],
-      mb["advantages"],
-      mb["rmask"],
-      clip_eps=config.clip_eps,
-      mode=config.loss_aggregation,
-    )
-    vf_loss, vf_stats = ppo_losses.value_loss(
-      vpred,
-      mb["old_values"],
-      mb["returns"],
-      mb["rmask"],
-      clip_eps=config.value_clip_eps,
-      mode=config.loss_aggregation,
-    )
-    entropy = ppo_losses.masked_entropy(
-      resp_logits, mb["rmask"], temperature=temperature, mode=config.loss_aggregation
-    )
-    loss = pg_loss + config.vf_coef * vf_loss
-    stats = {
-      "loss/policy": pg_loss,
-      "loss/value": vf_loss,
-      "policy/entropy": entropy,
-      "val/vpred": adv_lib.masked_mean(vpred, mb["rmask"]),
-      "val/error": adv_lib.masked_mean(jnp.square(vpred - mb["returns"]), mb["rmask"]),
-      "val/var_explained": adv_lib.explained_variance(vpred, mb["returns"], mb["rmask"]),
-      **{f"policy/{k}": v for k, v in pg_stats.items()},
-      **{f"val/{k}": v for k, v in vf_stats.items()},
-    }
-    return loss, stats
+  carry = (state["policy"], state["value"], state["policy_opt"], state["value_opt"])
+  (policy, value, policy_opt, value_opt), stats = rl_common.scan_minibatches(
+    step, carry, exp, perm_rng, epochs=s.epochs, minibatch_size=s.minibatch_size
+  )
+  stats["lr"] = lr_schedule(state["step"] * s.updates_per_iteration)
+  stats["policy/param_norm"] = optim.l2_norm(lm_params(policy))
+  kl_state = kl_lib.update_kl_controller(
+    state["kl"],
+    kl,
+    s.rollout_batch_size,
+    kind=s.kl_controller,
+    target=s.kl_target,
+    horizon=s.kl_horizon,
+  )
+  new = dict(
+    state,
+    policy=policy,
+    value=value,
+    policy_opt=policy_opt,
+    value_opt=value_opt,
+    kl=kl_state,
+    step=state["step"] + 1,
+    rng=rng,
+  )
+  return new, stats
 
-  def ppo_update(state, exp):
-    rng, perm_rng = jax.random.split(state["rng"])
 
-    def one_minibatch(carry, index):
-      policy, value, policy_opt, value_opt = carry
-      mb = jax.tree.map(lambda x: jnp.take(x, index, axis=0), exp)
-      (_, stats), (g_policy, g_value) = jax.value_and_grad(
-        minibatch_loss, argnums=(0, 1), has_aux=True
-      )(policy, value, mb)
-      u_policy, policy_opt = policy_tx.update(g_policy, policy_opt, policy)
-      u_value, value_opt = value_tx.update(g_value, value_opt, value)
-      stats["policy/grad_norm"] = optim.l2_norm(g_policy)
-      stats["policy/update_norm"] = optim.l2_norm(u_policy)
-      if head:
-        stats["val/grad_norm"] = optim.l2_norm(g_policy["value"])
-      else:
-        stats["val/grad_norm"] = optim.l2_norm(g_value)
-      new = (
-        optax.apply_updates(policy, u_policy),
-        optax.apply_updates(value, u_value),
-        policy_opt,
-        value_opt,
-      )
-      return new, stats
+def flops_per_iteration(model_config, s: Settings, separate_critic: bool, ensemble: int) -> float:
+  """Model FLOPs of one iteration: epochs of policy (+ critic) forward-backward, and the
+  forwards of the old policy, (critic,) reference and reward ensemble."""
+  seq = s.prompt_len + s.max_new_tokens
+  per_seq = seq * model_config.train_flops_per_token(seq)
+  networks = 2 if separate_critic else 1
+  return s.rollout_batch_size * per_seq * (s.epochs * networks + (1 + networks + ensemble) / 3)
 
-    perms = jax.vmap(lambda k: jax.random.permutation(k, rollout_batch))(
-      jax.random.split(perm_rng, config.ppo_epochs)
-    )
-    indices = perms.reshape(updates_per_iter, config.minibatch_size)
-    carry = (state["policy"], state["value"], state["policy_opt"], state["value_opt"])
-    (policy, value, policy_opt, value_opt), stats = jax.lax.scan(one_minibatch, carry, indices)
-    stats = jax.tree.map(jnp.mean, stats)
-    stats["lr"] = policy_lr(state["step"] * updates_per_iter)
-    stats["policy/param_norm"] = optim.l2_norm(lm_params(policy))
-    return dict(
-      state, policy=policy, value=value, policy_opt=policy_opt, value_opt=value_opt, rng=rng
-    ), stats
 
-  def update_and_control(state, exp, kl):
-    state, upd_stats = ppo_update(state, exp)
-    kl_state = kl_lib.update_kl_controller(
-      state["kl"],
-      kl,
-      rollout_batch,
-      kind=config.kl.controller,
-      target=config.kl.target,
-      horizon=config.kl.horizon,
-    )
-    return dict(state, kl=kl_state, step=state["step"] + 1), upd_stats
+# ---------------------------------------------------------------------- train
 
-  # Two programs, so the time of each phase can be measured; the experience
-  # stays on device between them.
-  batch_sh = sharding.batch_sharding(mesh, 2)
-  vec_sh = sharding.batch_sharding(mesh, 1)
+
+def train(config: Any, workdir: str) -> dict[str, float]:
+  """Runs PPO; returns the final eval metrics and writes `<workdir>/summary.json`."""
+  CONFIG_SPEC.validate(config)
+  s = Settings.from_config(config)
+  total_updates = config.total_steps * s.updates_per_iteration
+  policy_tx, lr_schedule = optim.make_optimizer(config.optim, total_updates)
+  value_tx, _ = optim.make_optimizer(config.value_optim, total_updates)
+  run = rl_common.start(config, workdir)
+  mesh, rules, sft, rm = run.mesh, run.rules, run.sft, run.rm
+  loader = rl_common.prompt_loader(
+    config, sft.tokenizer, run.prompt_set.train, s.rollout_batch_size
+  )
+
+  # ------------------------------------------- networks, state, jitted programs
+  nets, (policy_init, policy_sh), (value_init, value_sh) = networks(
+    sft, rm, config.value_model, mesh, rules
+  )
+  init = functools.partial(
+    init_state, policy_tx=policy_tx, value_tx=value_tx, kl_coef=config.kl.init_coef
+  )
+  key = rng.key(config.seed, "init")
+  abstract = jax.eval_shape(init, policy_init, value_init, key)
+  state_sh = state_shardings(abstract, policy_sh, value_sh, mesh)
+  rep = common.replicated(mesh)
+  batch_sh, vec_sh = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
   sample_sh = sampler_lib.SampleOutput(batch_sh, batch_sh, batch_sh, batch_sh, vec_sh, vec_sh)
-  experience_fn = jax.jit(make_experience, in_shardings=(state_sh, batch_sh, batch_sh, sample_sh))
+  sample_fn = rl_common.sampler(sft, config, mesh, rules)
+  rm_score = rl_common.rm_score_fn(rm, s.prompt_len)
+  experience_fn = jax.jit(
+    functools.partial(make_experience, nets=nets, rm_score=rm_score, s=s),
+    in_shardings=(state_sh, sft.shardings, batch_sh, batch_sh, sample_sh),
+  )
   update_fn = jax.jit(
-    update_and_control,
+    functools.partial(
+      update, nets=nets, policy_tx=policy_tx, value_tx=value_tx, lr_schedule=lr_schedule, s=s
+    ),
     in_shardings=(state_sh, None, rep),
     out_shardings=(state_sh, rep),
     donate_argnums=(0,),
   )
-
-  # ------------------------------------------------------ load checkpoint
-  previous_time = 0.0
-  with sharding.use_mesh(mesh, rules):
-    if start_step:
-      state, meta = ckpt.restore(start_step, target=abstract_state)
-      prompt_loader.set_state(meta["loader"])
-      previous_time = float(meta.get("wall_time_s", 0.0))
-      logging.info("Resumed from iteration %d", start_step)
-    else:
-      init = jax.jit(init_state, out_shardings=state_sh)
-      state = init(policy_init, value_init, jax.random.key(config.seed))
-  ckpt.install_sigterm_handler()
-  stage_clock = rl_common.StageClock(previous_time, start=clock_start)
-
-  # ------------------------------------------------------------- evaluator
-  evaluate = rl_common.Evaluator(
-    config, workdir, sft=sft, rm=rm, sample_fn=sample_fn, logps_fn=ref_logps, mesh=mesh, rules=rules
+  state, clock = rl_common.restore_or_init(
+    run,
+    common.with_shardings(abstract, state_sh),
+    lambda: jax.jit(init, out_shardings=state_sh)(policy_init, value_init, key),
+    loader,
   )
 
-  # ----------------------------------------------------------- train loop
-  progress = metrics.ProgressLogger(
-    config.total_steps,
-    every_n_steps=config.log_every,
-    start_step=start_step,
+  # ------------------------------------------------------ evaluator, loop
+  logps_fn = rl_common.response_logps_fn(sft.module, s.prompt_len, s.max_new_tokens, s.temperature)
+  evaluate = rl_common.make_evaluator(
+    config, workdir, run.prompt_set.eval, sft=sft, rm=rm, sample_fn=sample_fn,
+    logps_fn=logps_fn, mesh=mesh, rules=rules,
+  )  # fmt: skip
+  flops = flops_per_iteration(sft.module.config, s, nets.value is not None, rm.ensemble_size)
+  loop = rl_common.bookkeeping(
+    run,
+    flops_per_step=flops,
+    dtype=sft.module.config.dtype,
     metric_keys=("objective/scores", "objective/kl", "eval/gold_reward"),
   )
-  cfg_model = lm_module.config
-  seq = p_len + n_new
-  per_seq = seq * cfg_model.train_flops_per_token(seq)
-  networks = 1 if head else 2  # policy (+ separate value net) forward-backward per epoch
-  flops = (
-    rollout_batch * per_seq * (config.ppo_epochs * networks + (1 + networks + rm.ensemble_size) / 3)
-  )
-  loop = common.LoopBookkeeping(
-    config, writer=writer, progress=progress, mesh=mesh, flops_per_step=flops, dtype=cfg_model.dtype
-  )
-  if start_step == 0:
-    first = evaluate(lm_params(state["policy"]), 0)
-    metrics.check_finite(0, first, context="eval")
-    writer.write(0, first)
-  step = start_step
+  rl_common.evaluate_start(run, evaluate, lm_params(state["policy"]))
+  rollout_key = rng.key(config.seed, "rollout")
+  tokens = float(s.rollout_batch_size * (s.prompt_len + s.max_new_tokens))
+  step = run.start_step
   try:
     while step < config.total_steps:
-      batch = next(prompt_loader)
-      rollout_rng = jax.random.fold_in(jax.random.key(config.seed + 7), step)
+      batch = next(loader)
+      phases = rl_common.PhaseClock((step + 1) % config.log_every == 0, state)
       with sharding.use_mesh(mesh, rules):
         prompt = sharding.host_to_global(batch["tokens"], mesh)
         pmask = sharding.host_to_global(batch["mask"], mesh)
-        # Phase times are measured on log steps only (blocking elsewhere would
-        # stop the host from running ahead of the device).
-        timed = (step + 1) % config.log_every == 0
-        if timed:  # the host runs ahead of the device: drain earlier iterations first
-          jax.block_until_ready(state)
-        clock = [time.perf_counter()]
-        sample = rl_common.timed(
-          sample_fn(lm_params(state["policy"]), prompt, pmask, rollout_rng), timed, clock
-        )
-        exp, exp_stats = rl_common.timed(experience_fn(state, prompt, pmask, sample), timed, clock)
-        state, upd_stats = rl_common.timed(
-          update_fn(state, exp, exp_stats["objective/kl"]), timed, clock
-        )
-      stats = {**exp_stats, **upd_stats}
-      if timed:
-        phases = np.diff(clock)
-        stats.update(
-          {
-            "time/rollout_s": phases[0],
-            "time/scoring_s": phases[1],
-            "time/update_s": phases[2],
-            "time/generation_fraction": phases[0] / phases.sum(),
-          }
-        )
+        key = jax.random.fold_in(rollout_key, step)
+        sample = phases(sample_fn(lm_params(state["policy"]), prompt, pmask, key))
+        exp, exp_stats = phases(experience_fn(state, sft.params, prompt, pmask, sample))
+        state, upd_stats = phases(update_fn(state, exp, exp_stats["objective/kl"]))
       step += 1
-      preempted = ckpt.preemption_requested(step)
-      tokens = float(rollout_batch * seq)
+      preempted = run.ckpt.preemption_requested(step)
+      stats = {**exp_stats, **upd_stats, **phases.metrics()}
       loop.after_update(
         step, stats, tokens, lambda: evaluate(lm_params(state["policy"]), step), preempted=preempted
       )
-      if loop.should_save:
-        meta = {"loader": prompt_loader.get_state(), "wall_time_s": stage_clock.elapsed()}
-        ckpt.save(step, state, meta, force=True)
+      rl_common.save_if_due(run, loop, step, state, loader, clock)
       if preempted:
         logging.warning("SIGTERM: saved iteration %d and stopping; rerun to resume.", step)
         break
   finally:
-    common.close_all(ckpt.wait, ckpt.close, writer.close)
-
-  # --------------------------------------------------------------- summary
-  if step >= config.total_steps:
-    exported = not stages.needs_export(workdir, step)
-    if not exported:
-      # The loop's last eval (recomputed if the run stopped after its final checkpoint).
-      loop.final_eval(start_step, lambda: evaluate(lm_params(state["policy"]), step))
-    rl_common.write_summary(
-      workdir, "ppo", stage_clock.elapsed(), kl_coef=float(jax.device_get(state["kl"].kl_coef))
-    )
-    if not exported:
-      stages.export(
-        workdir,
-        lm_params(state["policy"]),
-        {
-          "kind": "policy",
-          "model": cfg_model.to_dict(),
-          "tokenizer": "tokenizer.model",
-          "step": step,
-          "eval": loop.last_eval,
-        },
-      )
-  return loop.last_eval
+    rl_common.close(run)
+  return rl_common.finish(
+    run,
+    loop,
+    step,
+    params=lambda: lm_params(state["policy"]),
+    evaluate=evaluate,
+    method="ppo",
+    clock=clock,
+    evaluator=evaluate.judge.name,
+    model_config=sft.module.config,
+    summary={"kl_coef": float(jax.device_get(state["kl"].kl_coef))},
+  )

@@ -25,9 +25,6 @@ std 1.
 from __future__ import annotations
 
 import functools
-import itertools
-import json
-import math
 import os
 from typing import Any
 
@@ -37,52 +34,28 @@ import numpy as np
 import optax
 from absl import logging
 
+from rlhf_jax import config_spec as cs
 from rlhf_jax import (
-  checkpoint,
   config_utils,
-  distributed,
-  errors,
   metrics,
   models,
   optim,
+  rng,
   sharding,
   stages,
 )
-from rlhf_jax import config_spec as cs
 from rlhf_jax.data import lengths, preferences
 from rlhf_jax.data import loader as loader_lib
-from rlhf_jax.data.testbed import config as testbed_config
+from rlhf_jax.data import pairs as pairs_lib
+from rlhf_jax.data import prompts as prompts_lib
 from rlhf_jax.rl import reward as reward_lib
-from rlhf_jax.rl import sampler as sampler_lib
 from rlhf_jax.trainers import common
 
 TIMING_METRICS = ("tokens_per_s", "steps_per_s", "mfu")
 
 DATA_SOURCES = ("testbed", "jsonl")
-SOFT_LABELS = ("none", "confidence")
 
 
-def check_pair_data(data, prefix: str) -> None:
-  """File-backed preference data names its files (shared with DPO's config check)."""
-  if data.source == "jsonl" and not data.train_files:
-    raise cs.ConfigError(f"{prefix}.train_files is empty but {prefix}.source='jsonl'.")
-
-
-def check_confidence_range_field(section, prefix: str) -> None:
-  low, high = section.confidence_range
-  if not high > low:
-    raise cs.ConfigError(
-      f"{prefix}.confidence_range={tuple(section.confidence_range)}: high must exceed low."
-    )
-
-
-# The fields of preference-file data, shared with DPO's data section.
-PAIR_FILE_FIELDS = {
-  "train_files": cs.Seq(cs.Path("file", optional=False)),
-  "eval_files": cs.Seq(cs.Path("file", optional=False)),
-  "skip_invalid": cs.Bool(),
-  "data_dir": cs.Str(),
-}
 # Sampling responses from the SFT policy for pairs (testbed) and for normalisation.
 SAMPLING_FIELDS = {
   "temperature": cs.Float(gt=0),
@@ -107,16 +80,16 @@ CONFIG_SPEC = cs.Spec(
         "num_eval": cs.Int(min=0),
         "responses_per_prompt": cs.Int(min=2),
         "seed": cs.Int(min=0),
-        "testbed": testbed_config.CONFIG_SPEC,
+        "testbed": prompts_lib.TestbedSection(),
         **SAMPLING_FIELDS,
-        **PAIR_FILE_FIELDS,
+        **pairs_lib.PAIR_FILE_FIELDS,
       },
-      checks=(check_pair_data,),
+      checks=(pairs_lib.check_pair_data,),
     ),
     "extra_layers": cs.Int(min=0),
     "ensemble_size": cs.Int(min=1),
     "use_margin": cs.Bool(),
-    "soft_labels": cs.Choice(*SOFT_LABELS),
+    "soft_labels": cs.Choice(*pairs_lib.SOFT_LABELS),
     "confidence_range": cs.Seq(cs.Float(), length=2),
     "center_coef": cs.Float(min=0),
     "optim": optim.CONFIG_SPEC,
@@ -124,267 +97,11 @@ CONFIG_SPEC = cs.Spec(
     "eval": cs.Spec({"num_gold_samples": cs.Int(min=0)}),
   },
   checks=(
-    check_confidence_range_field,
+    pairs_lib.check_confidence_range_field,
     optim.check_steps("optim", lambda c: c.total_steps),
     cs.mesh_batch("batch_size", "data.sample_batch"),
   ),
 )
-
-
-# ------------------------------------------------------------------ upstream
-
-
-def ensure_policy(config, workdir) -> str:
-  """The SFT stage's workdir: `config.policy_init`, or `<workdir>/sft`, trained on demand."""
-  if config.policy_init:
-    return config.policy_init
-  sft_dir = os.path.join(workdir, "sft")
-  if not stages.is_complete(sft_dir):
-    logging.info("No finished SFT stage in %s: training it first.", sft_dir)
-    config_utils.run(config.sft, sft_dir)
-  return sft_dir
-
-
-def sample_responses(policy, prompts, *, rng, config, mesh, rules) -> list[str]:
-  """Texts sampled from `policy` for each prompt (batched, jitted, sharded)."""
-  tok = policy.tokenizer
-  sampler_cfg = sampler_lib.SamplerConfig(
-    max_new_tokens=config.max_new_tokens,
-    eos_id=tok.eos_id,
-    pad_id=tok.pad_id,
-    temperature=config.temperature,
-  )
-  key = (sampler_cfg, mesh, str(rules))
-  if key not in policy.samplers:
-    policy.samplers[key] = sampler_lib.make_sampler(
-      policy.module, sampler_cfg, mesh=mesh, rules=rules, param_shardings=policy.shardings
-    )
-  fn = policy.samplers[key]
-  batch = config.sample_batch
-  out: list[str] = []
-  for start in range(0, len(prompts), batch):
-    chunk = prompts[start : start + batch]
-    tokens, mask = common.left_pad_prompts(tok, chunk, config.prompt_len)
-    if len(chunk) < batch:  # keep one compiled shape: pad with copies of the first row
-      fill = batch - len(chunk)
-      tokens = np.concatenate([tokens, np.repeat(tokens[:1], fill, 0)])
-      mask = np.concatenate([mask, np.repeat(mask[:1], fill, 0)])
-    with sharding.use_mesh(mesh, rules):
-      result = fn(
-        policy.params,
-        sharding.global_from_full(tokens, mesh),
-        sharding.global_from_full(mask, mesh),
-        jax.random.fold_in(rng, start),
-      )
-    out.extend(tok.decode_batch(sharding.fetch(result.tokens)[: len(chunk)]))
-  return out
-
-
-def sample_comparisons(policy, n, k, split, seed, data, mesh, rules) -> list[tuple[str, str, str]]:
-  """n (prompt, a, b) triples: k policy samples per testbed prompt, every pair of them.
-
-  Prompts are drawn until n pairs are made (k(k-1)/2 per prompt; the last prompt's pairs
-  are cut at n). Sample i of every prompt uses the key fold_in(key(seed), i), so k=2
-  gives pairs (sample 0, sample 1), and a larger k extends the same samples.
-  """
-  from rlhf_jax.data import testbed
-
-  if k < 2:
-    raise ValueError(f"config.data.responses_per_prompt={k}; need at least 2.")
-  pairs = list(itertools.combinations(range(k), 2))
-  prompts = testbed.prompts(split, -(-n // len(pairs)), seed, data.testbed)
-  rng = jax.random.key(seed)
-  samples = [
-    sample_responses(
-      policy, prompts, rng=jax.random.fold_in(rng, i), config=data, mesh=mesh, rules=rules
-    )
-    for i in range(k)
-  ]
-  triples = [(p, samples[a][j], samples[b][j]) for j, p in enumerate(prompts) for a, b in pairs]
-  return triples[:n]
-
-
-def prepare_pairs(config, workdir, policy, mesh, rules):
-  """Train/eval preference sources, and the noise ceiling on the testbed."""
-  data = config.data
-  data_dir = data.data_dir or os.path.join(workdir, "data", "tfds")
-  info: dict[str, Any] = {}
-  if data.source == "testbed":
-    from rlhf_jax.data import testbed
-
-    pair_dir = os.path.join(workdir, "data")
-    paths = {s: [os.path.join(pair_dir, f"pairs_{s}.jsonl")] for s in ("train", "eval")}
-    ceiling_path = os.path.join(pair_dir, "noise_ceiling.json")
-    ceilings = {}
-    # The ceiling is written last: a run stopped before it left pairs but no (or a damaged)
-    # ceiling, and redoes all three (same samples and labels: fixed seeds).
-    done = all(os.path.exists(p) for p in (paths["train"][0], paths["eval"][0]))
-    if not (done and _read_json(ceiling_path) is not None):
-      os.makedirs(pair_dir, exist_ok=True)
-      panel = testbed.RaterPanel(data.testbed)
-      for split, n, seed, k in (
-        ("train", data.num_train, data.seed, data.responses_per_prompt),
-        ("eval", data.num_eval, data.seed + 1, 2),
-      ):
-        triples = sample_comparisons(policy, n, k, split, seed, data, mesh, rules)
-        label_rng = np.random.default_rng([seed, 7])
-        records = panel.label_anchors(label_rng) if split == "train" else []
-        records += panel.label(triples, label_rng)
-        ceilings[split] = testbed.noise_ceiling([r for r in records if not r.get("anchor")])
-        if jax.process_index() == 0:
-          # Policy samples can be empty (EOS first) or identical; such pairs carry no
-          # preference a file could hold, so they are left out and counted.
-          written = preferences.write_preference_jsonl(records, paths[split][0], skip_invalid=True)
-          ceilings[split]["num_pairs_skipped"] = len(records) - written
-      if jax.process_index() == 0:
-        common.write_json_atomic(ceiling_path, ceilings)
-    distributed.barrier("reward-pairs")  # the others read what process 0 wrote
-    info["noise_ceiling"] = _read_json(ceiling_path)
-  elif data.source == "jsonl":
-    paths = {"train": list(data.train_files)}
-    if data.eval_files:
-      paths["eval"] = list(data.eval_files)
-  else:
-    raise errors.ConfigError(f"config.data.source={data.source!r}; expected 'testbed' or 'jsonl'.")
-  builder = preferences.build_preferences(paths, data_dir, skip_invalid=data.skip_invalid)
-  train = builder.source("train")
-  evals = builder.source("eval") if "eval" in paths else None
-  info.update(
-    content_hash=builder.content_hash,
-    paths=paths,
-    skipped=builder.num_skipped,
-    num_train=len(train),
-    num_eval=len(evals) if evals is not None else 0,
-  )
-  return train, evals, info
-
-
-def _read_json(path):
-  """The JSON in `path`, or None when it is missing or damaged (then it is made again)."""
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
-def label_targets(confidence, soft_labels, confidence_range) -> np.ndarray:
-  """Per comparison, the probability that the chosen response is preferred.
-
-  1 everywhere for hard labels (soft_labels="none"); with "confidence", the rater's
-  stated confidence mapped onto [1/2, 1] over `confidence_range`, clipped
-  (`reward_lib.confidence_targets`; NaN, a record without one, keeps the hard label).
-  Trainers refuse out-of-range confidences first (`check_confidence`).
-  """
-  if soft_labels not in SOFT_LABELS:
-    raise ValueError(f"config.soft_labels={soft_labels!r}; expected one of {SOFT_LABELS}.")
-  c = np.asarray(confidence, np.float64)
-  if soft_labels == "none":
-    return np.ones(c.shape, np.float32)
-  return reward_lib.confidence_targets(c, *confidence_range)
-
-
-def where_of(source, what: str = "record"):
-  """f(i) naming record i: its file and line for a built source, else `what` and i."""
-  if hasattr(source, "where"):
-    return source.where
-  return lambda i, record=None: f"{what} {i}"
-
-
-def check_confidence(confidence, confidence_range, *, where=lambda i: f"record {i}") -> None:
-  """Refuses a confidence outside `confidence_range`, naming the record by `where(i)`.
-
-  A file whose raters report confidence on, say, 0..1 would otherwise map every label to
-  the 1/2 of a guess. NaN (a record without a confidence) passes.
-  """
-  c = np.asarray(confidence, np.float64).reshape(-1)
-  low, high = confidence_range
-  outside = ~np.isnan(c) & ((c < low) | (c > high))
-  if outside.any():
-    i = int(np.argmax(outside))
-    raise errors.ConfigError(
-      f"{where(i)}: field 'confidence' = {c[i]} is outside "
-      f"config.confidence_range={tuple(confidence_range)}",
-      hint="Set config.confidence_range to this data's confidence scale, or "
-      "config.soft_labels='none'.",
-    )
-
-
-def check_confidence_range(source, confidence_range) -> None:
-  """Refuses, before training, a source with a confidence outside `confidence_range`."""
-  confidence = [record_float(r.get("confidence")) for _, r in preferences.iter_records(source)]
-  check_confidence(confidence, confidence_range, where=where_of(source, "training record"))
-
-
-LABEL_FIELDS = ("margin", "target", "tie", "valid")  # per comparison, [G, P] in a batch
-
-
-def group_collate(
-  groups,
-  tokenizer,
-  max_len,
-  *,
-  responses=2,
-  pairs=1,
-  soft_labels="none",
-  confidence_range=(1.0, 5.0),
-) -> dict[str, np.ndarray]:
-  """G comparison groups (lists of same-prompt pair records) -> one batch.
-
-  Each group's distinct responses become rows (BOS + prompt + response + EOS), scored
-  once however many comparisons they are in; each record becomes a comparison of two of
-  its group's rows. A group has at most `responses` rows and `pairs` comparisons
-  (`preferences.comparison_groups` cuts them so); unused slots are padding, with
-  `valid` False. Plain pairs are groups of one record (responses=2, pairs=1).
-
-  Returns (R = responses, P = pairs):
-    tokens, mask: [G, R, T] rows; an unused row repeats the group's first.
-    chosen, rejected: [G, P] int32, rows of the group compared.
-    margin [G, P] float32; target [G, P] float32, the probability that chosen is
-      preferred: 1 (a hard label), or with soft_labels="confidence" the rater's
-      stated confidence mapped onto [0.5, 1] over `confidence_range` (a record
-      without a confidence keeps the hard label); tie [G, P] bool; valid [G, P]
-      bool, False for padding and for a pair with a row too long for max_len.
-  """
-  g = len(groups)
-  rows, chosen, rejected = [], np.zeros((g, pairs), np.int32), np.zeros((g, pairs), np.int32)
-  records = []
-  for gi, group in enumerate(groups):
-    if len(group) > pairs:
-      raise ValueError(f"a group of {len(group)} comparisons; at most {pairs} fit.")
-    index: dict[str, int] = {}
-    for pi, record in enumerate(group):
-      for side, out in (("chosen", chosen), ("rejected", rejected)):
-        out[gi, pi] = index.setdefault(record[side], len(index))
-      records.append((gi, pi, record))
-    if len(index) > responses:
-      raise ValueError(f"a group of {len(index)} distinct responses; at most {responses} fit.")
-    texts = list(index) + [next(iter(index))] * (responses - len(index))
-    rows += [{"prompt": group[0]["prompt"], "response": t} for t in texts]
-  batch = loader_lib.sft_collate(rows, tokenizer, max_len)
-  dropped = batch["dropped"].reshape(g, responses)
-  margin = np.zeros((g, pairs), np.float32)
-  confidence = np.full((g, pairs), np.nan)
-  tie = np.zeros((g, pairs), np.bool_)
-  valid = np.zeros((g, pairs), np.bool_)
-  for gi, pi, record in records:
-    margin[gi, pi] = float(record.get("margin", 0.0) or 0.0)
-    confidence[gi, pi] = record_float(record.get("confidence"))
-    tie[gi, pi] = bool(record.get("tie", False))
-    # A pair with a row too long for max_len (dropped by the collate) gets weight 0.
-    valid[gi, pi] = not (dropped[gi, chosen[gi, pi]] or dropped[gi, rejected[gi, pi]])
-  target = label_targets(confidence, soft_labels, confidence_range)
-  shape = (g, responses, batch["tokens"].shape[-1])
-  return {
-    "tokens": batch["tokens"].reshape(shape),
-    "mask": batch["input_mask"].reshape(shape),
-    "chosen": chosen,
-    "rejected": rejected,
-    "margin": margin,
-    "target": target,
-    "tie": tie,
-    "valid": valid,
-  }
 
 
 # ---------------------------------------------------------------------- train
@@ -405,24 +122,38 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
 
   # ------------------------------------------------------------ upstream SFT
-  sft_dir = ensure_policy(config, workdir)
+  sft_dir = config_utils.require_stage(config, "policy_init")
   policy = stages.load_policy(sft_dir, mesh, rules)
   tok = policy.tokenizer
   if is_primary:
     tok.save(os.path.join(workdir, "tokenizer.model"))
 
-  ckpt = checkpoint.Checkpointer(
-    os.path.join(workdir, "checkpoints"),
-    max_to_keep=config.keep_checkpoints,
-    save_interval_steps=config.checkpoint_every,
-  )
+  ckpt = common.checkpointer(config, workdir)
   start_step = ckpt.latest_intact_step() or 0
   writer = metrics.MetricWriter(workdir, resume_step=start_step or -1)
 
   # -------------------------------------------------------- preference data
-  train_source, eval_source, data_info = prepare_pairs(config, workdir, policy, mesh, rules)
+  data = config.data
+
+  # SFT samples: for testbed pairs, the gold eval and the normalisation.
+  generate = policy.generator(
+    max_new_tokens=data.max_new_tokens,
+    temperature=data.temperature,
+    prompt_len=data.prompt_len,
+    batch_size=data.sample_batch,
+    mesh=mesh,
+    rules=rules,
+  )
+
+  if data.source == "testbed":
+    paths, ceiling = pairs_lib.testbed_pairs(data, os.path.join(workdir, "data"), generate)
+    info = {"noise_ceiling": ceiling}
+  else:
+    paths, info = pairs_lib.file_paths(data.train_files, data.eval_files), {}
+  data_dir = data.data_dir or os.path.join(workdir, "data", "tfds")
+  train_source, eval_source, data_info = pairs_lib.build(paths, data_dir, data.skip_invalid, info)
   if config.soft_labels == "confidence":
-    check_confidence_range(train_source, tuple(config.confidence_range))
+    pairs_lib.check_confidence_range(train_source, tuple(config.confidence_range))
   # Pairs with a row too long for max_len are counted per file and left out before the
   # groups are formed, so every comparison of a batch counts; none left is an error.
   fitting, data_info["lengths"] = lengths.keep_fitting(
@@ -445,7 +176,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
   def collate(responses, pairs):
     return functools.partial(
-      group_collate,
+      pairs_lib.group_collate,
       tokenizer=tok,
       max_len=config.max_len,
       responses=responses,
@@ -490,7 +221,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   stacked_specs = jax.tree.map(
     lambda s: jax.P(None, *s), member_specs, is_leaf=lambda x: isinstance(x, jax.P)
   )
-  abstract = jax.eval_shape(init_state, jax.random.key(config.seed), policy.params["trunk"])
+  abstract = jax.eval_shape(init_state, rng.key(config.seed, "init"), policy.params["trunk"])
   param_sh = sharding.tree_shardings(abstract["params"], stacked_specs, mesh, rules)
   opt_sh = common.mirror_shardings(abstract["opt_state"], abstract["params"], param_sh, mesh)
   rep = common.replicated(mesh)
@@ -511,7 +242,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
   def update(state, batch):
     rng, boot_rng = jax.random.split(state["rng"])
-    labels = {k: batch[k].reshape(-1) for k in LABEL_FIELDS}  # per comparison: [G * P]
+    labels = {k: batch[k].reshape(-1) for k in pairs_lib.LABEL_FIELDS}  # per comparison: [G * P]
     b = labels["margin"].shape[0]
     valid = labels["valid"].astype(jnp.float32)
     if members > 1:
@@ -563,7 +294,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     mask=rows_sh,
     chosen=batch_sh,
     rejected=batch_sh,
-    **dict.fromkeys(LABEL_FIELDS, batch_sh),
+    **dict.fromkeys(pairs_lib.LABEL_FIELDS, batch_sh),
   )
   update_fn = jax.jit(
     update,
@@ -582,7 +313,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       logging.info("Resumed from step %d", start_step)
     else:
       init = jax.jit(init_state, out_shardings=state_sh)
-      state = init(jax.random.key(config.seed), policy.params["trunk"])
+      state = init(rng.key(config.seed, "init"), policy.params["trunk"])
   ckpt.install_sigterm_handler()
 
   # ------------------------------------------------------------ evaluators
@@ -629,7 +360,6 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       out["eval/accuracy_gap_to_ceiling"] = ceiling["bayes_accuracy"] - out["eval/accuracy"]
     return out
 
-  sample_cfg = config.data
   policy_samples: dict[str, list[str]] = {}
 
   def score_texts(params, prompts, responses) -> np.ndarray:
@@ -654,14 +384,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     if eval_gold_fn is None:
       return {}
     if "eval" not in policy_samples:
-      policy_samples["eval"] = sample_responses(
-        policy,
-        eval_prompts,
-        rng=jax.random.key(config.seed + 11),
-        config=sample_cfg,
-        mesh=mesh,
-        rules=rules,
-      )
+      policy_samples["eval"] = generate(eval_prompts, rng.key(config.seed, "reward_gold_eval"))
     responses = policy_samples["eval"]
     rm = score_texts(params, eval_prompts, responses).mean(0)
     gold = np.asarray([eval_gold_fn(p, r) for p, r in zip(eval_prompts, responses, strict=True)])
@@ -724,14 +447,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     # The loop's last eval (recomputed if the run stopped after its final checkpoint).
     loop.final_eval(start_step, lambda: evaluate(state))
     prompts = norm_prompts
-    responses = sample_responses(
-      policy,
-      prompts,
-      rng=jax.random.key(config.seed + 13),
-      config=sample_cfg,
-      mesh=mesh,
-      rules=rules,
-    )
+    responses = generate(prompts, rng.key(config.seed, "normalization"))
     raw = score_texts(state["params"], prompts, responses).mean(0)
     gain, bias = reward_lib.normalization(raw)
     logging.info("Normalisation on %d SFT samples: gain %.4f, bias %.4f", len(raw), gain, bias)
@@ -763,7 +479,10 @@ def _gold_setup(config):
   from rlhf_jax.data import testbed
 
   prompts = testbed.prompts(
-    "eval", config.eval.num_gold_samples, config.data.seed + 5, config.data.testbed
+    "eval",
+    config.eval.num_gold_samples,
+    rng.seed(config.data.seed, "gold_prompts"),
+    config.data.testbed,
   )
   return prompts, lambda p, r: testbed.gold_reward(p, r, config.data.testbed)
 
@@ -779,7 +498,9 @@ def normalization_prompts(config, train_source) -> list[str]:
   if config.data.source == "testbed":
     from rlhf_jax.data import testbed
 
-    return testbed.prompts("train", n, config.data.seed + 3, config.data.testbed)
+    return testbed.prompts(
+      "train", n, rng.seed(config.data.seed, "normalization_prompts"), config.data.testbed
+    )
   distinct: dict[str, None] = {}
   for _, record in preferences.iter_records(train_source):
     distinct.setdefault(record["prompt"])
@@ -787,11 +508,6 @@ def normalization_prompts(config, train_source) -> list[str]:
       break
   prompts = list(distinct)
   return [prompts[i % len(prompts)] for i in range(n)]
-
-
-def record_float(value) -> float:
-  """An optional numeric record field (margin, confidence) as a float; missing = NaN."""
-  return math.nan if value is None else float(value)
 
 
 def _pad_rows(batch, rows):

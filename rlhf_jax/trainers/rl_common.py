@@ -9,6 +9,7 @@ writes, so `experiments/compare.py` can put them in one table.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -16,15 +17,23 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 
+from rlhf_jax import (
+  checkpoint,
+  config_utils,
+  evaluation,
+  metrics,
+  models,
+  rng,
+  sharding,
+  stages,
+  utils,
+)
 from rlhf_jax import config_spec as cs
-from rlhf_jax import config_utils, metrics, models, sharding, stages, utils
 from rlhf_jax.data import loader as loader_lib
-from rlhf_jax.data.testbed import config as testbed_config
-from rlhf_jax.rl import sampler as sampler_lib
+from rlhf_jax.data import prompts as prompts_lib
 from rlhf_jax.rl.logprobs import token_logprobs
 from rlhf_jax.trainers import common
 
@@ -46,44 +55,17 @@ MISSING_EOS_FIELDS: dict[str, cs.Check] = {
   "missing_eos_penalty": cs.Bool(),
   "missing_eos_score": cs.Float(),
 }
-PROMPT_DATA_SPEC = cs.Spec(
-  {"num_prompts": cs.Int(min=1), "seed": cs.Int(min=0), "testbed": testbed_config.CONFIG_SPEC}
-)
-EVAL_SPEC = cs.Spec({"num_prompts": cs.Int(min=1)})
+# The shared sections: prompts (rlhf_jax/data/prompts.py) and evaluation (rlhf_jax/evaluation.py).
+PROMPT_DATA_SPEC = prompts_lib.SECTION_SPEC
+EVAL_SPEC = evaluation.EVAL_SPEC
+
+
+def check_eval(config, prefix: str) -> None:
+  """The judge `config.eval.judge` names works with these prompts (a cross-field check)."""
+  evaluation.check_judge(config, prefix, testbed_prompts=config.data.source == "testbed")
+
+
 LOSS_AGGREGATIONS = ("token_mean", "sequence_mean", "token_sum_norm")
-
-
-# ------------------------------------------------------------------ upstream
-
-
-def ensure_sft(config, workdir) -> str:
-  """The SFT stage: `config.policy_init`, or trained on demand into `<workdir>/sft`."""
-  sft_dir = config.policy_init or os.path.join(workdir, "sft")
-  if not stages.is_complete(sft_dir):
-    if config.policy_init:
-      raise FileNotFoundError(f"config.policy_init={sft_dir!r} holds no finished SFT stage.")
-    logging.info("Training the SFT stage into %s", sft_dir)
-    config_utils.run(config.sft, sft_dir)
-  return sft_dir
-
-
-def ensure_reward(config, workdir, sft_dir: str) -> str:
-  """The reward stage: `config.reward_init`, or trained on `sft_dir` into `<workdir>/reward`."""
-  reward_dir = config.reward_init or os.path.join(workdir, "reward")
-  if not stages.is_complete(reward_dir):
-    if config.reward_init:
-      raise FileNotFoundError(f"config.reward_init={reward_dir!r} holds no finished reward stage.")
-    reward_cfg = ml_collections.ConfigDict(config.reward.to_dict())
-    reward_cfg.policy_init = sft_dir
-    logging.info("Training the reward stage into %s", reward_dir)
-    config_utils.run(reward_cfg, reward_dir)
-  return reward_dir
-
-
-def ensure_stages(config, workdir) -> tuple[str, str]:
-  """Workdirs of the SFT and reward stages, trained on demand into <workdir>/{sft,reward}."""
-  sft_dir = ensure_sft(config, workdir)
-  return sft_dir, ensure_reward(config, workdir, sft_dir)
 
 
 # ------------------------------------------------------ jittable functions
@@ -110,20 +92,11 @@ def response_logps_fn(module, prompt_len: int, max_new_tokens: int, temperature:
   return fn
 
 
-def policy_sampler(module, policy: stages.Policy, config, mesh, rules):
-  """The jitted, sharded sampler of `module` with `config.max_new_tokens` and `.temperature`.
-
-  Params passed to it must have `policy.shardings` (the SFT policy's layout).
-  """
-  tok = policy.tokenizer
-  sample_cfg = sampler_lib.SamplerConfig(
-    max_new_tokens=config.max_new_tokens,
-    eos_id=tok.eos_id,
-    pad_id=tok.pad_id,
-    temperature=config.temperature,
-  )
-  return sampler_lib.make_sampler(
-    module, sample_cfg, mesh=mesh, rules=rules, param_shardings=policy.shardings
+def sampler(policy: stages.Policy, config, mesh, rules):
+  """The policy's jitted, sharded sampler at `config.max_new_tokens` and `.temperature`
+  (`Policy.sampler`); params passed to it must have `policy.shardings`."""
+  return policy.sampler(
+    max_new_tokens=config.max_new_tokens, temperature=config.temperature, mesh=mesh, rules=rules
   )
 
 
@@ -161,14 +134,28 @@ def drop_leading(sh: jax.sharding.NamedSharding, mesh) -> jax.sharding.NamedShar
 # ------------------------------------------------------------------ prompts
 
 
-def prompt_loader(config, tok, batch_size: int) -> loader_lib.Loader:
-  """Deterministic, checkpointable loader of left-padded testbed training prompts."""
-  from rlhf_jax.data import testbed
+def load_prompts(config, tok, workdir: str) -> prompts_lib.PromptSet:
+  """The run's training and held-out prompts (`config.data`), those too long left out.
 
-  prompts = testbed.prompts("train", config.data.num_prompts, config.data.seed, config.data.testbed)
+  The counts (and the file:line of the first dropped prompts) go to
+  `<workdir>/data_info.json` under "prompts".
+  """
+  prompt_set = prompts_lib.load(config.data, config.eval.num_prompts, tok, config.prompt_len)
+  if jax.process_index() == 0:
+    utils.write_json_atomic(os.path.join(workdir, "data_info.json"), {"prompts": prompt_set.info})
+  logging.info("Prompts: %s", prompt_set.info)
+  return prompt_set
+
+
+def prompt_loader(
+  config, tok, prompts: list[str], batch_size: int, key: str = "config.rollout_batch_size"
+) -> loader_lib.Loader:
+  """Deterministic, checkpointable loader of left-padded training prompts (`key` names the
+  batch size in the error when there are fewer prompts than one batch)."""
+  common.check_batch_fits(len(prompts), batch_size, "training prompts", key=key)
 
   def collate(examples):
-    tokens, mask = common.left_pad_prompts(tok, [e["prompt"] for e in examples], config.prompt_len)
+    tokens, mask = prompts_lib.left_pad(tok, [e["prompt"] for e in examples], config.prompt_len)
     return {"tokens": tokens, "mask": mask}
 
   return loader_lib.Loader(
@@ -182,96 +169,48 @@ def prompt_loader(config, tok, batch_size: int) -> loader_lib.Loader:
 # ------------------------------------------------------------------- eval
 
 
-class Evaluator:
-  """Held-out evaluation on the testbed, the same for every method.
-
-  Samples one response per held-out prompt (fixed RNG) from the given
-  policy params, and reports `eval/gold_reward` (the testbed's gold reward),
-  `eval/proxy_reward` (the reward model), `eval/win_rate_vs_sft` (gold, against
-  the SFT policy's samples on the same prompts), `eval/kl_to_ref` (sequence
-  KL to the SFT policy, sum over tokens of log pi - log ref on the samples),
-  `eval/sqrt_kl`, response length, fraction without EOS and distinct-2.
-  Writes the samples to `<workdir>/samples/step_NNNNNNN.jsonl`.
-  """
-
-  def __init__(self, config, workdir, *, sft, rm, sample_fn, logps_fn, mesh, rules):
-    from rlhf_jax.data import testbed
-
-    self._testbed = testbed
-    self.workdir = workdir
-    self.sft, self.rm = sft, rm
-    self.mesh, self.rules = mesh, rules
-    self.tok = sft.tokenizer
-    tb = config.data.testbed
-    self.prompts = testbed.prompts("eval", config.eval.num_prompts, config.data.seed + 1, tb)
-    self.gold_fn = lambda p, r: testbed.gold_reward(p, r, tb)
-    self.tokens, self.mask = common.left_pad_prompts(self.tok, self.prompts, config.prompt_len)
-    self.rng = jax.random.key(config.seed + 101)
-    self.sample_fn = sample_fn
-    self._logps = jax.jit(logps_fn)
-    self._score = jax.jit(rm_score_fn(rm, config.prompt_len)) if rm is not None else None
-    self.sft_texts, _ = self.sample(sft.params)
-    self.sft_gold = self.gold(self.sft_texts)
-
-  def gold(self, texts: list[str]) -> np.ndarray:
-    return np.asarray([self.gold_fn(p, r) for p, r in zip(self.prompts, texts, strict=True)])
-
-  def sample(self, params) -> tuple[list[str], dict[str, np.ndarray]]:
-    """Texts, and host arrays: proxy score, sequence KL to the reference, lengths, has_eos."""
-    with sharding.use_mesh(self.mesh, self.rules):
-      out = self.sample_fn(
-        params,
-        sharding.global_from_full(self.tokens, self.mesh),
-        sharding.global_from_full(self.mask, self.mesh),
-        self.rng,
-      )
-      full = jnp.concatenate([jnp.asarray(self.tokens), out.tokens], axis=1)
-      fmask = jnp.concatenate([jnp.asarray(self.mask), out.response_mask], axis=1)
-      logp, _ = self._logps(params, full, fmask, out.tokens)
-      ref, _ = self._logps(self.sft.params, full, fmask, out.tokens)
-      kl = jnp.sum((logp - ref) * out.response_mask, axis=-1)
-      proxy = self._score(full, fmask, out.response_mask) if self._score else jnp.zeros_like(kl)
-    texts = self.tok.decode_batch(sharding.fetch(out.tokens))
-    arrays = dict(proxy=proxy, kl=kl, lengths=out.lengths, has_eos=out.has_eos.astype(jnp.float32))
-    return texts, {k: np.asarray(sharding.fetch(v)) for k, v in arrays.items()}
-
-  def report(self, step: int, texts, gold, proxy, kl, lengths, no_eos) -> dict[str, float]:
-    """The eval metrics of `texts` (one per held-out prompt); writes the samples file."""
-    if jax.process_index() == 0:
-      records = [
-        {"step": step, "prompt": p, "response": r, "gold_reward": float(g), "proxy": float(s)}
-        for p, r, g, s in zip(self.prompts, texts, gold, proxy, strict=True)
-      ]
-      path = os.path.join(self.workdir, "samples", f"step_{step:07d}.jsonl")
-      utils.write_jsonl_atomic(path, records)
-    kl = float(np.mean(kl))
-    return {
-      "eval/gold_reward": float(np.mean(gold)),
-      "eval/proxy_reward": float(np.mean(proxy)),
-      "eval/win_rate_vs_sft": self._testbed.win_rate(gold, self.sft_gold),
-      "eval/kl_to_ref": kl,
-      "eval/sqrt_kl": float(np.sqrt(max(kl, 0.0))),
-      "eval/response_length": float(np.mean(lengths)),
-      "eval/frac_no_eos": float(np.mean(no_eos)),
-      "eval/distinct_2": self._testbed.distinct_n(texts, 2),
-    }
-
-  def __call__(self, params, step: int) -> dict[str, float]:
-    texts, a = self.sample(params)
-    return self.report(
-      step, texts, self.gold(texts), a["proxy"], a["kl"], a["lengths"], 1.0 - a["has_eos"]
-    )
+def make_evaluator(
+  config, workdir, prompts, *, sft, rm, sample_fn, logps_fn, mesh, rules, proxy_host=None
+) -> evaluation.Evaluator:
+  """The held-out evaluator of an RL stage: `prompts`, the judge `config.eval.judge`, the
+  reward model `rm` (or the host function `proxy_host`) as the proxy."""
+  judge = evaluation.make_judge(
+    config,
+    testbed_prompts=config.data.source == "testbed",
+    mesh=mesh,
+    rules=rules,
+    max_len=config.prompt_len + config.max_new_tokens + 2,
+    batch_size=len(prompts),
+  )
+  return evaluation.Evaluator(
+    workdir,
+    prompts=prompts,
+    judge=judge,
+    sft=sft,
+    sample_fn=sample_fn,
+    logps_fn=logps_fn,
+    proxy_score=rm_score_fn(rm, config.prompt_len) if rm is not None else None,
+    proxy_host=proxy_host,
+    prompt_len=config.prompt_len,
+    seed=rng.seed(config.seed, "eval"),
+    mesh=mesh,
+    rules=rules,
+  )
 
 
 # ---------------------------------------------------------------- summary
 
 
-def write_summary(workdir: str, method: str, wall_time_s: float, **extra) -> dict[str, Any]:
+def write_summary(
+  workdir: str, method: str, wall_time_s: float, evaluator: str = "", **extra
+) -> dict[str, Any]:
   """`<workdir>/summary.json` from the step-0 (SFT) and last eval lines of metrics.jsonl.
 
-  Keys shared by every method: sft_gold_reward, gold_reward, gold_reward_gain,
-  sft_proxy_reward, proxy_reward, kl_to_ref, sqrt_kl, win_rate_vs_sft,
-  wall_time_s (this stage's own time, upstream stages excluded), and `extra`.
+  Keys shared by every method: sft_gold_reward, gold_reward, gold_reward_gain (the
+  judge's scores: the testbed's gold reward or its stand-in, see rlhf_jax/evaluation.py),
+  sft_proxy_reward, proxy_reward, kl_to_ref, sqrt_kl, win_rate_vs_sft with its 95%
+  interval win_rate_vs_sft_low/high, evaluator (the judge's name), wall_time_s (this
+  stage's own time, upstream stages excluded), and `extra`.
   """
   evals = [r for r in metrics.read_metrics(workdir) if "eval/gold_reward" in r]
   first, final = evals[0], evals[-1]
@@ -285,6 +224,9 @@ def write_summary(workdir: str, method: str, wall_time_s: float, **extra) -> dic
     "kl_to_ref": final["eval/kl_to_ref"],
     "sqrt_kl": final["eval/sqrt_kl"],
     "win_rate_vs_sft": final["eval/win_rate_vs_sft"],
+    "win_rate_vs_sft_low": final.get("eval/win_rate_vs_sft_low"),
+    "win_rate_vs_sft_high": final.get("eval/win_rate_vs_sft_high"),
+    "evaluator": evaluator,
     "wall_time_s": wall_time_s,
     **extra,
   }
@@ -310,12 +252,240 @@ class StageClock:
     return self.previous + time.perf_counter() - self._start
 
 
-def timed(result, enabled: bool, clock: list[float]):
-  """Blocks on `result` and appends the time to `clock` when `enabled`; returns `result`."""
-  if enabled:
-    jax.block_until_ready(result)
-    clock.append(time.perf_counter())
-  return result
-
-
 EvalFn = Callable[[Any, int], dict[str, float]]
+
+
+# ----------------------------------------------------------- settings
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSettings:
+  """What every on-policy method's jitted functions read about rollouts and minibatches;
+  PPO's and GRPO's `Settings` add their own fields."""
+
+  prompt_len: int
+  max_new_tokens: int
+  temperature: float
+  missing_eos_score: float | None  # None: no penalty for a response without EOS
+  clip_eps: float
+  loss_aggregation: str
+  epochs: int
+  minibatch_size: int
+  rollout_batch_size: int
+
+  @staticmethod
+  def fields(config, *, epochs: int, rollout_batch_size: int) -> dict[str, Any]:
+    """This class's fields from a config of SAMPLING_FIELDS, MISSING_EOS_FIELDS and more."""
+    return dict(
+      prompt_len=config.prompt_len,
+      max_new_tokens=config.max_new_tokens,
+      temperature=config.temperature,
+      missing_eos_score=config.missing_eos_score if config.missing_eos_penalty else None,
+      clip_eps=config.clip_eps,
+      loss_aggregation=config.loss_aggregation,
+      epochs=epochs,
+      minibatch_size=config.minibatch_size,
+      rollout_batch_size=rollout_batch_size,
+    )
+
+  @property
+  def updates_per_iteration(self) -> int:
+    return self.epochs * (self.rollout_batch_size // self.minibatch_size)
+
+
+# ------------------------------------------------------------ the RL loop
+# What PPO, GRPO/RLOO (and the offline DPO) do around their own jitted programs:
+# `start` before the networks, `restore_or_init` once the state's shape is known,
+# `PhaseClock` and `save_if_due` inside the loop, `finish` after it.
+
+
+@dataclasses.dataclass
+class Run:
+  """What an RL trainer has set up before its own networks (see `start`)."""
+
+  config: Any
+  workdir: str
+  mesh: Any
+  rules: Any
+  sft: stages.Policy
+  rm: stages.RewardModel | None
+  prompt_set: prompts_lib.PromptSet
+  ckpt: checkpoint.Checkpointer
+  start_step: int
+  writer: metrics.MetricWriter
+  clock_start: float
+
+  @property
+  def is_primary(self) -> bool:
+    return jax.process_index() == 0
+
+
+def start(config, workdir: str, *, reward: bool = True) -> Run:
+  """The mesh, the finished upstream stages, the prompts, checkpointer and metric writer.
+
+  `reward`: whether the method needs the reward stage; one given in `config.reward_init`
+  is loaded anyway (the evaluation's proxy reward). The stage clock starts after the
+  stages load, as every earlier version measured it.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  mesh, rules = common.mesh_from_config(config), config.sharding_rules
+  sft_dir = config_utils.require_stage(config, "policy_init")
+  if reward:
+    reward_dir = config_utils.require_stage(config, "reward_init")
+  else:
+    reward_dir = config.get("reward_init") or None
+  clock_start = time.perf_counter()
+  sft = stages.load_policy(sft_dir, mesh, rules)
+  rm = stages.load_reward_model(reward_dir, mesh, rules) if reward_dir else None
+  if jax.process_index() == 0:
+    sft.tokenizer.save(os.path.join(workdir, "tokenizer.model"))
+  prompt_set = load_prompts(config, sft.tokenizer, workdir)
+  ckpt = common.checkpointer(config, workdir)
+  start_step = ckpt.latest_intact_step() or 0
+  writer = metrics.MetricWriter(workdir, resume_step=start_step or -1)
+  return Run(
+    config, workdir, mesh, rules, sft, rm, prompt_set, ckpt, start_step, writer, clock_start
+  )
+
+
+def restore_or_init(run: Run, abstract_state, init: Callable[[], Any], loader):
+  """(state, StageClock): the latest intact checkpoint (and the loader's position and the
+  time spent so far), or `init()` on a fresh start; SIGTERM then saves and stops."""
+  previous = 0.0
+  with sharding.use_mesh(run.mesh, run.rules):
+    if run.start_step:
+      state, meta = run.ckpt.restore(run.start_step, target=abstract_state)
+      loader.set_state(meta["loader"])
+      previous = float(meta.get("wall_time_s", 0.0))
+      logging.info("Resumed from iteration %d", run.start_step)
+    else:
+      state = init()
+  run.ckpt.install_sigterm_handler()
+  return state, StageClock(previous, start=run.clock_start)
+
+
+def bookkeeping(
+  run: Run, *, flops_per_step: float, dtype: str, metric_keys: tuple[str, ...]
+) -> common.LoopBookkeeping:
+  """The loop's logging, eval and save schedule (common.LoopBookkeeping) with progress lines."""
+  progress = metrics.ProgressLogger(
+    run.config.total_steps,
+    every_n_steps=run.config.log_every,
+    start_step=run.start_step,
+    metric_keys=metric_keys,
+  )
+  return common.LoopBookkeeping(
+    run.config,
+    writer=run.writer,
+    progress=progress,
+    mesh=run.mesh,
+    flops_per_step=flops_per_step,
+    dtype=dtype,
+  )
+
+
+def evaluate_start(run: Run, evaluate: EvalFn, params) -> None:
+  """The step-0 eval line (the starting policy) of a fresh run; a resumed run has it."""
+  if run.start_step == 0:
+    first = evaluate(params, 0)
+    metrics.check_finite(0, first, context="eval")
+    run.writer.write(0, first)
+
+
+def save_if_due(run: Run, loop, step: int, state, loader, clock: StageClock) -> None:
+  """The checkpoint the loop's schedule asks for: state, loader position, time so far."""
+  if loop.should_save:
+    meta = {"loader": loader.get_state(), "wall_time_s": clock.elapsed()}
+    run.ckpt.save(step, state, meta, force=True)
+
+
+def finish(
+  run: Run,
+  loop,
+  step: int,
+  *,
+  params: Callable[[], Any],
+  evaluate: EvalFn,
+  method: str,
+  clock: StageClock,
+  evaluator: str,
+  model_config: models.ModelConfig,
+  summary: dict[str, Any] | None = None,
+  export: dict[str, Any] | None = None,
+) -> dict[str, float]:
+  """After the loop (and its `finally: close(run)`): on the last step, summary.json and
+  the export of the policy `params()`, once (a rerun after the export only rewrites the
+  summary)."""
+  if step < run.config.total_steps:
+    return loop.last_eval
+  exported = not stages.needs_export(run.workdir, step)
+  if not exported:
+    # The loop's last eval (recomputed if the run stopped after its final checkpoint).
+    loop.final_eval(run.start_step, lambda: evaluate(params(), step))
+  write_summary(run.workdir, method, clock.elapsed(), evaluator=evaluator, **(summary or {}))
+  if not exported:
+    meta = {
+      "kind": "policy",
+      "model": model_config.to_dict(),
+      "tokenizer": "tokenizer.model",
+      "step": step,
+      "eval": loop.last_eval,
+      **(export or {}),
+    }
+    stages.export(run.workdir, params(), meta)
+  return loop.last_eval
+
+
+def close(run: Run) -> None:
+  """Waits for the last checkpoint and closes the checkpointer and the metric writer."""
+  common.close_all(run.ckpt.wait, run.ckpt.close, run.writer.close)
+
+
+class PhaseClock:
+  """Wall time of an iteration's phases (rollout, scoring, update), on log steps only.
+
+  Blocking on a result stops the host from running ahead of the device, so only the
+  iterations whose metrics are logged are timed: `PhaseClock(enabled, state)` first drains
+  the earlier iterations (blocks on `state`), each `clock(result)` blocks and marks, and
+  `metrics()` gives the times (empty when not enabled).
+  """
+
+  PHASES = ("rollout", "scoring", "update")
+
+  def __init__(self, enabled: bool, state: Any = None):
+    self.enabled = enabled
+    if enabled:
+      jax.block_until_ready(state)
+    self.marks = [time.perf_counter()]
+
+  def __call__(self, result):
+    if self.enabled:
+      jax.block_until_ready(result)
+      self.marks.append(time.perf_counter())
+    return result
+
+  def metrics(self) -> dict[str, float]:
+    if not self.enabled:
+      return {}
+    phases = np.diff(self.marks)
+    out = {f"time/{name}_s": float(t) for name, t in zip(self.PHASES, phases, strict=True)}
+    out["time/generation_fraction"] = float(phases[0] / phases.sum())
+    return out
+
+
+def scan_minibatches(step_fn, carry, batch, key, *, epochs: int, minibatch_size: int):
+  """`epochs` passes over `batch` in shuffled minibatches, in one `lax.scan`.
+
+  step_fn(carry, minibatch) -> (carry, stats); every epoch draws its own permutation of
+  the rows (from `key`), split into len/minibatch_size minibatches. Returns the last carry
+  and each stat averaged over all steps.
+  """
+  rows = jax.tree.leaves(batch)[0].shape[0]
+  perms = jax.vmap(lambda k: jax.random.permutation(k, rows))(jax.random.split(key, epochs))
+  indices = perms.reshape(epochs * (rows // minibatch_size), minibatch_size)
+
+  def body(carry, index):
+    return step_fn(carry, jax.tree.map(lambda x: jnp.take(x, index, axis=0), batch))
+
+  carry, stats = jax.lax.scan(body, carry, indices)
+  return carry, jax.tree.map(jnp.mean, stats)

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning: next-token loss on response tokens only.
+"""Supervised fine-tuning: next-token loss on response (assistant) tokens only.
 
     python -m experiments.launch --config=configs/sft.py
 
@@ -7,6 +7,11 @@ shapes, sharded state, update step, checkpoint restore, evaluators, train
 loop. The run is exactly resumable: parameters, optimizer state, step, RNG
 key and the data loader's position are checkpointed, and a rerun with the
 same workdir continues from the latest checkpoint with the same batches.
+
+Records are prompt/response pairs or chats (`messages`; `config.data.train_on` says which
+assistant turns carry the loss, see `rlhf_jax.data.chat.sft_pieces`). With
+`config.data.packing` several examples share a row (`rlhf_jax.data.packing`): each step
+then trains on more examples for the same compute, with the same loss per example.
 """
 
 from __future__ import annotations
@@ -21,11 +26,11 @@ import numpy as np
 import optax
 from absl import logging
 
-from rlhf_jax import checkpoint, distributed, metrics, models, optim, sharding, stages, utils
 from rlhf_jax import config_spec as cs
-from rlhf_jax.data import builders, lengths
+from rlhf_jax import distributed, metrics, models, optim, rng, sharding, stages, utils
+from rlhf_jax.data import builders, chat, lengths, packing
 from rlhf_jax.data import loader as loader_lib
-from rlhf_jax.data.testbed import config as testbed_config
+from rlhf_jax.data import prompts as prompts_lib
 from rlhf_jax.rl import sampler as sampler_lib
 from rlhf_jax.rl.logprobs import shift_for_next_token, token_logprobs
 from rlhf_jax.trainers import common
@@ -55,11 +60,13 @@ CONFIG_SPEC = cs.Spec(
         "num_train": cs.Int(min=1),
         "num_eval": cs.Int(min=0),
         "seed": cs.Int(min=0),
-        "testbed": testbed_config.CONFIG_SPEC,
+        "testbed": prompts_lib.TestbedSection(),
         "train_jsonl": cs.Path("file"),
         "eval_jsonl": cs.Path("file"),
         "skip_invalid": cs.Bool(),
         "data_dir": cs.Str(),
+        "train_on": cs.Choice(*chat.TRAIN_ON),
+        "packing": cs.Bool(),
       },
       checks=(_check_data,),
     ),
@@ -83,21 +90,37 @@ CONFIG_SPEC = cs.Spec(
 
 
 def sft_loss(module, params, batch):
-  """Mean next-token NLL over response tokens (loss_mask), float32.
+  """Mean next-token NLL over the batch's target tokens (loss_mask), float32.
 
   batch: tokens [B, T] int32, input_mask [B, T] bool, loss_mask [B, T] bool
-  (True where the token is a target: response tokens and EOS).
+  (True where the token is a target: response tokens and EOS), and for packed rows
+  segment_ids [B, T] int32 (`packing.pack_collate`): attention stays within each example
+  and positions restart at 0 for each, so every example is computed as it would be alone.
+
+  The mean is over every target token of the batch (not per row or per example), so the
+  loss of a batch of packs equals the loss of the same examples unpacked; a packed row's
+  first token of an example is never a target, so no example is predicted from another.
   """
   tokens, input_mask = batch["tokens"], batch["input_mask"]
-  logits, _ = module.apply(
-    {"params": params},
-    tokens,
-    models.positions_from_mask(input_mask),
-    models.causal_attention_mask(input_mask),
-  )
+  if "segment_ids" in batch:
+    positions = models.positions_from_segments(batch["segment_ids"])
+    attn_mask = models.segment_attention_mask(batch["segment_ids"])
+  else:
+    positions = models.positions_from_mask(input_mask)
+    attn_mask = models.causal_attention_mask(input_mask)
+  logits, _ = module.apply({"params": params}, tokens, positions, attn_mask)
   targets, target_mask = shift_for_next_token(tokens, batch["loss_mask"])
   nll = -token_logprobs(logits, targets)
   return common.masked_mean(nll, target_mask), jnp.sum(target_mask)
+
+
+def count_examples(batch) -> jax.Array:
+  """Examples in a batch: segments of packed rows, else rows with tokens."""
+  if "segment_ids" in batch:
+    segments = batch["segment_ids"]
+    starts = segments[:, 1:] != segments[:, :-1]
+    return jnp.sum(segments[:, 0] != 0) + jnp.sum(starts & (segments[:, 1:] != 0))
+  return jnp.sum(jnp.any(batch["input_mask"], axis=1))
 
 
 def prepare_data(config, workdir):
@@ -149,11 +172,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   # ----------------------------------------------------------------- logging
   os.makedirs(workdir, exist_ok=True)
   is_primary = jax.process_index() == 0
-  ckpt = checkpoint.Checkpointer(
-    os.path.join(workdir, "checkpoints"),
-    max_to_keep=config.keep_checkpoints,
-    save_interval_steps=config.checkpoint_every,
-  )
+  ckpt = common.checkpointer(config, workdir)
   start_step = ckpt.latest_intact_step() or 0
   # A fresh start (-1) drops any lines a run killed before its first checkpoint left.
   writer = metrics.MetricWriter(workdir, resume_step=start_step or -1)
@@ -166,29 +185,23 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   # --------------------------------------------------------- data, tokenizer
   train_source, eval_source, data_info = prepare_data(config, workdir)
 
-  def corpus():
-    for i in range(len(train_source)):
-      ex = train_source[i]
-      yield ex["prompt"]
-      yield ex["response"]
-
-  tok = common.get_tokenizer(config, workdir, corpus)
+  tok = common.get_tokenizer(config, workdir, lambda: tokenizer_texts(train_source))
+  train_on = config.data.train_on
   # Rows too long for max_len are counted per file and left out, so every row of every
   # batch has target tokens; none left is an error (not 0-loss steps on padding).
   fitting, data_info["lengths"] = lengths.keep_fitting(
     {"train": train_source, "eval": eval_source},
-    lengths.sft_fit(tok, config.max_len),
+    lengths.sft_fit(tok, config.max_len, train_on),
     what="examples",
     max_len=config.max_len,
   )
   train_source, eval_source = fitting["train"], fitting["eval"]
-  common.check_batch_fits(len(train_source), config.batch_size, "training examples")
+  train_loader, data_info["packing"] = make_train_loader(config, train_source, tok)
   if is_primary:
     common.write_json_atomic(os.path.join(workdir, "data_info.json"), data_info)
   logging.info("Data: %s", data_info)
-  collate = functools.partial(loader_lib.sft_collate, tokenizer=tok, max_len=config.max_len)
-  train_loader = loader_lib.Loader(
-    train_source, global_batch_size=config.batch_size, seed=config.seed, collate=collate
+  collate = functools.partial(
+    loader_lib.sft_collate, tokenizer=tok, max_len=config.max_len, train_on=train_on
   )
 
   # ------------------------------------------------ model, optimizer shapes
@@ -208,7 +221,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
   # -------------------------------------------------------- sharded state
   with sharding.use_mesh(mesh, rules):
-    abstract = jax.eval_shape(init_state, jax.random.key(config.seed))
+    abstract = jax.eval_shape(init_state, rng.key(config.seed, "init"))
     param_sh = sharding.tree_shardings(
       abstract["params"], sharding.logical_specs(abstract["params"]), mesh, rules
     )
@@ -221,7 +234,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       rng=common.replicated(mesh),
     )
     init = jax.jit(lambda r: sharding.unbox(init_state(r)), out_shardings=state_sh)
-    abstract_state = jax.eval_shape(init, jax.random.key(config.seed))
+    abstract_state = jax.eval_shape(init, rng.key(config.seed, "init"))
     abstract_state = common.with_shardings(abstract_state, state_sh)
   num_params = common.tree_size(abstract_state["params"])
   logging.info("Model %s: %d parameters", model_cfg, num_params)
@@ -235,6 +248,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     params = optax.apply_updates(state["params"], updates)
     step_metrics = dict(
       loss=loss,
+      examples=count_examples(batch),
       lr=schedule(state["step"] // accum),
       grad_norm=optim.l2_norm(grads),
       param_norm=optim.l2_norm(params),
@@ -245,16 +259,18 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     return new_state, step_metrics
 
   batch_sh = sharding.batch_sharding(mesh, 2)
-  batch_shardings = dict(tokens=batch_sh, input_mask=batch_sh, loss_mask=batch_sh)
+  # Evaluation always reads unpacked rows; training reads packs when config.data.packing.
+  eval_shardings = {key: batch_sh for key in MODEL_INPUTS}
+  train_shardings = {key: batch_sh for key in _input_keys(config.data.packing)}
   update_fn = jax.jit(
     update,
-    in_shardings=(state_sh, batch_shardings),
+    in_shardings=(state_sh, train_shardings),
     out_shardings=(state_sh, common.replicated(mesh)),
     donate_argnums=(0,),
   )
   eval_fn = jax.jit(
     lambda params, batch: sft_loss(module, params, batch),
-    in_shardings=(param_sh, batch_shardings),
+    in_shardings=(param_sh, eval_shardings),
   )
 
   # ------------------------------------------------------ load checkpoint
@@ -264,7 +280,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       train_loader.set_state(meta["loader"])
       logging.info("Resumed from step %d (%s)", start_step, ckpt.directory)
     else:
-      state = init(jax.random.key(config.seed))
+      state = init(rng.key(config.seed, "init"))
   ckpt.install_sigterm_handler()
 
   # ------------------------------------------------------------ evaluators
@@ -314,13 +330,13 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     tokens, mask = common.left_pad_prompts(tok, prompts, config.eval.prompt_len)
     rows = _round_up(n, _batch_divisor(mesh))
     tokens, mask = _pad_prompt_rows(tokens, mask, rows, tok)
-    rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
+    key = jax.random.fold_in(rng.key(config.seed, "sft_eval"), step)
     with sharding.use_mesh(mesh, rules):
       out = sampler(
         state["params"],
         sharding.global_from_full(tokens, mesh),
         sharding.global_from_full(mask, mesh),
-        rng,
+        key,
       )
     responses = sharding.fetch(out.tokens)[:n]
     texts = tok.decode_batch(responses)
@@ -407,9 +423,62 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
 # --------------------------------------------------------------- helpers
 
+MODEL_INPUTS = ("tokens", "input_mask", "loss_mask")
+
+
+def _input_keys(packed: bool) -> tuple[str, ...]:
+  return (*MODEL_INPUTS, "segment_ids") if packed else MODEL_INPUTS
+
 
 def _model_inputs(batch):
-  return {k: batch[k] for k in ("tokens", "input_mask", "loss_mask")}
+  return {k: batch[k] for k in _input_keys("segment_ids" in batch)}
+
+
+def tokenizer_texts(source):
+  """The texts a tokenizer trained on this data sees.
+
+  A prompt/response record gives its prompt and its response; a chat record its whole
+  rendered conversation (`chat.render_chat`), role prefixes included, as the model reads it.
+  """
+  for i in range(len(source)):
+    record = source[i]
+    if record.get("messages"):
+      yield chat.render_chat(record["messages"])
+    else:
+      yield record["prompt"]
+      yield record["response"]
+
+
+def make_train_loader(config, train_source, tok):
+  """The training loader, over examples or (with config.data.packing) over packs of them.
+
+  Packs are made once, here, from the rows' lengths (`lengths.keep_fitting` measured them)
+  and config.seed, so a resumed run rebuilds the same packs and the loader's saved
+  position among them resumes exactly. Returns (loader, packing stats or None).
+  """
+  data = config.data
+  if not data.packing:
+    common.check_batch_fits(len(train_source), config.batch_size, "training examples")
+    collate = functools.partial(
+      loader_lib.sft_collate, tokenizer=tok, max_len=config.max_len, train_on=data.train_on
+    )
+    loader = loader_lib.Loader(
+      train_source, global_batch_size=config.batch_size, seed=config.seed, collate=collate
+    )
+    return loader, None
+  packs = packing.pack(train_source.row_lengths, config.max_len, config.seed)
+  stats = packing.pack_stats(train_source.row_lengths, packs, config.max_len)
+  common.check_batch_fits(len(packs), config.batch_size, "packed training rows")
+  collate = functools.partial(
+    packing.pack_collate, tokenizer=tok, max_len=config.max_len, train_on=data.train_on
+  )
+  loader = loader_lib.Loader(
+    packing.PackedSource(train_source, packs),
+    global_batch_size=config.batch_size,
+    seed=config.seed,
+    collate=collate,
+  )
+  return loader, stats
 
 
 def _text(x) -> str:

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import tensorflow_datasets as tfds
 
-from rlhf_jax.data import builders
+from rlhf_jax.data import builders, chat
 from rlhf_jax.data.builders import DataError, SftJsonl, build_sft_jsonl, content_hash
 
 tfds.disable_progress_bar()
@@ -135,7 +135,7 @@ def test_interrupted_build_is_never_used(tmp_path, monkeypatch):
 # (line, field named in the error or None, text the message must contain)
 MALFORMED = [
   ("{not json", None, "not valid JSON"),
-  ('["a list"]', None, "expected a JSON object with fields 'prompt' and 'response', got list"),
+  ('["a list"]', None, "fields 'prompt' and 'response' (or 'messages'), got list"),
   ('"a string"', None, "got str"),
   ('{"response": "r"}', "prompt", "missing field 'prompt'"),
   ('{"prompt": "p"}', "response", "missing field 'response'"),
@@ -252,3 +252,54 @@ def test_a_damaged_built_dataset_is_moved_aside_and_rebuilt(tmp_path, caplog):
     f.write("{not json")
   again = build_sft_jsonl([path], tmp_path / "data")
   assert _read_all(again.source()) == _expected(RECORDS)
+
+
+# ------------------------------------------------------------------------ chat records
+
+CHAT = {
+  "messages": [
+    {"role": "system", "content": "Be terse."},
+    {"role": "user", "content": "Review of the lamp:"},
+    {"role": "assistant", "content": "It glows.", "name": "ignored extra key"},
+    {"role": "user", "content": "And the kettle? ça va"},
+    {"role": "assistant", "content": "It boils."},
+  ]
+}
+
+
+def test_chat_and_prompt_response_records_mix_in_one_file(tmp_path):
+  path = _write_jsonl(tmp_path / "mixed.jsonl", [RECORDS[0], CHAT, RECORDS[1]])
+  source = build_sft_jsonl([path], tmp_path / "data").source()
+  assert _read_all(source)[0::2] == _expected(RECORDS[:2])  # no "messages" key
+  chat_record = source[1]
+  turns = [{k: t[k] for k in ("role", "content")} for t in CHAT["messages"]]
+  assert chat_record["messages"] == turns
+  assert chat_record["line"] == 2
+  # The last exchange is the prompt/response view (what evaluations sample from).
+  assert chat_record["prompt"] == chat.render_prompt(turns[:4])
+  assert chat_record["response"] == "It boils."
+  assert source.__getitems__([1])[0] == chat_record
+
+
+CHAT_MALFORMED = [
+  ({"messages": []}, "messages", "must be a non-empty list of turns"),
+  ({"messages": "hi"}, "messages", "must be a non-empty list of turns, got str"),
+  ({"messages": [{"role": "bot", "content": "x"}]}, "messages", "messages[0].role must be one"),
+  (
+    {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]},
+    "messages",
+    "messages[1].content must be a non-empty string",
+  ),
+  ({"messages": [{"role": "user", "content": "x"}]}, "messages", "has no assistant turn"),
+  ({**CHAT, "prompt": "p"}, "messages", "has both 'messages' and 'prompt'"),
+]
+
+
+@pytest.mark.parametrize(("record", "field", "message"), CHAT_MALFORMED)
+def test_malformed_chat_names_file_line_and_field(tmp_path, record, field, message):
+  path = _write_jsonl(tmp_path / "sft.jsonl", [CHAT, "", record])
+  with pytest.raises(DataError) as info:
+    build_sft_jsonl([path], tmp_path / "data")
+  assert str(info.value).startswith(f"{path}:3: ") and message in str(info.value)
+  assert (info.value.line, info.value.field) == (3, field)
+  assert "\n" not in str(info.value)

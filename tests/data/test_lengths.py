@@ -71,3 +71,34 @@ def test_fit_rows_matches_the_rule():
   np.testing.assert_array_equal(dropped, [False, False, False, True])
   np.testing.assert_array_equal(truncated, [False, True, False, False])
   np.testing.assert_array_equal(kept, [3, 4, 0, 0])
+
+
+def _chat(*turns):
+  roles = {"u": "user", "a": "assistant"}
+  return {"messages": [{"role": roles[r], "content": c} for r, c in turns]}
+
+
+@pytest.mark.parametrize("train_on", ["assistant", "last", "all"])
+def test_chat_rows_are_counted_and_measured_as_the_collate_builds_them(tmp_path, tok, train_on):
+  records = [
+    _chat(("u", "Review of the lamp:"), ("a", "It glows.")),
+    _chat(("u", "Review of the lamp:"), ("a", "It glows. " * 40)),  # the reply overflows
+    _chat(("u", "Review of the lamp: " * 10), ("a", "It glows."), ("u", "And?"), ("a", "Nice.")),
+    {"prompt": "Review of the lamp:", "response": "It glows."},
+  ]
+  path = _write(tmp_path / "chat.jsonl", records)
+  source = builders.build_sft_jsonl([path], tmp_path / "data").source()
+  fit = lengths.sft_fit(tok, 40, train_on)
+  fitting, reports = lengths.keep_fitting(
+    {"train": source, "eval": None}, fit, what="examples", max_len=40
+  )
+  batch = loader.sft_collate([source[i] for i in range(4)], tok, 40, train_on=train_on)
+  kept = (~batch["dropped"]).nonzero()[0]
+  assert reports["train"]["kept"] == len(kept) and reports["train"]["dropped"] == 4 - len(kept)
+  assert reports["train"]["truncated"] == int(batch["truncated"].sum())
+  # The lengths a packer places are the rows' real lengths.
+  assert fitting["train"].row_lengths.tolist() == batch["input_mask"][kept].sum(1).tolist()
+  assert fitting["eval"] is None
+  # Only "all" must keep the long first user turn whole (it is trained), so drops the row.
+  assert batch["dropped"].tolist() == [False, True, train_on == "all", False]
+  assert batch["truncated"].tolist() == [False, False, train_on != "all", False]

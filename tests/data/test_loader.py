@@ -9,6 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from rlhf_jax import sharding
+from rlhf_jax.data import chat
 from rlhf_jax.data.builders import build_sft_jsonl
 from rlhf_jax.data.loader import Loader, global_batches, sft_collate, stack_collate
 from rlhf_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
@@ -243,6 +244,68 @@ def test_sft_loader_pipeline_without_bos(tokenizer):
   assert batch["tokens"].shape == (4, 8)
   assert (batch["tokens"][:, 0] != BOS_ID).all()
   assert batch["tokens"][0, 0] == tokenizer.encode("why")[0]
+
+
+def _chat(*turns):
+  roles = {"s": "system", "u": "user", "a": "assistant"}
+  return {"messages": [{"role": roles[r], "content": c} for r, c in turns]}
+
+
+def test_single_turn_chat_is_the_prompt_response_row(tokenizer):
+  record = _chat(("u", "why the cat sat"), ("a", "the cat sat on the mat"))
+  plain = {
+    "prompt": chat.render_prompt(record["messages"][:1]),
+    "response": "the cat sat on the mat",
+  }
+  for train_on in chat.TRAIN_ON:
+    got = sft_collate([record], tokenizer, 48, train_on=train_on)
+    want = sft_collate([plain], tokenizer, 48, train_on=train_on)
+    assert {k: v.tolist() for k, v in got.items()} == {k: v.tolist() for k, v in want.items()}
+    assert got["input_mask"].any()
+  # JSON text (as a stored record holds it) reads as the list of turns.
+  as_json = {"messages": json.dumps(record["messages"])}
+  assert sft_collate([as_json], tokenizer, 48)["tokens"].tolist() == got["tokens"].tolist()
+
+
+def test_multi_turn_chat_layout_trains_only_assistant_turns(tokenizer):
+  """Context pieces then replies, each reply closed by EOS; by default only replies train."""
+  record = _chat(("s", "answer"), ("u", "why"), ("a", "yes the cat"), ("u", "why no"), ("a", "no"))
+  enc = tokenizer.encode
+  context1 = enc("System: answer\nUser: why\nAssistant: ")
+  reply1, context2 = enc("yes the cat"), enc("\nUser: why no\nAssistant: ")
+  reply2 = enc("no")
+  row = [BOS_ID, *context1, *reply1, EOS_ID, *context2, *reply2, EOS_ID]
+  replies = [False] * (1 + len(context1)) + [True] * (len(reply1) + 1)
+  replies += [False] * len(context2) + [True] * (len(reply2) + 1)
+  expected = {
+    "assistant": replies,
+    "last": [False] * (len(row) - len(reply2) - 1) + [True] * (len(reply2) + 1),
+    "all": [False] + [True] * (len(row) - 1),
+  }
+  max_len = len(row) + 3
+  for train_on, loss in expected.items():
+    batch = sft_collate([record], tokenizer, max_len, train_on=train_on)
+    assert batch["tokens"][0, : len(row)].tolist() == row
+    assert batch["input_mask"][0].sum() == len(row)
+    assert batch["loss_mask"][0].tolist() == loss + [False] * 3, train_on
+
+
+def test_long_chat_loses_the_start_of_its_context_never_a_reply(tokenizer):
+  record = _chat(
+    ("u", "the red dog ran on the big blue mat"), ("a", "yes"), ("u", "why"), ("a", "no")
+  )
+  full = sft_collate([record], tokenizer, 96)
+  n = int(full["input_mask"].sum())
+  short = sft_collate([record], tokenizer, n - 3)
+  assert short["truncated"].tolist() == [True]
+  assert short["tokens"][0].tolist() == [BOS_ID, *full["tokens"][0, 4:n].tolist()]
+  assert short["loss_mask"][0].sum() == full["loss_mask"][0].sum()
+  # "last": the first reply is context now, and is cut before the last reply is.
+  last = sft_collate([record], tokenizer, 8, train_on="last")
+  assert last["truncated"].tolist() == [True]
+  assert last["loss_mask"][0].sum() == len(tokenizer.encode("no")) + 1
+  # "all" trains every token: nothing may be cut, so a long row is dropped.
+  assert sft_collate([record], tokenizer, n - 1, train_on="all")["dropped"].tolist() == [True]
 
 
 # ------------------------------------------------------------ global batches

@@ -267,6 +267,53 @@ def test_positions_and_masks():
   assert m[1].sum() == 15
 
 
+def test_positions_restart_and_attention_stays_within_each_segment():
+  segments = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]], jnp.int32)
+  np.testing.assert_array_equal(
+    models.positions_from_segments(segments), [[0, 1, 2, 0, 1, 0, 0, 0], [0, 1, 2, 3, 4, 0, 0, 0]]
+  )
+  m = models.segment_attention_mask(segments)
+  assert m.shape == (2, 8, 8)
+  assert m[0, 4, 3] and m[0, 4, 4] and not m[0, 4, 2] and not m[0, 3, 4]  # causal, own segment
+  assert not m[0, 6].any() and not m[0, :, 6].any()  # padding attends and is attended by nothing
+  # One example per row: the mask and positions of the plain (mask-based) helpers.
+  mask = segments[1] != 0
+  np.testing.assert_array_equal(m[1][mask], models.causal_attention_mask(mask[None])[0][mask])
+  np.testing.assert_array_equal(
+    models.positions_from_segments(segments[1:]), models.positions_from_mask(mask[None])
+  )
+
+
+def test_packed_examples_do_not_see_each_other():
+  """An example's logits in a packed row are those it has alone, whatever its neighbours hold.
+
+  RoPE here; learned positions are covered by tests/data/test_packing.py's loss test.
+  """
+  cfg = _config("llama")
+  module = models.LanguageModel(cfg)
+  params = _init(module)
+  rng = np.random.default_rng(0)
+  a, b = rng.integers(4, cfg.vocab_size, 5), rng.integers(4, cfg.vocab_size, 4)
+
+  @jax.jit
+  def logits(tokens, segments):
+    out, _ = module.apply(
+      {"params": params},
+      tokens,
+      models.positions_from_segments(segments),
+      models.segment_attention_mask(segments),
+    )
+    return out
+
+  packed = jnp.array([[1] * 5 + [2] * 4 + [0] * 3, [1] * 4 + [0] * 8], jnp.int32)
+  rows = lambda first: jnp.array([[*first, *b, 0, 0, 0], [*b] + [0] * 8], jnp.int32)
+  out = logits(rows(a), packed)
+  other = logits(rows(rng.integers(4, cfg.vocab_size, 5)), packed)
+  assert not np.allclose(out[0, :5], other[0, :5])  # the first example changed ...
+  np.testing.assert_array_equal(out[0, 5:9], other[0, 5:9])  # ... the second did not see it
+  np.testing.assert_allclose(out[0, 5:9], out[1, :4], atol=1e-5)  # and is as if alone
+
+
 @pytest.mark.parametrize("style", ["llama", "gpt2"])
 @pytest.mark.parametrize("scan", [True, False])
 def test_grown_trunk_starts_as_the_base_and_its_new_layers_train(style, scan):

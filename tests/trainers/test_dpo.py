@@ -5,11 +5,12 @@ import json
 import math
 import os
 import re
+import types
 
 import numpy as np
 import pytest
 
-from rlhf_jax import config_utils, metrics, stages
+from rlhf_jax import config_utils, errors, metrics, stages
 from rlhf_jax.trainers import dpo
 from tests.trainers import resume
 
@@ -121,21 +122,22 @@ def test_soft_labels_from_confidence(tmp_path):
 
 def test_testbed_source_builds_labelled_pairs(tmp_path, monkeypatch):
   """data.source="testbed": fresh panel-labelled pairs, two samples per prompt."""
+  from rlhf_jax.data import pairs as pairs_lib
   from rlhf_jax.data import testbed
-  from rlhf_jax.trainers import reward
 
   examples = testbed.sft_examples(64, seed=0)
   asked = []
 
-  def fake_samples(policy, n, k, split, seed, data, mesh, rules):  # stands in for the SFT policy
+  def fake_samples(generate, n, k, split, seed, testbed_config):  # stands in for SFT samples
     asked.append((split, n, k))
     pairs = itertools.pairwise(examples)
     return [(e["prompt"], e["response"], f["response"]) for e, f in pairs][:n]
 
-  monkeypatch.setattr(reward, "sample_comparisons", fake_samples)
+  monkeypatch.setattr(pairs_lib, "sample_comparisons", fake_samples)
   config = config_utils.load_config(os.path.join(REPO, "configs/dpo.py:runlocal"))
   config.data.source, config.data.num_train, config.data.num_eval = "testbed", 24, 8
-  train, evals, info = dpo.prepare_pairs(config, str(tmp_path), "unused", None, None, None)
+  no_policy = types.SimpleNamespace(generator=lambda **settings: None)  # sampling is faked
+  train, evals, info = dpo.prepare_pairs(config, str(tmp_path), "unused", no_policy, None, None)
   assert asked == [("train", 24, 2), ("eval", 8, 2)]
   assert info["source"] == "testbed" and "noise_ceiling" in info
   skipped = {
@@ -144,6 +146,32 @@ def test_testbed_source_builds_labelled_pairs(tmp_path, monkeypatch):
   assert len(evals) == 8 - skipped["eval"]
   assert len(train) > 24 - skipped["train"]  # plus the anchor pairs every rater labels
   assert all(0 <= train[i]["confidence"] <= 5 for i in range(len(train)))
+
+
+def test_pairs_and_eval_prompts_of_a_reward_stage_trained_on_files(tmp_path):
+  """source="reward_stage" reads the files the reward stage learned from; the generation
+  eval samples the eval pairs' prompts, or the prompt files eval.prompts names."""
+  config = config_utils.load_config(os.path.join(REPO, "configs/dpo.py:runlocal"))
+  stage = tmp_path / "rm"
+  stage.mkdir()
+  with pytest.raises(errors.StageError, match="holds neither"):
+    dpo.pair_paths(config, str(stage))
+  rm_config = config_utils.load_config(os.path.join(REPO, "configs/reward.py:runlocal"))
+  rm_config.data.source = "jsonl"
+  rm_config.data.train_files, rm_config.data.eval_files = ("/d/train.jsonl",), ("/d/eval.jsonl",)
+  config_utils.write_config_json(rm_config, str(stage))
+  assert dpo.pair_paths(config, str(stage)) == {
+    "train": ["/d/train.jsonl"],
+    "eval": ["/d/eval.jsonl"],
+  }
+  config.reward_init = str(stage)
+  assert not dpo.testbed_eval(config)  # the judge "auto" is then the proxy, not gold
+  pairs = [{"prompt": p, "chosen": "a", "rejected": "b"} for p in ("x", "y", "x", "z")]
+  assert dpo.eval_prompts(config, pairs, None) == ["x", "y", "z"]
+  prompt_file = tmp_path / "prompts.jsonl"
+  prompt_file.write_text('{"prompt": "p1"}\n{"messages": [{"role": "user", "content": "p2"}]}\n')
+  config.eval.prompts = str(prompt_file)
+  assert dpo.eval_prompts(config, pairs, None) == ["p1", "User: p2\nAssistant: "]
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from rlhf_jax import config_utils, metrics, stages
+from rlhf_jax import config_utils, errors, metrics, stages
 from rlhf_jax.data import testbed
 from rlhf_jax.trainers import grpo
 from tests.trainers import resume
@@ -126,7 +126,8 @@ def test_rloo_with_the_gold_reward_needs_no_reward_model(reward_runlocal, tmp_pa
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
   assert summary["method"] == "rloo" and summary["reward_fn"] == "gold"
-  assert summary["proxy_reward"] == 0.0  # no reward model to ask
+  # No reward model: the proxy is the reward the policy was trained on, the gold function.
+  assert summary["proxy_reward"] == summary["gold_reward"]
 
 
 @pytest.mark.slow
@@ -146,8 +147,11 @@ def test_python_reward_function_sees_grouped_prompts(reward_runlocal, tmp_path):
   CALLS.clear()
   config_utils.run(config, workdir)
 
-  assert len(CALLS) == 2
   g = config.group_size
+  # Training rollouts; the evaluator also asks the function, for the eval's proxy reward.
+  evals = [c for c in CALLS if len(c[0]) == 16]
+  CALLS[:] = [c for c in CALLS if len(c[0]) != 16]
+  assert len(CALLS) == 2 and len(evals) == 3  # the SFT samples, step 0 and step 2
   train_prompts = set(testbed.prompts("train", config.data.num_prompts, config.data.seed))
   for prompts, responses in CALLS:
     assert len(prompts) == len(responses) == config.prompts_per_iter * g
@@ -157,7 +161,7 @@ def test_python_reward_function_sees_grouped_prompts(reward_runlocal, tmp_path):
       assert prompts[i : i + g] == [prompts[i]] * g
     # ... and each repeat draws its own response.
     assert len(set(responses)) > len(responses) // 2
-  # The logged reward is the function's value: the mean word count of the first rollout.
+  # The logged reward is the function's value: the mean word count of the last rollout.
   first = np.mean([len(r.split()) for r in CALLS[-1][1]])
   assert train_rows(workdir)[-1]["reward"] == pytest.approx(first, rel=1e-5)
 
@@ -184,11 +188,11 @@ def test_bad_reward_fn_and_config_values_are_named(tmp_path):
 
 def test_host_rewards_are_checked():
   name = "tests.trainers.test_grpo:wrong_length_reward"
-  with pytest.raises(ValueError, match="returned shape \\(1,\\) for 2 responses"):
+  with pytest.raises(errors.TrainingError, match="returned shape \\(1,\\) for 2 responses"):
     grpo.host_rewards(wrong_length_reward, name, ["a", "b"], ["x", "y"])
-  with pytest.raises(ValueError, match="non-finite"):
+  with pytest.raises(errors.TrainingError, match="non-finite"):
     grpo.host_rewards(lambda p, r: [0.0, float("nan")], name, ["a", "b"], ["x", "y"])
-  with pytest.raises(ValueError, match="not floats"):
+  with pytest.raises(errors.TrainingError, match="not floats"):
     grpo.host_rewards(lambda p, r: ["good", "bad"], name, ["a", "b"], ["x", "y"])
   np.testing.assert_array_equal(
     grpo.host_rewards(length_reward, name, ["a", "b"], ["x y", "z"]), [2.0, 1.0]

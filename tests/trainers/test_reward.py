@@ -9,7 +9,7 @@ import pytest
 
 from rlhf_jax import config_utils, metrics, sharding, stages
 from rlhf_jax.data import loader as loader_lib
-from rlhf_jax.data import preferences, testbed
+from rlhf_jax.data import pairs, preferences, testbed
 from rlhf_jax.trainers import reward
 from tests.trainers import resume
 
@@ -53,19 +53,18 @@ def test_exported_ensemble_is_normalised_on_sft_samples(trained):
   # Re-create the normalisation samples (deterministic) and score them.
   policy = stages.load_policy(os.path.join(workdir, "sft"), mesh)
   prompts = reward.normalization_prompts(config, None)
-  responses = reward.sample_responses(
-    policy,
-    prompts,
-    rng=jax.random.key(config.seed + 13),
-    config=config.data,
+  sampling = dict(
+    max_new_tokens=config.data.max_new_tokens,
+    temperature=config.data.temperature,
+    prompt_len=config.data.prompt_len,
+    batch_size=config.data.sample_batch,
     mesh=mesh,
     rules="fsdp",
   )
+  responses = policy.generate(prompts, rng=jax.random.key(config.seed + 13), **sampling)
   # The compiled sampler is built once per setting and reused: same samples, no new entry.
   first = prompts[: config.data.sample_batch]
-  again = reward.sample_responses(
-    policy, first, rng=jax.random.key(config.seed + 13), config=config.data, mesh=mesh, rules="fsdp"
-  )
+  again = policy.generate(first, rng=jax.random.key(config.seed + 13), **sampling)
   assert again == responses[: len(first)]
   assert len(policy.samplers) == 1
   rows = [{"prompt": p, "response": r} for p, r in zip(prompts, responses, strict=True)]
@@ -115,7 +114,7 @@ def test_pair_collate_marks_ties_margins_and_drops():
     {"prompt": "Review of the lamp:", "chosen": "Fine.", "rejected": "Okay.", "tie": True},
     {"prompt": "Review of the lamp:", "chosen": "word " * 80, "rejected": "Bad."},
   ]
-  batch = reward.group_collate(_pairs(examples), tok, max_len=24)
+  batch = pairs.group_collate(_pairs(examples), tok, max_len=24)
   assert batch["tokens"].shape == (3, 2, 24)
   np.testing.assert_array_equal(batch["margin"][:, 0], [0.5, 0.0, 0.0])
   np.testing.assert_array_equal(batch["tie"][:, 0], [False, True, False])
@@ -145,7 +144,7 @@ def test_kwise_groups_score_each_response_once():
   assert preferences.comparison_groups(records, 2, 1) == [[i] for i in range(6)]
   source = preferences.GroupedSource(records, groups)
   assert len(source) == 4 and source[1] == [records[3]]
-  batch = reward.group_collate(source.__getitems__([0, 1]), tok, 24, responses=3, pairs=3)
+  batch = pairs.group_collate(source.__getitems__([0, 1]), tok, 24, responses=3, pairs=3)
   assert batch["tokens"].shape == (2, 3, 24)
   # Group 0: rows "It glows.", "It is bad.", "It is fine." once each; comparisons index into them.
   np.testing.assert_array_equal(batch["chosen"], [[0, 0, 2], [0, 0, 0]])
@@ -156,7 +155,7 @@ def test_kwise_groups_score_each_response_once():
   assert [r[-len("It is fine.") :] for r in rows[0]][2] == "It is fine."
   assert rows[1][0].endswith("It dims.") and rows[1][1].endswith("It is bad.")
   with pytest.raises(ValueError, match="at most 2 fit"):
-    reward.group_collate([records[:3]], tok, 24, responses=3, pairs=2)
+    pairs.group_collate([records[:3]], tok, 24, responses=3, pairs=2)
 
 
 def test_pair_collate_soft_labels_from_confidence():
@@ -165,16 +164,16 @@ def test_pair_collate_soft_labels_from_confidence():
     {"prompt": "Review of the lamp:", "chosen": "It glows.", "rejected": "Bad.", "confidence": c}
     for c in (1.0, 3.0, 5.0, float("nan"))
   ]
-  assert reward.group_collate(_pairs(examples), tok, 24)["target"].tolist() == [[1.0]] * 4
-  batch = reward.group_collate(_pairs(examples), tok, 24, soft_labels="confidence")
+  assert pairs.group_collate(_pairs(examples), tok, 24)["target"].tolist() == [[1.0]] * 4
+  batch = pairs.group_collate(_pairs(examples), tok, 24, soft_labels="confidence")
   # 1..5 onto 0.5..1; a record without a confidence keeps its hard label.
   np.testing.assert_allclose(batch["target"][:, 0], [0.5, 0.75, 1.0, 1.0])
-  batch = reward.group_collate(
+  batch = pairs.group_collate(
     _pairs(examples), tok, 24, soft_labels="confidence", confidence_range=(1, 3)
   )
   np.testing.assert_allclose(batch["target"][:, 0], [0.5, 1.0, 1.0, 1.0])
   with pytest.raises(ValueError, match="soft_labels='margin'"):
-    reward.group_collate(_pairs(examples), tok, 24, soft_labels="margin")
+    pairs.group_collate(_pairs(examples), tok, 24, soft_labels="margin")
 
 
 def test_confidence_on_another_scale_is_refused():
@@ -182,10 +181,10 @@ def test_confidence_on_another_scale_is_refused():
     {"prompt": "Review of the lamp:", "chosen": "It glows.", "rejected": "Bad.", "confidence": c}
     for c in (1.0, float("nan"), 5.0)
   ]
-  reward.check_confidence_range(records, (1.0, 5.0))
+  pairs.check_confidence_range(records, (1.0, 5.0))
   records.append({**records[0], "confidence": 0.7})
   with pytest.raises(ValueError, match=r"record 3: field 'confidence' = 0.7 is outside"):
-    reward.check_confidence_range(records, (1.0, 5.0))
+    pairs.check_confidence_range(records, (1.0, 5.0))
 
 
 def _testbed_tokenizer():

@@ -10,7 +10,8 @@ import optax
 import pytest
 
 from rlhf_jax import config_utils, metrics, optim, stages
-from rlhf_jax.data import builders
+from rlhf_jax.data import builders, loader
+from rlhf_jax.data import tokenizer as tokenizer_lib
 from rlhf_jax.trainers import sft
 from tests.trainers import resume
 
@@ -128,3 +129,60 @@ def test_malformed_jsonl_names_file_line_and_field(tmp_path):
   config = _runlocal_config(**{"data.source": "jsonl", "data.train_jsonl": str(data)})
   with pytest.raises(builders.DataError, match=r"sft.jsonl:2: .*'response'"):
     config_utils.run(config, str(tmp_path / "run"))
+
+
+def _chat_records(n):
+  """Hand-written chats (one and two exchanges, some with a system turn) and plain records."""
+  items = ["lamp", "kettle", "backpack", "chair", "mug"]
+  verdicts = ["It glows softly.", "It boils fast.", "It holds a lot.", "It is sturdy.", "Nice."]
+  records = []
+  for i in range(n):
+    item, verdict = items[i % 5], verdicts[i % 5]
+    if i % 4 == 3:
+      records.append({"prompt": f"Review of the {item}:", "response": verdict})
+      continue
+    turns = [("system", "Be brief.")] if i % 3 == 0 else []
+    turns += [("user", f"Review of the {item}:"), ("assistant", verdict)]
+    if i % 2:
+      turns += [("user", "Anything else?"), ("assistant", f"The {item} is worth it.")]
+    records.append({"messages": [{"role": r, "content": c} for r, c in turns]})
+  return records
+
+
+def test_chat_sft_with_packing_runs_end_to_end(tmp_path):
+  records = _chat_records(48)
+  train, evals = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+  train.write_text("".join(json.dumps(r) + "\n" for r in records))
+  evals.write_text("".join(json.dumps(r) + "\n" for r in records[:8]))
+  workdir = str(tmp_path / "chat")
+  config = _runlocal_config(
+    total_steps=3,
+    batch_size=8,
+    max_len=128,
+    log_every=1,
+    eval_every=3,
+    checkpoint_every=3,
+    **{
+      "data.source": "jsonl",
+      "data.train_jsonl": str(train),
+      "data.eval_jsonl": str(evals),
+      "data.packing": True,
+      "optim.warmup_steps": 1,
+      "eval.num_samples": 0,  # sampling is tested by the runlocal test
+    },
+  )
+  final = config_utils.run(config, workdir)
+  assert np.isfinite(final["eval/loss"])
+  with open(os.path.join(workdir, "data_info.json")) as f:
+    info = json.load(f)
+  assert info["packing"]["examples"] == 48 and info["packing"]["examples_per_pack"] > 1.5
+  rows = [r for r in metrics.read_metrics(workdir) if "loss" in r]
+  assert len(rows) == 3 and all(r["examples"] > 8 for r in rows)  # more examples than rows
+
+  # With the run's tokenizer, the loss falls on exactly the assistant replies and their EOS.
+  tok = tokenizer_lib.Tokenizer.load(os.path.join(workdir, "tokenizer.model"))
+  batch = loader.sft_collate(records[:3], tok, config.max_len)
+  for row, record in enumerate(records[:3]):
+    replies = [t["content"] for t in record["messages"] if t["role"] == "assistant"]
+    targets = batch["tokens"][row][batch["loss_mask"][row]].tolist()
+    assert targets == [i for r in replies for i in [*tok.encode(r), tok.eos_id]]
