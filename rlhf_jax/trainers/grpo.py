@@ -315,71 +315,74 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   reward_fn = resolve_reward_fn(config)
   tx, lr_schedule = optim.make_optimizer(config.optim, config.total_steps * s.updates_per_iteration)
   # A host reward needs no reward model; one given is still loaded for the eval's proxy.
-  run = rl_common.start(config, workdir, reward=reward_fn is None)
-  mesh, rules, sft, rm = run.mesh, run.rules, run.sft, run.rm
-  tok = sft.tokenizer
-  loader = rl_common.prompt_loader(
-    config, tok, run.prompt_set.train, config.prompts_per_iter, key="config.prompts_per_iter"
+  run = rl_common.start(
+    config,
+    workdir,
+    batch_size=config.prompts_per_iter,
+    batch_key="config.prompts_per_iter",
+    reward=reward_fn is None,
   )
+  with run:  # closes the checkpointer and the metric writer on the way out
+    mesh, rules, sft, rm, tok = run.mesh, run.rules, run.sft, run.rm, run.sft.tokenizer
 
-  # ------------------------------------------------ state, jitted programs
-  init = functools.partial(init_state, tx=tx)
-  key = rng.key(config.seed, "init")
-  abstract = jax.eval_shape(init, sft.params, key)
-  rep = common.replicated(mesh)
-  opt_sh = common.mirror_shardings(abstract["policy_opt"], abstract["policy"], sft.shardings, mesh)
-  state_sh = dict(policy=sft.shardings, policy_opt=opt_sh, step=rep, rng=rep)
-  batch_sh, vec_sh = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
-  sample_sh = sampler_lib.SampleOutput(batch_sh, batch_sh, batch_sh, batch_sh, vec_sh, vec_sh)
-  host_sh = () if reward_fn is None else (vec_sh,)
-  sample_fn = rl_common.sampler(sft, config, mesh, rules)
-  rm_score = rl_common.rm_score_fn(rm, s.prompt_len) if reward_fn is None else None
-  experience_fn = jax.jit(
-    functools.partial(make_experience, module=sft.module, rm_score=rm_score, s=s),
-    in_shardings=(state_sh, sft.shardings, batch_sh, batch_sh, sample_sh, *host_sh),
-  )
-  update_fn = jax.jit(
-    functools.partial(update, module=sft.module, tx=tx, lr_schedule=lr_schedule, s=s),
-    in_shardings=(state_sh, None),
-    out_shardings=(state_sh, rep),
-    donate_argnums=(0,),
-  )
+    # ------------------------------------------------ state, jitted programs
+    init = functools.partial(init_state, tx=tx)
+    key = rng.key(config.seed, "init")
+    abstract = jax.eval_shape(init, sft.params, key)
+    rep = common.replicated(mesh)
+    opt_sh = common.mirror_shardings(
+      abstract["policy_opt"], abstract["policy"], sft.shardings, mesh
+    )
+    state_sh = dict(policy=sft.shardings, policy_opt=opt_sh, step=rep, rng=rep)
+    batch_sh, vec_sh = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
+    sample_sh = sampler_lib.SampleOutput(batch_sh, batch_sh, batch_sh, batch_sh, vec_sh, vec_sh)
+    host_sh = () if reward_fn is None else (vec_sh,)
+    sample_fn = rl_common.sampler(sft, config, mesh, rules)
+    rm_score = rl_common.rm_score_fn(rm, s.prompt_len) if reward_fn is None else None
+    experience_fn = jax.jit(
+      functools.partial(make_experience, module=sft.module, rm_score=rm_score, s=s),
+      in_shardings=(state_sh, sft.shardings, batch_sh, batch_sh, sample_sh, *host_sh),
+    )
+    update_fn = jax.jit(
+      functools.partial(update, module=sft.module, tx=tx, lr_schedule=lr_schedule, s=s),
+      in_shardings=(state_sh, None),
+      out_shardings=(state_sh, rep),
+      donate_argnums=(0,),
+    )
 
-  def score_on_host(prompt, sample) -> tuple[jax.Array, ...]:
-    """The host reward of this rollout as a sharded [B] array (nothing for "model")."""
-    if reward_fn is None:
-      return ()
-    prompts = tok.decode_batch(sharding.fetch(prompt))
-    responses = tok.decode_batch(sharding.fetch(sample.tokens))
-    scores = host_rewards(reward_fn, config.reward_fn, prompts, responses)
-    return (sharding.global_from_full(scores, mesh),)
+    def score_on_host(prompt, sample) -> tuple[jax.Array, ...]:
+      """The host reward of this rollout as a sharded [B] array (nothing for "model")."""
+      if reward_fn is None:
+        return ()
+      prompts = tok.decode_batch(sharding.fetch(prompt))
+      responses = tok.decode_batch(sharding.fetch(sample.tokens))
+      scores = host_rewards(reward_fn, config.reward_fn, prompts, responses)
+      return (sharding.global_from_full(scores, mesh),)
 
-  state, clock = rl_common.restore_or_init(
-    run,
-    common.with_shardings(abstract, state_sh),
-    lambda: jax.jit(init, out_shardings=state_sh)(sft.params, key),
-    loader,
-  )
+    state, clock = rl_common.restore_or_init(
+      run,
+      common.with_shardings(abstract, state_sh),
+      lambda: jax.jit(init, out_shardings=state_sh)(sft.params, key),
+    )
 
-  # ------------------------------------------------------ evaluator, loop
-  evaluate = rl_common.make_evaluator(
-    config, workdir, run.prompt_set.eval, sft=sft, rm=rm, sample_fn=sample_fn,
-    logps_fn=logps_fn(sft.module, s), mesh=mesh, rules=rules, proxy_host=reward_fn,
-  )  # fmt: skip
-  ensemble = rm.ensemble_size if reward_fn is None else 0
-  loop = rl_common.bookkeeping(
-    run,
-    flops_per_step=flops_per_iteration(sft.module.config, s, ensemble),
-    dtype=sft.module.config.dtype,
-    metric_keys=("reward", "objective/kl", "eval/gold_reward"),
-  )
-  rl_common.evaluate_start(run, evaluate, state["policy"])
-  rollout_key = rng.key(config.seed, "rollout")
-  tokens = float(s.rollout_batch_size * (s.prompt_len + s.max_new_tokens))
-  step = run.start_step
-  try:
+    # ------------------------------------------------------ evaluator, loop
+    evaluate = rl_common.make_evaluator(
+      config, workdir, run.prompt_set.eval, sft=sft, rm=rm, sample_fn=sample_fn,
+      logps_fn=logps_fn(sft.module, s), mesh=mesh, rules=rules, proxy_host=reward_fn,
+    )  # fmt: skip
+    ensemble = rm.ensemble_size if reward_fn is None else 0
+    loop = rl_common.bookkeeping(
+      run,
+      flops_per_step=flops_per_iteration(sft.module.config, s, ensemble),
+      dtype=sft.module.config.dtype,
+      metric_keys=("reward", "objective/kl", "eval/gold_reward"),
+    )
+    rl_common.evaluate_start(run, evaluate, state["policy"])
+    rollout_key = rng.key(config.seed, "rollout")
+    tokens = float(s.rollout_batch_size * (s.prompt_len + s.max_new_tokens))
+    step = run.start_step
     while step < config.total_steps:
-      batch = next(loader)
+      batch = next(run.loader)
       # Prompt i fills rows [i * G, (i + 1) * G): the groups the baseline is taken over.
       batch = jax.tree.map(lambda x: np.repeat(x, s.group_size, axis=0), batch)
       phases = rl_common.PhaseClock((step + 1) % config.log_every == 0, state)
@@ -397,12 +400,10 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       loop.after_update(
         step, stats, tokens, lambda: evaluate(state["policy"], step), preempted=preempted
       )
-      rl_common.save_if_due(run, loop, step, state, loader, clock)
+      rl_common.save_if_due(run, loop, step, state, clock)
       if preempted:
         logging.warning("SIGTERM: saved iteration %d and stopping; rerun to resume.", step)
         break
-  finally:
-    rl_common.close(run)
   return rl_common.finish(
     run,
     loop,

@@ -408,66 +408,64 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   total_updates = config.total_steps * s.updates_per_iteration
   policy_tx, lr_schedule = optim.make_optimizer(config.optim, total_updates)
   value_tx, _ = optim.make_optimizer(config.value_optim, total_updates)
-  run = rl_common.start(config, workdir)
-  mesh, rules, sft, rm = run.mesh, run.rules, run.sft, run.rm
-  loader = rl_common.prompt_loader(
-    config, sft.tokenizer, run.prompt_set.train, s.rollout_batch_size
-  )
+  run = rl_common.start(config, workdir, batch_size=s.rollout_batch_size)
+  with run:  # closes the checkpointer and the metric writer on the way out
+    mesh, rules, sft, rm = run.mesh, run.rules, run.sft, run.rm
 
-  # ------------------------------------------- networks, state, jitted programs
-  nets, (policy_init, policy_sh), (value_init, value_sh) = networks(
-    sft, rm, config.value_model, mesh, rules
-  )
-  init = functools.partial(
-    init_state, policy_tx=policy_tx, value_tx=value_tx, kl_coef=config.kl.init_coef
-  )
-  key = rng.key(config.seed, "init")
-  abstract = jax.eval_shape(init, policy_init, value_init, key)
-  state_sh = state_shardings(abstract, policy_sh, value_sh, mesh)
-  rep = common.replicated(mesh)
-  batch_sh, vec_sh = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
-  sample_sh = sampler_lib.SampleOutput(batch_sh, batch_sh, batch_sh, batch_sh, vec_sh, vec_sh)
-  sample_fn = rl_common.sampler(sft, config, mesh, rules)
-  rm_score = rl_common.rm_score_fn(rm, s.prompt_len)
-  experience_fn = jax.jit(
-    functools.partial(make_experience, nets=nets, rm_score=rm_score, s=s),
-    in_shardings=(state_sh, sft.shardings, batch_sh, batch_sh, sample_sh),
-  )
-  update_fn = jax.jit(
-    functools.partial(
-      update, nets=nets, policy_tx=policy_tx, value_tx=value_tx, lr_schedule=lr_schedule, s=s
-    ),
-    in_shardings=(state_sh, None, rep),
-    out_shardings=(state_sh, rep),
-    donate_argnums=(0,),
-  )
-  state, clock = rl_common.restore_or_init(
-    run,
-    common.with_shardings(abstract, state_sh),
-    lambda: jax.jit(init, out_shardings=state_sh)(policy_init, value_init, key),
-    loader,
-  )
+    # ------------------------------------------- networks, state, jitted programs
+    nets, (policy_init, policy_sh), (value_init, value_sh) = networks(
+      sft, rm, config.value_model, mesh, rules
+    )
+    init = functools.partial(
+      init_state, policy_tx=policy_tx, value_tx=value_tx, kl_coef=config.kl.init_coef
+    )
+    key = rng.key(config.seed, "init")
+    abstract = jax.eval_shape(init, policy_init, value_init, key)
+    state_sh = state_shardings(abstract, policy_sh, value_sh, mesh)
+    rep = common.replicated(mesh)
+    batch_sh, vec_sh = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
+    sample_sh = sampler_lib.SampleOutput(batch_sh, batch_sh, batch_sh, batch_sh, vec_sh, vec_sh)
+    sample_fn = rl_common.sampler(sft, config, mesh, rules)
+    rm_score = rl_common.rm_score_fn(rm, s.prompt_len)
+    experience_fn = jax.jit(
+      functools.partial(make_experience, nets=nets, rm_score=rm_score, s=s),
+      in_shardings=(state_sh, sft.shardings, batch_sh, batch_sh, sample_sh),
+    )
+    update_fn = jax.jit(
+      functools.partial(
+        update, nets=nets, policy_tx=policy_tx, value_tx=value_tx, lr_schedule=lr_schedule, s=s
+      ),
+      in_shardings=(state_sh, None, rep),
+      out_shardings=(state_sh, rep),
+      donate_argnums=(0,),
+    )
+    state, clock = rl_common.restore_or_init(
+      run,
+      common.with_shardings(abstract, state_sh),
+      lambda: jax.jit(init, out_shardings=state_sh)(policy_init, value_init, key),
+    )
 
-  # ------------------------------------------------------ evaluator, loop
-  logps_fn = rl_common.response_logps_fn(sft.module, s.prompt_len, s.max_new_tokens, s.temperature)
-  evaluate = rl_common.make_evaluator(
-    config, workdir, run.prompt_set.eval, sft=sft, rm=rm, sample_fn=sample_fn,
-    logps_fn=logps_fn, mesh=mesh, rules=rules,
-  )  # fmt: skip
-  flops = flops_per_iteration(sft.module.config, s, nets.value is not None, rm.ensemble_size)
-  loop = rl_common.bookkeeping(
-    run,
-    flops_per_step=flops,
-    dtype=sft.module.config.dtype,
-    metric_keys=("objective/scores", "objective/kl", "eval/gold_reward"),
-  )
-  rl_common.evaluate_start(run, evaluate, lm_params(state["policy"]))
-  rollout_key = rng.key(config.seed, "rollout")
-  tokens = float(s.rollout_batch_size * (s.prompt_len + s.max_new_tokens))
-  step = run.start_step
-  try:
+    # ------------------------------------------------------ evaluator, loop
+    logps_fn = rl_common.response_logps_fn(
+      sft.module, s.prompt_len, s.max_new_tokens, s.temperature
+    )
+    evaluate = rl_common.make_evaluator(
+      config, workdir, run.prompt_set.eval, sft=sft, rm=rm, sample_fn=sample_fn,
+      logps_fn=logps_fn, mesh=mesh, rules=rules,
+    )  # fmt: skip
+    flops = flops_per_iteration(sft.module.config, s, nets.value is not None, rm.ensemble_size)
+    loop = rl_common.bookkeeping(
+      run,
+      flops_per_step=flops,
+      dtype=sft.module.config.dtype,
+      metric_keys=("objective/scores", "objective/kl", "eval/gold_reward"),
+    )
+    rl_common.evaluate_start(run, evaluate, lm_params(state["policy"]))
+    rollout_key = rng.key(config.seed, "rollout")
+    tokens = float(s.rollout_batch_size * (s.prompt_len + s.max_new_tokens))
+    step = run.start_step
     while step < config.total_steps:
-      batch = next(loader)
+      batch = next(run.loader)
       phases = rl_common.PhaseClock((step + 1) % config.log_every == 0, state)
       with sharding.use_mesh(mesh, rules):
         prompt = sharding.host_to_global(batch["tokens"], mesh)
@@ -482,12 +480,10 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       loop.after_update(
         step, stats, tokens, lambda: evaluate(lm_params(state["policy"]), step), preempted=preempted
       )
-      rl_common.save_if_due(run, loop, step, state, loader, clock)
+      rl_common.save_if_due(run, loop, step, state, clock)
       if preempted:
         logging.warning("SIGTERM: saved iteration %d and stopping; rerun to resume.", step)
         break
-  finally:
-    rl_common.close(run)
   return rl_common.finish(
     run,
     loop,

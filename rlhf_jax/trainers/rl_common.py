@@ -294,9 +294,10 @@ class RolloutSettings:
 
 
 # ------------------------------------------------------------ the RL loop
-# What PPO, GRPO/RLOO (and the offline DPO) do around their own jitted programs:
-# `start` before the networks, `restore_or_init` once the state's shape is known,
-# `PhaseClock` and `save_if_due` inside the loop, `finish` after it.
+# What PPO and GRPO/RLOO do around their own jitted programs: `start` before the networks
+# (then `with run:` around the rest, which closes it however the run ends),
+# `restore_or_init` once the state's shape is known, `PhaseClock` and `save_if_due` inside
+# the loop, `finish` after it.
 
 
 @dataclasses.dataclass
@@ -310,6 +311,7 @@ class Run:
   sft: stages.Policy
   rm: stages.RewardModel | None
   prompt_set: prompts_lib.PromptSet
+  loader: loader_lib.Loader  # the training prompts, left-padded, in batches
   ckpt: checkpoint.Checkpointer
   start_step: int
   writer: metrics.MetricWriter
@@ -319,13 +321,28 @@ class Run:
   def is_primary(self) -> bool:
     return jax.process_index() == 0
 
+  def __enter__(self) -> Run:
+    return self
 
-def start(config, workdir: str, *, reward: bool = True) -> Run:
-  """The mesh, the finished upstream stages, the prompts, checkpointer and metric writer.
+  def __exit__(self, *exc_info) -> None:
+    close(self)  # also on an error: the first error is the one that propagates
+
+
+def start(
+  config,
+  workdir: str,
+  *,
+  batch_size: int,
+  batch_key: str = "config.rollout_batch_size",
+  reward: bool = True,
+) -> Run:
+  """The mesh, the finished upstream stages, the prompts and their loader (`batch_size`
+  prompts a batch, named `batch_key` in errors), the checkpointer and metric writer.
 
   `reward`: whether the method needs the reward stage; one given in `config.reward_init`
   is loaded anyway (the evaluation's proxy reward). The stage clock starts after the
-  stages load, as every earlier version measured it.
+  stages load, as every earlier version measured it. Everything that can fail on the
+  user's data happens before the checkpointer opens.
   """
   os.makedirs(workdir, exist_ok=True)
   mesh, rules = common.mesh_from_config(config), config.sharding_rules
@@ -340,22 +357,24 @@ def start(config, workdir: str, *, reward: bool = True) -> Run:
   if jax.process_index() == 0:
     sft.tokenizer.save(os.path.join(workdir, "tokenizer.model"))
   prompt_set = load_prompts(config, sft.tokenizer, workdir)
+  loader = prompt_loader(config, sft.tokenizer, prompt_set.train, batch_size, batch_key)
   ckpt = common.checkpointer(config, workdir)
   start_step = ckpt.latest_intact_step() or 0
   writer = metrics.MetricWriter(workdir, resume_step=start_step or -1)
   return Run(
-    config, workdir, mesh, rules, sft, rm, prompt_set, ckpt, start_step, writer, clock_start
-  )
+    config, workdir, mesh, rules, sft, rm, prompt_set, loader, ckpt, start_step, writer,
+    clock_start,
+  )  # fmt: skip
 
 
-def restore_or_init(run: Run, abstract_state, init: Callable[[], Any], loader):
+def restore_or_init(run: Run, abstract_state, init: Callable[[], Any]):
   """(state, StageClock): the latest intact checkpoint (and the loader's position and the
   time spent so far), or `init()` on a fresh start; SIGTERM then saves and stops."""
   previous = 0.0
   with sharding.use_mesh(run.mesh, run.rules):
     if run.start_step:
       state, meta = run.ckpt.restore(run.start_step, target=abstract_state)
-      loader.set_state(meta["loader"])
+      run.loader.set_state(meta["loader"])
       previous = float(meta.get("wall_time_s", 0.0))
       logging.info("Resumed from iteration %d", run.start_step)
     else:
@@ -392,10 +411,10 @@ def evaluate_start(run: Run, evaluate: EvalFn, params) -> None:
     run.writer.write(0, first)
 
 
-def save_if_due(run: Run, loop, step: int, state, loader, clock: StageClock) -> None:
+def save_if_due(run: Run, loop, step: int, state, clock: StageClock) -> None:
   """The checkpoint the loop's schedule asks for: state, loader position, time so far."""
   if loop.should_save:
-    meta = {"loader": loader.get_state(), "wall_time_s": clock.elapsed()}
+    meta = {"loader": run.loader.get_state(), "wall_time_s": clock.elapsed()}
     run.ckpt.save(step, state, meta, force=True)
 
 
@@ -413,7 +432,7 @@ def finish(
   summary: dict[str, Any] | None = None,
   export: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-  """After the loop (and its `finally: close(run)`): on the last step, summary.json and
+  """After the loop (and `with run:`, which closed it): on the last step, summary.json and
   the export of the policy `params()`, once (a rerun after the export only rewrites the
   summary)."""
   if step < run.config.total_steps:
