@@ -1,11 +1,14 @@
-"""Pieces every trainer shares: model config from a config section, train state, data.
+"""Pieces every trainer shares: model config from a config section, train state, data,
+and the run around the train loop (`Run`: checkpointer, metric writer, restore or init,
+the log/eval/save schedule).
 
-Kept small on purpose: a trainer still reads top to bottom in its own file;
-these helpers only remove code that would otherwise be copied verbatim.
+Kept small on purpose: a trainer's loop stays in its own file, top to bottom; these
+helpers only remove code that would otherwise be copied verbatim.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -19,6 +22,7 @@ from absl import logging
 
 from rlhf_jax import checkpoint, distributed, errors, metrics, models, sharding
 from rlhf_jax import config_spec as cs
+from rlhf_jax.data import loader as loader_lib
 from rlhf_jax.data import prompts as prompts_lib
 from rlhf_jax.data import tokenizer as tokenizer_lib
 from rlhf_jax.utils import write_json_atomic  # noqa: F401 (trainers use common.write_json_atomic)
@@ -270,3 +274,121 @@ class LoopBookkeeping:
       self.last_eval = evaluate()
       metrics.check_finite(start_step, self.last_eval, context="eval")
     return self.last_eval
+
+
+# ----------------------------------------------------------------- the run
+# What every trainer does around its own jitted programs: `open_run` once its data is
+# ready (then `with run:` around the rest, which closes it however the run ends),
+# `restore_or_init` once the state's shape is known, `bookkeeping` and `evaluate_start`
+# before the loop, `save_if_due` inside it.
+
+
+class StageClock:
+  """Wall time of this stage across resumes: kept in checkpoint metadata by the trainer.
+
+  Counts `previous` (the seconds earlier runs of the stage took, from the checkpoint)
+  plus the time since `start` (a `time.perf_counter()` value; default now), so a
+  trainer that starts the clock after its setup still counts the setup.
+  """
+
+  def __init__(self, previous: float = 0.0, start: float | None = None):
+    self.previous = previous
+    self._start = time.perf_counter() if start is None else start
+
+  def elapsed(self) -> float:
+    return self.previous + time.perf_counter() - self._start
+
+
+@dataclasses.dataclass
+class Run:
+  """A stage's run: its mesh, checkpointer (and the step it resumes from), metric writer,
+  the training loader whose position each checkpoint records, and when its clock started."""
+
+  config: Any
+  workdir: str
+  mesh: Any
+  rules: Any
+  loader: loader_lib.Loader
+  ckpt: checkpoint.Checkpointer
+  start_step: int
+  writer: metrics.MetricWriter
+  clock_start: float
+
+  @property
+  def is_primary(self) -> bool:
+    return jax.process_index() == 0
+
+  def __enter__(self) -> Run:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    # Also on an error: the first error is the one that propagates (`close_all`).
+    close_all(self.ckpt.wait, self.ckpt.close, self.writer.close)
+
+
+def open_run(config, workdir: str, mesh, loader, *, clock_start: float, cls=Run, **fields):
+  """Opens the checkpointer and the metric writer of a stage whose data is ready.
+
+  Called after everything that can fail on the user's data, so such an error leaves no
+  checkpointer thread behind. A fresh start (no intact checkpoint) drops any metrics
+  lines a run killed before its first checkpoint left. `cls`/`fields`: a subclass of
+  `Run` and its extra fields.
+  """
+  ckpt = checkpointer(config, workdir)
+  start_step = ckpt.latest_intact_step() or 0
+  writer = metrics.MetricWriter(workdir, resume_step=start_step or -1)
+  return cls(
+    config=config, workdir=workdir, mesh=mesh, rules=config.sharding_rules, loader=loader,
+    ckpt=ckpt, start_step=start_step, writer=writer, clock_start=clock_start, **fields,
+  )  # fmt: skip
+
+
+def restore_or_init(run: Run, abstract_state, init: Callable[[], Any]):
+  """(state, StageClock): the latest intact checkpoint (and the loader's position and the
+  time spent so far), or `init()` on a fresh start; SIGTERM then saves and stops."""
+  previous = 0.0
+  with sharding.use_mesh(run.mesh, run.rules):
+    if run.start_step:
+      state, meta = run.ckpt.restore(run.start_step, target=abstract_state)
+      run.loader.set_state(meta["loader"])
+      previous = float(meta.get("wall_time_s", 0.0))
+      logging.info("Resumed from step %d (%s)", run.start_step, run.ckpt.directory)
+    else:
+      state = init()
+  run.ckpt.install_sigterm_handler()
+  return state, StageClock(previous, start=run.clock_start)
+
+
+def bookkeeping(
+  run: Run, *, flops_per_step: float, dtype: str, metric_keys: tuple[str, ...]
+) -> LoopBookkeeping:
+  """The loop's logging, eval and save schedule (`LoopBookkeeping`) with progress lines."""
+  progress = metrics.ProgressLogger(
+    run.config.total_steps,
+    every_n_steps=run.config.log_every,
+    start_step=run.start_step,
+    metric_keys=metric_keys,
+  )
+  return LoopBookkeeping(
+    run.config,
+    writer=run.writer,
+    progress=progress,
+    mesh=run.mesh,
+    flops_per_step=flops_per_step,
+    dtype=dtype,
+  )
+
+
+def evaluate_start(run: Run, evaluate: Callable[[], dict[str, float]]) -> None:
+  """The step-0 eval line (the starting model) of a fresh run; a resumed run has it."""
+  if run.start_step == 0:
+    first = evaluate()
+    metrics.check_finite(0, first, context="eval")
+    run.writer.write(0, first)
+
+
+def save_if_due(run: Run, loop: LoopBookkeeping, step: int, state, clock: StageClock) -> None:
+  """The checkpoint the loop's schedule asks for: state, loader position, time so far."""
+  if loop.should_save:
+    meta = {"loader": run.loader.get_state(), "wall_time_s": clock.elapsed()}
+    run.ckpt.save(step, state, meta, force=True)

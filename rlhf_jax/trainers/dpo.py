@@ -2,9 +2,11 @@
 
     python -m experiments.launch --config=configs/dpo.py
 
-Sections, in order: logging, mesh, upstream stages (SFT, reward model),
-preference data, reference log-probs, model and optimizer shapes, sharded
-state, update step, checkpoint restore, evaluators, train loop, summary.
+The module-level functions are the method: `pair_logps` (one forward pass over a
+batch's chosen and rejected rows), `pair_terms` (the loss of each pair), `update` (one
+optimizer step), `pair_eval`, and `PairLogps`/`attach_reference` for the reference
+pass; `train` reads the pairs, computes or reuses the reference log-probs, and wires
+them to the loop every trainer shares (`rlhf_jax.trainers.common`).
 
 The policy starts from the SFT policy, which is also the frozen reference.
 Pairs come, by `config.data.source`, from the reward stage's own labelled
@@ -36,6 +38,8 @@ temperature only sets the evaluation's sampling.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import os
 import time
@@ -53,7 +57,6 @@ from rlhf_jax import (
   config_utils,
   errors,
   evaluation,
-  metrics,
   models,
   optim,
   rng,
@@ -299,50 +302,196 @@ def save_ref_logps(path: str, key: str, values: dict[str, np.ndarray]) -> None:
   os.replace(tmp, path)
 
 
-# ---------------------------------------------------------------------- train
+# ---------------------------------------------------- reference log-probs
+
+
+class PairLogps:
+  """`pair_logps` of a model over every pair of a table, jitted once, in fixed batches of
+  `batch_size` pairs (the last batch padded with the first pairs, then cut)."""
+
+  def __init__(self, module, param_sh, batch_size: int, mesh, rules):
+    self.batch_size, self.mesh, self.rules = batch_size, mesh, rules
+    row_sh = sharding.batch_sharding(mesh, 2)
+    self.fn = jax.jit(
+      functools.partial(pair_logps, module=module),
+      in_shardings=(param_sh, dict.fromkeys(ROW_KEYS, row_sh)),
+    )
+
+  def __call__(self, params, table) -> dict[str, np.ndarray]:
+    n, b = len(table["tie"]), self.batch_size
+    outs = []
+    for start in range(0, n, b):
+      idx = np.arange(start, start + b) % n  # padding rows repeat the first pairs
+      with sharding.use_mesh(self.mesh, self.rules):
+        rows = {k: sharding.global_from_full(table[k][idx], self.mesh) for k in ROW_KEYS}
+        out = self.fn(params, rows)
+      outs.append({k: sharding.fetch(v)[: min(b, n - start)] for k, v in out.items()})
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+
+def attach_reference(tables, path: str, sft_dir: str, ref_logps) -> dict[str, Any]:
+  """Adds the reference's sequence log-probs (ref_chosen, ref_rejected) to every table.
+
+  They are read from `path` when it holds them for these tables and this SFT stage
+  (`ref_logps_key`), else computed with `ref_logps(table)` and stored there (by process
+  0). Returns what data_info.json records about them.
+  """
+  key = ref_logps_key(tables, sft_dir)
+  ref = load_ref_logps(path, key)
+  info = {"path": path, "key": key, "reused": ref is not None}
+  if ref is None:
+    start = time.perf_counter()
+    ref = {}
+    for split, table in tables.items():
+      logps = ref_logps(table)
+      ref[f"{split}_chosen"], ref[f"{split}_rejected"] = logps["chosen"], logps["rejected"]
+    if jax.process_index() == 0:
+      save_ref_logps(path, key, ref)
+    logging.info("Reference log-probs computed in %.1fs", time.perf_counter() - start)
+  else:
+    logging.info("Reusing the reference log-probs in %s", path)
+  for split, table in tables.items():
+    table["ref_chosen"] = ref[f"{split}_chosen"].astype(np.float32)
+    table["ref_rejected"] = ref[f"{split}_rejected"].astype(np.float32)
+  return info
+
+
+# ------------------------------------------------------ loss and update step
+
+ROW_KEYS = tuple(f"{side}_{name}" for side in ("chosen", "rejected") for name in ROW_FIELDS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What the jitted loss reads from the config."""
+
+  beta: float
+  loss_type: str
+  label_smoothing: float
+  soft_ties: bool  # config.ties == "soft": a tie is a 1/2 preference, else weight 0
+
+  @staticmethod
+  def from_config(config) -> Settings:
+    return Settings(config.beta, config.loss_type, config.label_smoothing, config.ties == "soft")
+
+
+def pair_logps(params, batch, *, module):
+  """Sequence log-prob sums and token counts [B] of chosen and rejected rows, one pass."""
+  cat = lambda name: jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]])
+  tokens, mask = cat("tokens"), cat("mask")
+  logits, *_ = module.apply(
+    {"params": params},
+    tokens,
+    models.positions_from_mask(mask),
+    models.causal_attention_mask(mask),
+  )
+  sums, counts = dpo_lib.response_logps(logits, tokens, cat("loss_mask"))
+  b = batch["chosen_tokens"].shape[0]
+  return dict(chosen=sums[:b], rejected=sums[b:], chosen_len=counts[:b], rejected_len=counts[b:])
+
+
+def pair_terms(logps, batch, *, s: Settings):
+  """Per-pair loss [B] and metrics, loss weights [B] and accuracy weights [B] (strict pairs)."""
+  loss, pair_metrics = dpo_lib.dpo_loss(
+    logps["chosen"],
+    logps["rejected"],
+    batch["ref_chosen"],
+    batch["ref_rejected"],
+    beta=s.beta,
+    loss_type=s.loss_type,
+    label_smoothing=s.label_smoothing,
+    chosen_lengths=logps["chosen_len"],
+    rejected_lengths=logps["rejected_len"],
+    tie=batch["tie"] if s.soft_ties else None,
+    target=None if s.loss_type == "hinge" else batch["target"],
+  )
+  valid = jnp.asarray(batch["valid"], jnp.float32)
+  strict = valid * (1.0 - jnp.asarray(batch["tie"], jnp.float32))
+  return loss, pair_metrics, valid if s.soft_ties else strict, strict
+
+
+def weighted_mean(x, weight):
+  return jnp.sum(x * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+
+
+def init_state(params, *, tx) -> dict[str, Any]:
+  return dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+
+
+def update(state, batch, *, module, tx, schedule, s: Settings):
+  """One optimizer step on a batch of pairs (rows and stored reference log-probs)."""
+
+  def loss_fn(params):
+    logps = pair_logps(params, batch, module=module)
+    loss, pair_metrics, weight, strict = pair_terms(logps, batch, s=s)
+    return weighted_mean(loss, weight), (pair_metrics, weight, strict)
+
+  (loss, (pair_metrics, weight, strict)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    state["params"]
+  )
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  step_metrics = {
+    "loss": loss,
+    **{k: weighted_mean(v, weight) for k, v in pair_metrics.items()},
+    # A tie has no right answer: accuracy is over strict preferences only.
+    "rewards/accuracies": weighted_mean(pair_metrics["rewards/accuracies"], strict),
+    "lr": schedule(state["step"]),
+    "grad_norm": optim.l2_norm(grads),
+    "param_norm": optim.l2_norm(params),
+    "update_norm": optim.l2_norm(updates),
+  }
+  return dict(params=params, opt_state=opt_state, step=state["step"] + 1), step_metrics
+
+
+def pair_eval(params, table, logps: PairLogps, terms_fn) -> dict[str, float]:
+  """The held-out pairs' DPO loss and implicit-reward accuracy and margin (`table`: the
+  eval split's table with its reference log-probs; `terms_fn`: jitted `pair_terms`)."""
+  labels = {k: table[k] for k in ("ref_chosen", "ref_rejected", "tie", "valid", "target")}
+  loss, pair_metrics, weight, strict = jax.device_get(terms_fn(logps(params, table), labels))
+  strict = strict > 0
+  out = {"eval/pref_loss": float(np.sum(loss * weight) / max(weight.sum(), 1))}
+  if strict.any():
+    # As the reward model's eval/accuracy: an exact tie of implicit rewards counts half.
+    margins = pair_metrics["rewards/margins"][strict]
+    out["eval/pref_accuracy"] = reward_lib.preference_accuracy(margins)
+    out["eval/pref_margin"] = float(margins.mean())
+  return out
+
+
+# ------------------------------------------------------------------------ train
 
 
 def train(config: Any, workdir: str) -> dict[str, float]:
   """Runs DPO; returns the final eval metrics and writes `<workdir>/summary.json`."""
-  # ----------------------------------------------------------------- logging
-  os.makedirs(workdir, exist_ok=True)
-  is_primary = jax.process_index() == 0
-  check_config(config)
   # Config errors surface before any stage trains.
+  check_config(config)
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+  os.makedirs(workdir, exist_ok=True)
+  mesh, rules = common.mesh_from_config(config), config.sharding_rules
   batch_size = config.batch_size
 
-  # -------------------------------------------------------------------- mesh
-  mesh = common.mesh_from_config(config)
-  rules = config.sharding_rules
-
-  # -------------------------------------------------------- upstream stages
+  # ----------------------------------------- upstream stages, pairs, reference
   sft_dir = config_utils.require_stage(config, "policy_init")
   reward_dir = config_utils.require_stage(config, "reward_init")
   clock_start = time.perf_counter()
   sft = stages.load_policy(sft_dir, mesh, rules)
   rm = stages.load_reward_model(reward_dir, mesh, rules)
   tok = sft.tokenizer
-  if is_primary:
+  if jax.process_index() == 0:
     tok.save(os.path.join(workdir, "tokenizer.model"))
-  lm_module = sft.module
-  p_len, n_new = config.prompt_len, config.max_new_tokens
-
-  ckpt = common.checkpointer(config, workdir)
-  start_step = ckpt.latest_intact_step() or 0
-  writer = metrics.MetricWriter(workdir, resume_step=start_step or -1)
-
-  # -------------------------------------------------------- preference data
   train_source, eval_source, data_info = prepare_pairs(
     config, workdir, reward_dir, sft, mesh, rules
   )
-  labels = dict(soft_labels=config.soft_labels, confidence_range=tuple(config.confidence_range))
-  sources = {"train": train_source, "eval": eval_source}
   # Pairs with a row too long for max_len are counted per file and left out (as in the
   # reward model); none left is an error naming the files.
   sources, data_info["lengths"] = lengths.keep_fitting(
-    sources, lengths.pair_fit(tok, config.max_len), what="pairs", max_len=config.max_len
+    {"train": train_source, "eval": eval_source},
+    lengths.pair_fit(tok, config.max_len),
+    what="pairs",
+    max_len=config.max_len,
   )
+  labels = dict(soft_labels=config.soft_labels, confidence_range=tuple(config.confidence_range))
   tables = {
     split: tokenize_pairs(source, tok, config.max_len, what=f"{split} record", **labels)
     for split, source in sources.items()
@@ -353,89 +502,17 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     data_info[f"mean_{split}_target"] = float(table["target"].mean())
     data_info[f"num_{split}_too_long"] = int((~table["valid"]).sum())
   common.check_batch_fits(len(tables["train"]["tie"]), batch_size, "training pairs")
-
-  # ------------------------------------------------ networks and their shapes
-  row_fields = [f"{side}_{name}" for side in ("chosen", "rejected") for name in ROW_FIELDS]
-
-  def pair_logps(params, batch):
-    """Sequence log-prob sums and token counts [B] of chosen and rejected rows, one pass."""
-    cat = lambda name: jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]])
-    tokens, mask = cat("tokens"), cat("mask")
-    logits, *_ = lm_module.apply(
-      {"params": params},
-      tokens,
-      models.positions_from_mask(mask),
-      models.causal_attention_mask(mask),
-    )
-    sums, counts = dpo_lib.response_logps(logits, tokens, cat("loss_mask"))
-    b = batch["chosen_tokens"].shape[0]
-    return dict(chosen=sums[:b], rejected=sums[b:], chosen_len=counts[:b], rejected_len=counts[b:])
-
-  def pair_terms(logps, batch):
-    """Per-pair loss [B] and metrics, loss weights [B] and accuracy weights [B] (strict pairs)."""
-    soft_ties = config.ties == "soft"
-    loss, pair_metrics = dpo_lib.dpo_loss(
-      logps["chosen"],
-      logps["rejected"],
-      batch["ref_chosen"],
-      batch["ref_rejected"],
-      beta=config.beta,
-      loss_type=config.loss_type,
-      label_smoothing=config.label_smoothing,
-      chosen_lengths=logps["chosen_len"],
-      rejected_lengths=logps["rejected_len"],
-      tie=batch["tie"] if soft_ties else None,
-      target=None if config.loss_type == "hinge" else batch["target"],
-    )
-    valid = jnp.asarray(batch["valid"], jnp.float32)
-    strict = valid * (1.0 - jnp.asarray(batch["tie"], jnp.float32))
-    return loss, pair_metrics, valid if soft_ties else strict, strict
-
   # One compiled forward pass serves the reference pass and the held-out pair eval.
-  logps_fn = jax.jit(
-    pair_logps,
-    in_shardings=(sft.shardings, {k: sharding.batch_sharding(mesh, 2) for k in row_fields}),
-  )
-
-  def all_logps(params, table) -> dict[str, np.ndarray]:
-    """pair_logps over every pair of a table, in fixed-size batches (the last one padded)."""
-    n = len(table["tie"])
-    outs = []
-    for start in range(0, n, batch_size):
-      idx = np.arange(start, start + batch_size) % n  # padding rows repeat the first pairs
-      with sharding.use_mesh(mesh, rules):
-        out = logps_fn(
-          params, {k: sharding.global_from_full(table[k][idx], mesh) for k in row_fields}
-        )
-      outs.append({k: sharding.fetch(v)[: min(batch_size, n - start)] for k, v in out.items()})
-    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-
-  # -------------------------------------------------- reference log-probs
+  logps = PairLogps(sft.module, sft.shardings, batch_size, mesh, rules)
   ref_path = os.path.join(workdir, "data", REF_LOGPS_FILE)
-  ref_key = ref_logps_key(tables, sft_dir)
-  ref = load_ref_logps(ref_path, ref_key)
-  data_info["ref_logps"] = {"path": ref_path, "key": ref_key, "reused": ref is not None}
-  if ref is None:
-    ref_start = time.perf_counter()
-    ref = {}
-    for split, table in tables.items():
-      logps = all_logps(sft.params, table)
-      ref[f"{split}_chosen"], ref[f"{split}_rejected"] = logps["chosen"], logps["rejected"]
-    if is_primary:
-      save_ref_logps(ref_path, ref_key, ref)
-    logging.info("Reference log-probs computed in %.1fs", time.perf_counter() - ref_start)
-  else:
-    logging.info("Reusing the reference log-probs in %s", ref_path)
-  for split, table in tables.items():
-    table["ref_chosen"] = ref[f"{split}_chosen"].astype(np.float32)
-    table["ref_rejected"] = ref[f"{split}_rejected"].astype(np.float32)
-  if is_primary:
+  data_info["ref_logps"] = attach_reference(
+    tables, ref_path, sft_dir, lambda table: logps(sft.params, table)
+  )
+  if jax.process_index() == 0:
     common.write_json_atomic(os.path.join(workdir, "data_info.json"), data_info)
   logging.info("Preference data: %s", data_info)
-
   # The loader walks pair indices; its collate gathers the rows and stored reference values.
   train_table = tables["train"]
-  table_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in train_table.items()}
   train_loader = loader_lib.Loader(
     range(len(train_table["tie"])),
     global_batch_size=batch_size,
@@ -443,142 +520,59 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     collate=lambda indices: {k: v[np.asarray(indices)] for k, v in train_table.items()},
   )
 
-  # ------------------------------------------------------- sharded state
-  def init_state(params):
-    return dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
-
-  abstract = jax.eval_shape(init_state, sft.params)
-  rep = common.replicated(mesh)
-  state_sh = dict(
-    params=sft.shardings,
-    opt_state=common.mirror_shardings(
-      abstract["opt_state"], abstract["params"], sft.shardings, mesh
-    ),
-    step=rep,
-  )
-  abstract_state = common.with_shardings(abstract, state_sh)
-
-  # ---------------------------------------------------------- update step
-  def weighted_mean(x, weight):
-    return jnp.sum(x * weight) / jnp.maximum(jnp.sum(weight), 1.0)
-
-  def update(state, batch):
-    def loss_fn(params):
-      loss, pair_metrics, weight, strict = pair_terms(pair_logps(params, batch), batch)
-      return weighted_mean(loss, weight), (pair_metrics, weight, strict)
-
-    (loss, (pair_metrics, weight, strict)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state["params"]
+  with common.open_run(config, workdir, mesh, train_loader, clock_start=clock_start) as run:
+    # ------------------------------------------------- state, jitted programs
+    s = Settings.from_config(config)
+    init = functools.partial(init_state, tx=tx)
+    abstract = jax.eval_shape(init, sft.params)
+    rep = common.replicated(mesh)
+    opt_sh = common.mirror_shardings(abstract["opt_state"], abstract["params"], sft.shardings, mesh)
+    state_sh = dict(params=sft.shardings, opt_state=opt_sh, step=rep)
+    table_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in train_table.items()}
+    update_fn = jax.jit(
+      functools.partial(update, module=sft.module, tx=tx, schedule=schedule, s=s),
+      in_shardings=(state_sh, table_sh),
+      out_shardings=(state_sh, rep),
+      donate_argnums=(0,),
     )
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    step_metrics = {
-      "loss": loss,
-      **{k: weighted_mean(v, weight) for k, v in pair_metrics.items()},
-      # A tie has no right answer: accuracy is over strict preferences only.
-      "rewards/accuracies": weighted_mean(pair_metrics["rewards/accuracies"], strict),
-      "lr": schedule(state["step"]),
-      "grad_norm": optim.l2_norm(grads),
-      "param_norm": optim.l2_norm(params),
-      "update_norm": optim.l2_norm(updates),
-    }
-    return dict(params=params, opt_state=opt_state, step=state["step"] + 1), step_metrics
-
-  update_fn = jax.jit(
-    update,
-    in_shardings=(state_sh, table_sh),
-    out_shardings=(state_sh, rep),
-    donate_argnums=(0,),
-  )
-  pair_terms_fn = jax.jit(pair_terms)
-
-  # ------------------------------------------------------ load checkpoint
-  previous_time = 0.0
-  with sharding.use_mesh(mesh, rules):
-    if start_step:
-      state, meta = ckpt.restore(start_step, target=abstract_state)
-      train_loader.set_state(meta["loader"])
-      previous_time = float(meta.get("wall_time_s", 0.0))
-      logging.info("Resumed from step %d", start_step)
-    else:
-      state = jax.jit(init_state, out_shardings=state_sh)(sft.params)
-  ckpt.install_sigterm_handler()
-  stage_clock = rl_common.StageClock(previous_time, start=clock_start)
-
-  # ------------------------------------------------------------ evaluators
-  sample_fn = rl_common.sampler(sft, config, mesh, rules)
-  judge = evaluation.make_judge(
-    config,
-    testbed_prompts=testbed_eval(config),
-    mesh=mesh,
-    rules=rules,
-    max_len=p_len + n_new + 2,
-    batch_size=config.eval.num_prompts,
-  )
-  generation_eval = evaluation.Evaluator(
-    workdir,
-    prompts=eval_prompts(config, sources["eval"], sources["train"]),
-    judge=judge,
-    sft=sft,
-    sample_fn=sample_fn,
-    logps_fn=rl_common.response_logps_fn(lm_module, p_len, n_new, config.temperature),
-    proxy_score=rl_common.rm_score_fn(rm, p_len),
-    prompt_len=p_len,
-    seed=rng.seed(config.seed, "eval"),
-    mesh=mesh,
-    rules=rules,
-  )
-
-  def pair_eval(params) -> dict[str, float]:
-    """The held-out pairs' DPO loss and implicit-reward accuracy."""
-    if "eval" not in tables:
-      return {}
-    table = tables["eval"]
-    labels = {k: table[k] for k in ("ref_chosen", "ref_rejected", "tie", "valid", "target")}
-    loss, pair_metrics, weight, strict = jax.device_get(
-      pair_terms_fn(all_logps(params, table), labels)
+    state, clock = common.restore_or_init(
+      run,
+      common.with_shardings(abstract, state_sh),
+      lambda: jax.jit(init, out_shardings=state_sh)(sft.params),
     )
-    strict = strict > 0
-    out = {"eval/pref_loss": float(np.sum(loss * weight) / max(weight.sum(), 1))}
-    if strict.any():
-      # As the reward model's eval/accuracy: an exact tie of implicit rewards counts half.
-      margins = pair_metrics["rewards/margins"][strict]
-      out["eval/pref_accuracy"] = reward_lib.preference_accuracy(margins)
-      out["eval/pref_margin"] = float(margins.mean())
-    return out
 
-  def evaluate(params, step) -> dict[str, float]:
-    return {**pair_eval(params), **generation_eval(params, step)}
+    # ----------------------------------------------------------- eval, loop
+    terms_fn = jax.jit(functools.partial(pair_terms, s=s))
+    generation_eval = rl_common.make_evaluator(
+      config, workdir, eval_prompts(config, sources["eval"], sources["train"]), sft=sft, rm=rm,
+      sample_fn=rl_common.sampler(sft, config, mesh, rules),
+      logps_fn=rl_common.response_logps_fn(
+        sft.module, config.prompt_len, config.max_new_tokens, config.temperature
+      ),
+      mesh=mesh, rules=rules, testbed_prompts=testbed_eval(config),
+    )  # fmt: skip
 
-  # ----------------------------------------------------------- train loop
-  progress = metrics.ProgressLogger(
-    config.total_steps,
-    every_n_steps=config.log_every,
-    start_step=start_step,
-    metric_keys=("loss", "rewards/accuracies", "eval/gold_reward"),
-  )
-  cfg_model = lm_module.config
-  rows_per_step = 2 * batch_size  # chosen and rejected, forward and backward
-  loop = common.LoopBookkeeping(
-    config,
-    writer=writer,
-    progress=progress,
-    mesh=mesh,
-    flops_per_step=rows_per_step * config.max_len * cfg_model.train_flops_per_token(config.max_len),
-    dtype=cfg_model.dtype,
-  )
-  if start_step == 0:
-    first = evaluate(state["params"], 0)
-    metrics.check_finite(0, first, context="eval")
-    writer.write(0, first)
-  step = start_step
-  try:
+    def evaluate(params, step) -> dict[str, float]:
+      pairs = pair_eval(params, tables["eval"], logps, terms_fn) if "eval" in tables else {}
+      return {**pairs, **generation_eval(params, step)}
+
+    cfg_model = sft.module.config
+    loop = common.bookkeeping(
+      run,
+      # Chosen and rejected rows, forward and backward.
+      flops_per_step=2 * batch_size * config.max_len
+      * cfg_model.train_flops_per_token(config.max_len),
+      dtype=cfg_model.dtype,
+      metric_keys=("loss", "rewards/accuracies", "eval/gold_reward"),
+    )  # fmt: skip
+    common.evaluate_start(run, lambda: evaluate(state["params"], 0))
+    step = run.start_step
     while step < config.total_steps:
       local = next(train_loader)
       with sharding.use_mesh(mesh, rules):
         state, step_metrics = update_fn(state, sharding.host_to_global(local, mesh))
       step += 1
-      preempted = ckpt.preemption_requested(step)
+      preempted = run.ckpt.preemption_requested(step)
       tokens = float(local["chosen_mask"].sum() + local["rejected_mask"].sum())
       loop.after_update(
         step,
@@ -587,40 +581,20 @@ def train(config: Any, workdir: str) -> dict[str, float]:
         lambda: evaluate(state["params"], step),
         preempted=preempted,
       )
-      if loop.should_save:
-        meta = {"loader": train_loader.get_state(), "wall_time_s": stage_clock.elapsed()}
-        ckpt.save(step, state, meta, force=True)
+      common.save_if_due(run, loop, step, state, clock)
       if preempted:
         logging.warning("SIGTERM: saved step %d and stopping; rerun to resume.", step)
         break
-  finally:
-    common.close_all(ckpt.wait, ckpt.close, writer.close)
-
-  # --------------------------------------------------------------- summary
-  if step >= config.total_steps:
-    exported = not stages.needs_export(workdir, step)
-    if not exported:
-      # The loop's last eval (recomputed if the run stopped after its final checkpoint).
-      loop.final_eval(start_step, lambda: evaluate(state["params"], step))
-    rl_common.write_summary(
-      workdir,
-      "dpo",
-      stage_clock.elapsed(),
-      evaluator=judge.name,
-      beta=config.beta,
-      loss_type=config.loss_type,
-    )
-    if not exported:
-      stages.export(
-        workdir,
-        state["params"],
-        {
-          "kind": "policy",
-          "model": cfg_model.to_dict(),
-          "tokenizer": "tokenizer.model",
-          "step": step,
-          "data_content_hash": data_info["content_hash"],
-          "eval": loop.last_eval,
-        },
-      )
-  return loop.last_eval
+  return rl_common.finish(
+    run,
+    loop,
+    step,
+    params=lambda: state["params"],
+    evaluate=evaluate,
+    method="dpo",
+    clock=clock,
+    evaluator=generation_eval.judge.name,
+    model_config=cfg_model,
+    summary={"beta": config.beta, "loss_type": config.loss_type},
+    export={"data_content_hash": data_info["content_hash"]},
+  )

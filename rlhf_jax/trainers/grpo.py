@@ -49,15 +49,8 @@ from rlhf_jax.rl import ppo_losses
 from rlhf_jax.rl import sampler as sampler_lib
 from rlhf_jax.trainers import common, rl_common
 
-TIMING_METRICS = (
-  "tokens_per_s",
-  "steps_per_s",
-  "mfu",
-  "time/rollout_s",
-  "time/scoring_s",
-  "time/update_s",
-  "time/generation_fraction",
-)
+# Metrics that depend on wall-clock time (left out when runs are compared).
+TIMING_METRICS = rl_common.TIMING_METRICS
 
 KL_MODES = ("loss", "reward")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -359,7 +352,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       scores = host_rewards(reward_fn, config.reward_fn, prompts, responses)
       return (sharding.global_from_full(scores, mesh),)
 
-    state, clock = rl_common.restore_or_init(
+    state, clock = common.restore_or_init(
       run,
       common.with_shardings(abstract, state_sh),
       lambda: jax.jit(init, out_shardings=state_sh)(sft.params, key),
@@ -371,13 +364,13 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       logps_fn=logps_fn(sft.module, s), mesh=mesh, rules=rules, proxy_host=reward_fn,
     )  # fmt: skip
     ensemble = rm.ensemble_size if reward_fn is None else 0
-    loop = rl_common.bookkeeping(
+    loop = common.bookkeeping(
       run,
       flops_per_step=flops_per_iteration(sft.module.config, s, ensemble),
       dtype=sft.module.config.dtype,
       metric_keys=("reward", "objective/kl", "eval/gold_reward"),
     )
-    rl_common.evaluate_start(run, evaluate, state["policy"])
+    common.evaluate_start(run, lambda: evaluate(state["policy"], 0))
     rollout_key = rng.key(config.seed, "rollout")
     tokens = float(s.rollout_batch_size * (s.prompt_len + s.max_new_tokens))
     step = run.start_step
@@ -400,7 +393,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       loop.after_update(
         step, stats, tokens, lambda: evaluate(state["policy"], step), preempted=preempted
       )
-      rl_common.save_if_due(run, loop, step, state, clock)
+      common.save_if_due(run, loop, step, state, clock)
       if preempted:
         logging.warning("SIGTERM: saved iteration %d and stopping; rerun to resume.", step)
         break

@@ -45,15 +45,8 @@ from rlhf_jax.rl import sampler as sampler_lib
 from rlhf_jax.rl.logprobs import entropy_from_logits, token_logprobs
 from rlhf_jax.trainers import common, rl_common
 
-TIMING_METRICS = (
-  "tokens_per_s",
-  "steps_per_s",
-  "mfu",
-  "time/rollout_s",
-  "time/scoring_s",
-  "time/update_s",
-  "time/generation_fraction",
-)
+# Metrics that depend on wall-clock time (left out when runs are compared).
+TIMING_METRICS = rl_common.TIMING_METRICS
 
 VALUE_MODELS = ("separate", "policy_head")
 
@@ -439,7 +432,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       out_shardings=(state_sh, rep),
       donate_argnums=(0,),
     )
-    state, clock = rl_common.restore_or_init(
+    state, clock = common.restore_or_init(
       run,
       common.with_shardings(abstract, state_sh),
       lambda: jax.jit(init, out_shardings=state_sh)(policy_init, value_init, key),
@@ -454,13 +447,13 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       logps_fn=logps_fn, mesh=mesh, rules=rules,
     )  # fmt: skip
     flops = flops_per_iteration(sft.module.config, s, nets.value is not None, rm.ensemble_size)
-    loop = rl_common.bookkeeping(
+    loop = common.bookkeeping(
       run,
       flops_per_step=flops,
       dtype=sft.module.config.dtype,
       metric_keys=("objective/scores", "objective/kl", "eval/gold_reward"),
     )
-    rl_common.evaluate_start(run, evaluate, lm_params(state["policy"]))
+    common.evaluate_start(run, lambda: evaluate(lm_params(state["policy"]), 0))
     rollout_key = rng.key(config.seed, "rollout")
     tokens = float(s.rollout_batch_size * (s.prompt_len + s.max_new_tokens))
     step = run.start_step
@@ -480,7 +473,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       loop.after_update(
         step, stats, tokens, lambda: evaluate(lm_params(state["policy"]), step), preempted=preempted
       )
-      rl_common.save_if_due(run, loop, step, state, clock)
+      common.save_if_due(run, loop, step, state, clock)
       if preempted:
         logging.warning("SIGTERM: saved iteration %d and stopping; rerun to resume.", step)
         break

@@ -2,9 +2,11 @@
 
     python -m experiments.launch --config=configs/reward.py
 
-Sections, in order: logging, mesh, upstream SFT stage, preference data,
-model and optimizer shapes, sharded state, update step, checkpoint restore,
-evaluators, train loop, normalisation and export.
+The module-level functions are the method: `init_state` (the ensemble on the SFT
+trunk), `pair_scores`, `update` (one bootstrap-weighted step of every member),
+`Evaluator` (held-out pairs, correlation with gold) and `prepare_pairs`; `train` wires
+them to the loop every trainer shares (`rlhf_jax.trainers.common`), then normalises the
+scores and exports the stage.
 
 On the testbed, as in real RLHF, the pairs are samples of the SFT policy for
 one prompt, labelled by the simulated rater panel (anchors shown to every
@@ -24,8 +26,10 @@ std 1.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+import time
 from typing import Any
 
 import jax
@@ -37,7 +41,6 @@ from absl import logging
 from rlhf_jax import config_spec as cs
 from rlhf_jax import (
   config_utils,
-  metrics,
   models,
   optim,
   rng,
@@ -104,47 +107,241 @@ CONFIG_SPEC = cs.Spec(
 )
 
 
-# ---------------------------------------------------------------------- train
+# ------------------------------------------------------ state and update step
 
 
-def train(config: Any, workdir: str) -> dict[str, float]:
-  """Trains the reward-model ensemble; exports it for later stages."""
-  # ----------------------------------------------------------------- logging
-  os.makedirs(workdir, exist_ok=True)
-  is_primary = jax.process_index() == 0
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What the jitted update reads from the config besides the networks."""
 
-  # -------------------------------------------------------------------- mesh
-  mesh = common.mesh_from_config(config)
-  rules = config.sharding_rules
+  members: int  # config.ensemble_size
+  use_margin: bool
+  center_coef: float
 
-  # Config errors surface before any stage trains or any data is built.
-  CONFIG_SPEC.validate(config)
-  tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+  @staticmethod
+  def from_config(config) -> Settings:
+    return Settings(config.ensemble_size, config.use_margin, config.center_coef)
 
-  # ------------------------------------------------------------ upstream SFT
-  sft_dir = config_utils.require_stage(config, "policy_init")
-  policy = stages.load_policy(sft_dir, mesh, rules)
-  tok = policy.tokenizer
-  if is_primary:
-    tok.save(os.path.join(workdir, "tokenizer.model"))
 
-  ckpt = common.checkpointer(config, workdir)
-  start_step = ckpt.latest_intact_step() or 0
-  writer = metrics.MetricWriter(workdir, resume_step=start_step or -1)
+def init_state(key, trunk, *, module, tx, members: int, base_layers: int) -> dict[str, Any]:
+  """A fresh state: `members` reward models stacked on a leading axis, each with the SFT
+  policy's trunk `trunk` (of `base_layers` layers, grown to the module's depth by
+  identity-initialised blocks) and its own fresh head; their optimizer states; step; RNG."""
+  cfg = module.config
 
-  # -------------------------------------------------------- preference data
-  data = config.data
+  def init_member(member_key):
+    params = sharding.unbox(models.init_params(module, member_key))
+    grown = models.grow_trunk(params["trunk"], trunk, base_layers, cfg.scan_layers)
+    return {**params, "trunk": grown}
 
-  # SFT samples: for testbed pairs, the gold eval and the normalisation.
-  generate = policy.generator(
-    max_new_tokens=data.max_new_tokens,
-    temperature=data.temperature,
-    prompt_len=data.prompt_len,
-    batch_size=data.sample_batch,
-    mesh=mesh,
-    rules=rules,
+  init_rng, key = jax.random.split(key)
+  params = jax.vmap(init_member)(jax.random.split(init_rng, members))
+  return dict(
+    params=params, opt_state=jax.vmap(tx.init)(params), step=jnp.zeros((), jnp.int32), rng=key
   )
 
+
+def state_shardings(abstract: dict[str, Any], module, mesh, rules) -> dict[str, Any]:
+  """Stacked parameters sharded as one member's logical axes (the ensemble axis
+  replicated), optimizer moments as their parameters, scalars replicated."""
+  boxed = jax.eval_shape(lambda: models.init_params(module, jax.random.key(0)))
+  stacked_specs = jax.tree.map(
+    lambda s: jax.P(None, *s), sharding.logical_specs(boxed), is_leaf=lambda x: isinstance(x, jax.P)
+  )
+  param_sh = sharding.tree_shardings(abstract["params"], stacked_specs, mesh, rules)
+  opt_sh = common.mirror_shardings(abstract["opt_state"], abstract["params"], param_sh, mesh)
+  rep = common.replicated(mesh)
+  return dict(params=param_sh, opt_state=opt_sh, step=rep, rng=rep)
+
+
+def batch_shardings(mesh) -> dict[str, Any]:
+  """A batch of comparison groups (`pairs_lib.group_collate`): rows [G, R, T], indices and
+  labels [G, P]."""
+  batch_sh, rows_sh = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 3)
+  return dict(
+    tokens=rows_sh,
+    mask=rows_sh,
+    chosen=batch_sh,
+    rejected=batch_sh,
+    **dict.fromkeys(pairs_lib.LABEL_FIELDS, batch_sh),
+  )
+
+
+def pair_scores(params, batch, *, module):
+  """Scores of each comparison's chosen and rejected rows: [E, G * P] each."""
+  g, r, t = batch["tokens"].shape
+  scores = stages.ensemble_scores(
+    module, params, batch["tokens"].reshape(g * r, t), batch["mask"].reshape(g * r, t)
+  ).reshape(-1, g, r)  # every distinct response once: [E, G, R]
+  read = lambda rows: jnp.take_along_axis(scores, rows[None], axis=2).reshape(-1, rows.size)
+  return read(batch["chosen"]), read(batch["rejected"])
+
+
+def update(state, batch, *, module, tx, schedule, s: Settings):
+  """One step of every member on its own bootstrap weights of the batch's comparisons.
+
+  Each member draws Poisson(1) weights per comparison (one member: all 1), so members
+  see different resamples of the data; their summed loss gives each its own gradient.
+  """
+  rng, boot_rng = jax.random.split(state["rng"])
+  labels = {k: batch[k].reshape(-1) for k in pairs_lib.LABEL_FIELDS}  # per comparison: [G * P]
+  b = labels["margin"].shape[0]
+  valid = labels["valid"].astype(jnp.float32)
+  if s.members > 1:
+    weights = jax.random.poisson(boot_rng, 1.0, (s.members, b)).astype(jnp.float32) * valid
+  else:
+    weights = jnp.broadcast_to(valid, (1, b))
+
+  def loss_fn(params):
+    chosen, rejected = pair_scores(params, batch, module=module)
+    member_loss = jax.vmap(
+      lambda c, r, w: reward_lib.bradley_terry_loss(
+        c,
+        r,
+        margin=labels["margin"] if s.use_margin else None,
+        tie=labels["tie"],
+        target=labels["target"],
+        weight=w,
+        center_coef=s.center_coef,
+      )[0]
+    )(chosen, rejected, weights)
+    # Sum over members: each member's gradient is its own loss's gradient.
+    return jnp.sum(member_loss), (member_loss, chosen, rejected)
+
+  (_, (member_loss, chosen, rejected)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    state["params"]
+  )
+  updates, opt_state = jax.vmap(tx.update)(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  diff = jnp.mean(chosen - rejected, axis=0)
+  strict = (~labels["tie"]).astype(jnp.float32) * valid
+  step_metrics = dict(
+    loss=jnp.mean(member_loss),
+    accuracy=jnp.sum((diff > 0) * strict) / jnp.maximum(jnp.sum(strict), 1.0),
+    margin=jnp.sum(diff * strict) / jnp.maximum(jnp.sum(strict), 1.0),
+    score_mean=jnp.sum((chosen + rejected) * valid)
+    / jnp.maximum(2 * s.members * jnp.sum(valid), 1.0),
+    lr=schedule(state["step"]),
+    grad_norm=optim.l2_norm(grads),
+    param_norm=optim.l2_norm(params),
+    update_norm=optim.l2_norm(updates),
+  )
+  new_state = dict(params=params, opt_state=opt_state, step=state["step"] + 1, rng=rng)
+  return new_state, step_metrics
+
+
+# ------------------------------------------------------------------- evaluation
+
+
+class Evaluator:
+  """`evaluator(params)`: held-out pair metrics and, on the testbed, agreement with gold.
+
+  On the eval pairs (plain pairs): loss, accuracy (ties excluded, an exact tie of
+  scores counts half), margin, calibration error, the members' spread, and the gap to
+  the labels' noise ceiling when it is known. On the testbed, the Pearson and Spearman
+  correlation of the ensemble's score with the gold reward on SFT samples for held-out
+  prompts (sampled once, with `generate`). `score_texts` also serves the normalisation.
+  """
+
+  def __init__(self, config, module, tok, eval_source, generate, state_sh, mesh, noise_ceiling):
+    self.config, self.tok, self.mesh, self.rules = config, tok, mesh, config.sharding_rules
+    self.eval_source, self.generate, self.noise_ceiling = eval_source, generate, noise_ceiling
+    self.local_rows = config.batch_size // jax.process_count()
+    param_sh, batch_sh = state_sh["params"], sharding.batch_sharding(mesh, 2)
+    scores = functools.partial(pair_scores, module=module)
+    self.scores_fn = jax.jit(scores, in_shardings=(param_sh, batch_shardings(mesh)))
+    self.single_fn = jax.jit(
+      functools.partial(stages.ensemble_scores, module), in_shardings=(param_sh, batch_sh, batch_sh)
+    )
+    self.gold_prompts, self.gold_fn = _gold_setup(config)
+    self.gold_samples: list[str] | None = None
+
+  def __call__(self, params) -> dict[str, float]:
+    return {**self.pair_eval(params), **self.gold_eval(params)}
+
+  def pair_eval(self, params) -> dict[str, float]:
+    if self.eval_source is None:
+      return {}
+    loader = loader_lib.Loader(
+      preferences.GroupedSource(self.eval_source, [[i] for i in range(len(self.eval_source))]),
+      global_batch_size=self.config.batch_size,
+      shuffle=False,
+      drop_remainder=False,
+      num_epochs=1,
+      collate=group_collate(self.config, self.tok, responses=2, pairs=1),  # plain pairs
+    )
+    diffs, spreads, ties, nlls = [], [], [], []
+    for batch in loader:
+      n = batch["margin"].shape[0]
+      batch = _pad_rows(batch, self.local_rows)
+      with sharding.use_mesh(self.mesh, self.rules):
+        chosen, rejected = self.scores_fn(params, sharding.host_to_global(batch, self.mesh))
+      chosen, rejected = sharding.fetch(chosen)[:, :n], sharding.fetch(rejected)[:, :n]
+      member_diff = chosen - rejected
+      diff = member_diff.mean(0)
+      valid = batch["valid"][:n, 0]
+      diffs.append(diff[valid])
+      spreads.append(member_diff.std(0)[valid])
+      ties.append(batch["tie"][:n, 0][valid])
+      nll, _ = reward_lib.bradley_terry_loss(diff[valid], np.zeros_like(diff[valid]), tie=ties[-1])
+      nlls.append(float(nll) * int(valid.sum()))
+    diff, tie = np.concatenate(diffs), np.concatenate(ties)
+    out = {
+      "eval/loss": sum(nlls) / max(len(diff), 1),
+      "eval/accuracy": reward_lib.preference_accuracy(diff, tie),
+      "eval/margin": float(diff[~tie].mean()) if (~tie).any() else float("nan"),
+      "eval/ece": reward_lib.expected_calibration_error(diff, tie),
+      "eval/ensemble_spread": float(np.concatenate(spreads).mean()),
+    }
+    if self.noise_ceiling:
+      out["eval/noise_ceiling"] = self.noise_ceiling["bayes_accuracy"]
+      out["eval/accuracy_gap_to_ceiling"] = (
+        self.noise_ceiling["bayes_accuracy"] - out["eval/accuracy"]
+      )
+    return out
+
+  def score_texts(self, params, prompts, responses) -> np.ndarray:
+    """[E, N] raw member scores of (prompt, response) texts."""
+    rows = [{"prompt": p, "response": r} for p, r in zip(prompts, responses, strict=True)]
+    scores, local_rows = [], self.local_rows
+    for start in range(0, len(rows), local_rows):
+      chunk = loader_lib.sft_collate(
+        rows[start : start + local_rows], self.tok, self.config.max_len
+      )
+      n = chunk["tokens"].shape[0]
+      chunk = _pad_rows({"tokens": chunk["tokens"], "mask": chunk["input_mask"]}, local_rows)
+      with sharding.use_mesh(self.mesh, self.rules):
+        s = self.single_fn(
+          params,
+          sharding.host_to_global(chunk["tokens"], self.mesh),
+          sharding.host_to_global(chunk["mask"], self.mesh),
+        )
+      scores.append(sharding.fetch(s)[:, :n])
+    return np.concatenate(scores, axis=1)
+
+  def gold_eval(self, params) -> dict[str, float]:
+    """Correlation of the RM with gold on SFT-policy samples for held-out prompts."""
+    if self.gold_fn is None:
+      return {}
+    prompts = self.gold_prompts
+    if self.gold_samples is None:
+      self.gold_samples = self.generate(prompts, rng.key(self.config.seed, "reward_gold_eval"))
+    responses = self.gold_samples
+    rm = self.score_texts(params, prompts, responses).mean(0)
+    gold = np.asarray([self.gold_fn(p, r) for p, r in zip(prompts, responses, strict=True)])
+    return {
+      "eval/gold_pearson": reward_lib.pearson(rm, gold),
+      "eval/gold_spearman": reward_lib.spearman(rm, gold),
+    }
+
+
+# ------------------------------------------------------------------------ data
+
+
+def prepare_pairs(config, workdir, tok, generate):
+  """The training comparison groups and the eval pairs (`pairs_lib`), those too long left
+  out; (train groups, eval source or None, normalisation prompts, data_info)."""
+  data = config.data
   if data.source == "testbed":
     paths, ceiling = pairs_lib.testbed_pairs(data, os.path.join(workdir, "data"), generate)
     info = {"noise_ceiling": ceiling}
@@ -165,308 +362,137 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   train_source, eval_source = fitting["train"], fitting["eval"]
   # K-wise groups: a batch is config.batch_size groups of up to K responses each, every
   # response scored once for all its comparisons. Eval pairs are plain pairs.
-  k = config.data.responses_per_prompt
-  shape = dict(responses=k, pairs=k * (k - 1) // 2)
-  train_groups = preferences.GroupedSource(
-    train_source, preferences.comparison_groups(train_source, shape["responses"], shape["pairs"])
-  )
+  k = data.responses_per_prompt
+  groups = preferences.comparison_groups(train_source, k, k * (k - 1) // 2)
+  train_groups = preferences.GroupedSource(train_source, groups)
   data_info["num_train_groups"] = len(train_groups)
   norm_prompts = normalization_prompts(config, train_source)  # known before the first step
   common.check_batch_fits(len(train_groups), config.batch_size, "comparison groups")
+  return train_groups, eval_source, norm_prompts, data_info
 
-  def collate(responses, pairs):
-    return functools.partial(
-      pairs_lib.group_collate,
-      tokenizer=tok,
-      max_len=config.max_len,
-      responses=responses,
-      pairs=pairs,
-      soft_labels=config.soft_labels,
-      confidence_range=tuple(config.confidence_range),
-    )
 
-  train_loader = loader_lib.Loader(
-    train_groups, global_batch_size=config.batch_size, seed=config.seed, collate=collate(**shape)
+def group_collate(config, tok, *, responses: int, pairs: int):
+  """Rows of `responses` responses and `pairs` comparisons per group, with their labels."""
+  return functools.partial(
+    pairs_lib.group_collate,
+    tokenizer=tok,
+    max_len=config.max_len,
+    responses=responses,
+    pairs=pairs,
+    soft_labels=config.soft_labels,
+    confidence_range=tuple(config.confidence_range),
   )
-  if is_primary:
+
+
+# ------------------------------------------------------------------------ train
+
+
+def train(config: Any, workdir: str) -> dict[str, float]:
+  """Trains the reward-model ensemble; exports it for later stages."""
+  # Config errors surface before any stage trains or any data is built.
+  CONFIG_SPEC.validate(config)
+  tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+  os.makedirs(workdir, exist_ok=True)
+  mesh, rules = common.mesh_from_config(config), config.sharding_rules
+
+  # ------------------------------------------------- upstream SFT, pairs
+  sft_dir = config_utils.require_stage(config, "policy_init")
+  clock_start = time.perf_counter()
+  policy = stages.load_policy(sft_dir, mesh, rules)
+  tok = policy.tokenizer
+  if jax.process_index() == 0:
+    tok.save(os.path.join(workdir, "tokenizer.model"))
+  data = config.data
+  # SFT samples: for testbed pairs, the gold eval and the normalisation.
+  generate = policy.generator(
+    max_new_tokens=data.max_new_tokens,
+    temperature=data.temperature,
+    prompt_len=data.prompt_len,
+    batch_size=data.sample_batch,
+    mesh=mesh,
+    rules=rules,
+  )
+  train_groups, eval_source, norm_prompts, data_info = prepare_pairs(config, workdir, tok, generate)
+  k = data.responses_per_prompt
+  train_loader = loader_lib.Loader(
+    train_groups,
+    global_batch_size=config.batch_size,
+    seed=config.seed,
+    collate=group_collate(config, tok, responses=k, pairs=k * (k - 1) // 2),
+  )
+  if jax.process_index() == 0:
     common.write_json_atomic(os.path.join(workdir, "data_info.json"), data_info)
   logging.info("Preference data: %s", data_info)
 
-  # ------------------------------------------------ model, optimizer shapes
-  policy_cfg = policy.module.config
-  model_cfg = policy_cfg.replace(num_layers=policy_cfg.num_layers + config.extra_layers)
-  module = models.ScalarModel(model_cfg, head_init="reward")
-  members = config.ensemble_size
-
-  def init_member(rng, trunk):
-    params = sharding.unbox(models.init_params(module, rng))
-    # The SFT policy's trunk, grown by `extra_layers` identity-initialised blocks; the
-    # head (and any new block) is fresh per member.
-    trunk = models.grow_trunk(params["trunk"], trunk, policy_cfg.num_layers, model_cfg.scan_layers)
-    return {**params, "trunk": trunk}
-
-  def init_state(rng, trunk):
-    init_rng, rng = jax.random.split(rng)
-    params = jax.vmap(init_member, in_axes=(0, None))(jax.random.split(init_rng, members), trunk)
-    return dict(
-      params=params,
-      opt_state=jax.vmap(tx.init)(params),
-      step=jnp.zeros((), jnp.int32),
-      rng=rng,
+  with common.open_run(config, workdir, mesh, train_loader, clock_start=clock_start) as run:
+    # ------------------------------------------- networks, state, jitted programs
+    policy_cfg = policy.module.config
+    model_cfg = policy_cfg.replace(num_layers=policy_cfg.num_layers + config.extra_layers)
+    module = models.ScalarModel(model_cfg, head_init="reward")
+    s = Settings.from_config(config)
+    init = functools.partial(
+      init_state, module=module, tx=tx, members=s.members, base_layers=policy_cfg.num_layers
     )
-
-  # -------------------------------------------------------- sharded state
-  boxed = jax.eval_shape(lambda: models.init_params(module, jax.random.key(0)))
-  member_specs = sharding.logical_specs(boxed)
-  stacked_specs = jax.tree.map(
-    lambda s: jax.P(None, *s), member_specs, is_leaf=lambda x: isinstance(x, jax.P)
-  )
-  abstract = jax.eval_shape(init_state, rng.key(config.seed, "init"), policy.params["trunk"])
-  param_sh = sharding.tree_shardings(abstract["params"], stacked_specs, mesh, rules)
-  opt_sh = common.mirror_shardings(abstract["opt_state"], abstract["params"], param_sh, mesh)
-  rep = common.replicated(mesh)
-  state_sh = dict(params=param_sh, opt_state=opt_sh, step=rep, rng=rep)
-  abstract_state = common.with_shardings(abstract, state_sh)
-
-  # ----------------------------------------------------------- update step
-  apply_scores = functools.partial(stages.ensemble_scores, module)
-
-  def pair_scores(params, batch):
-    """Scores of each comparison's chosen and rejected rows: [E, G * P] each."""
-    g, r, t = batch["tokens"].shape
-    scores = apply_scores(
-      params, batch["tokens"].reshape(g * r, t), batch["mask"].reshape(g * r, t)
-    ).reshape(-1, g, r)  # every distinct response once: [E, G, R]
-    read = lambda rows: jnp.take_along_axis(scores, rows[None], axis=2).reshape(-1, rows.size)
-    return read(batch["chosen"]), read(batch["rejected"])
-
-  def update(state, batch):
-    rng, boot_rng = jax.random.split(state["rng"])
-    labels = {k: batch[k].reshape(-1) for k in pairs_lib.LABEL_FIELDS}  # per comparison: [G * P]
-    b = labels["margin"].shape[0]
-    valid = labels["valid"].astype(jnp.float32)
-    if members > 1:
-      weights = jax.random.poisson(boot_rng, 1.0, (members, b)).astype(jnp.float32) * valid
-    else:
-      weights = jnp.broadcast_to(valid, (1, b))
-
-    def loss_fn(params):
-      chosen, rejected = pair_scores(params, batch)
-      member_loss = jax.vmap(
-        lambda c, r, w: reward_lib.bradley_terry_loss(
-          c,
-          r,
-          margin=labels["margin"] if config.use_margin else None,
-          tie=labels["tie"],
-          target=labels["target"],
-          weight=w,
-          center_coef=config.center_coef,
-        )[0]
-      )(chosen, rejected, weights)
-      # Sum over members: each member's gradient is its own loss's gradient.
-      return jnp.sum(member_loss), (member_loss, chosen, rejected)
-
-    (_, (member_loss, chosen, rejected)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state["params"]
+    key, trunk = rng.key(config.seed, "init"), policy.params["trunk"]
+    state_sh = state_shardings(jax.eval_shape(init, key, trunk), module, mesh, rules)
+    abstract = common.with_shardings(jax.eval_shape(init, key, trunk), state_sh)
+    update_fn = jax.jit(
+      functools.partial(update, module=module, tx=tx, schedule=schedule, s=s),
+      in_shardings=(state_sh, batch_shardings(mesh)),
+      out_shardings=(state_sh, common.replicated(mesh)),
+      donate_argnums=(0,),
     )
-    updates, opt_state = jax.vmap(tx.update)(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    diff = jnp.mean(chosen - rejected, axis=0)
-    strict = (~labels["tie"]).astype(jnp.float32) * valid
-    step_metrics = dict(
-      loss=jnp.mean(member_loss),
-      accuracy=jnp.sum((diff > 0) * strict) / jnp.maximum(jnp.sum(strict), 1.0),
-      margin=jnp.sum(diff * strict) / jnp.maximum(jnp.sum(strict), 1.0),
-      score_mean=jnp.sum((chosen + rejected) * valid)
-      / jnp.maximum(2 * members * jnp.sum(valid), 1.0),
-      lr=schedule(state["step"]),
-      grad_norm=optim.l2_norm(grads),
-      param_norm=optim.l2_norm(params),
-      update_norm=optim.l2_norm(updates),
-    )
-    new_state = dict(params=params, opt_state=opt_state, step=state["step"] + 1, rng=rng)
-    return new_state, step_metrics
+    init_fn = jax.jit(init, out_shardings=state_sh)
+    state, clock = common.restore_or_init(run, abstract, lambda: init_fn(key, trunk))
 
-  batch_sh = sharding.batch_sharding(mesh, 2)
-  rows_sh = sharding.batch_sharding(mesh, 3)
-  batch_shardings = dict(
-    tokens=rows_sh,
-    mask=rows_sh,
-    chosen=batch_sh,
-    rejected=batch_sh,
-    **dict.fromkeys(pairs_lib.LABEL_FIELDS, batch_sh),
-  )
-  update_fn = jax.jit(
-    update,
-    in_shardings=(state_sh, batch_shardings),
-    out_shardings=(state_sh, rep),
-    donate_argnums=(0,),
-  )
-  scores_fn = jax.jit(pair_scores, in_shardings=(param_sh, batch_shardings))
-  single_fn = jax.jit(apply_scores, in_shardings=(param_sh, batch_sh, batch_sh))
-
-  # ------------------------------------------------------ load checkpoint
-  with sharding.use_mesh(mesh, rules):
-    if start_step:
-      state, meta = ckpt.restore(start_step, target=abstract_state)
-      train_loader.set_state(meta["loader"])
-      logging.info("Resumed from step %d", start_step)
-    else:
-      init = jax.jit(init_state, out_shardings=state_sh)
-      state = init(rng.key(config.seed, "init"), policy.params["trunk"])
-  ckpt.install_sigterm_handler()
-
-  # ------------------------------------------------------------ evaluators
-  eval_prompts, eval_gold_fn = _gold_setup(config)
-  local_rows = config.batch_size // jax.process_count()
-
-  def pair_eval(params) -> dict[str, float]:
-    if eval_source is None:
-      return {}
-    loader = loader_lib.Loader(
-      preferences.GroupedSource(eval_source, [[i] for i in range(len(eval_source))]),
-      global_batch_size=config.batch_size,
-      shuffle=False,
-      drop_remainder=False,
-      num_epochs=1,
-      collate=collate(responses=2, pairs=1),  # plain pairs
-    )
-    diffs, spreads, ties, nlls = [], [], [], []
-    for batch in loader:
-      n = batch["margin"].shape[0]
-      batch = _pad_rows(batch, local_rows)
-      with sharding.use_mesh(mesh, rules):
-        chosen, rejected = scores_fn(params, sharding.host_to_global(batch, mesh))
-      chosen, rejected = sharding.fetch(chosen)[:, :n], sharding.fetch(rejected)[:, :n]
-      member_diff = chosen - rejected
-      diff = member_diff.mean(0)
-      valid = batch["valid"][:n, 0]
-      diffs.append(diff[valid])
-      spreads.append(member_diff.std(0)[valid])
-      ties.append(batch["tie"][:n, 0][valid])
-      nll, _ = reward_lib.bradley_terry_loss(diff[valid], np.zeros_like(diff[valid]), tie=ties[-1])
-      nlls.append(float(nll) * int(valid.sum()))
-    diff, tie = np.concatenate(diffs), np.concatenate(ties)
-    out = {
-      "eval/loss": sum(nlls) / max(len(diff), 1),
-      "eval/accuracy": reward_lib.preference_accuracy(diff, tie),
-      "eval/margin": float(diff[~tie].mean()) if (~tie).any() else float("nan"),
-      "eval/ece": reward_lib.expected_calibration_error(diff, tie),
-      "eval/ensemble_spread": float(np.concatenate(spreads).mean()),
-    }
+    # ----------------------------------------------------------- eval, loop
     ceiling = data_info.get("noise_ceiling", {}).get("eval")
-    if ceiling:
-      out["eval/noise_ceiling"] = ceiling["bayes_accuracy"]
-      out["eval/accuracy_gap_to_ceiling"] = ceiling["bayes_accuracy"] - out["eval/accuracy"]
-    return out
-
-  policy_samples: dict[str, list[str]] = {}
-
-  def score_texts(params, prompts, responses) -> np.ndarray:
-    """[E, N] raw member scores of (prompt, response) texts."""
-    rows = [{"prompt": p, "response": r} for p, r in zip(prompts, responses, strict=True)]
-    scores = []
-    for start in range(0, len(rows), local_rows):
-      chunk = loader_lib.sft_collate(rows[start : start + local_rows], tok, config.max_len)
-      n = chunk["tokens"].shape[0]
-      chunk = _pad_rows({"tokens": chunk["tokens"], "mask": chunk["input_mask"]}, local_rows)
-      with sharding.use_mesh(mesh, rules):
-        s = single_fn(
-          params,
-          sharding.host_to_global(chunk["tokens"], mesh),
-          sharding.host_to_global(chunk["mask"], mesh),
-        )
-      scores.append(sharding.fetch(s)[:, :n])
-    return np.concatenate(scores, axis=1)
-
-  def gold_eval(params) -> dict[str, float]:
-    """Correlation of the RM with gold on SFT-policy samples for held-out prompts."""
-    if eval_gold_fn is None:
-      return {}
-    if "eval" not in policy_samples:
-      policy_samples["eval"] = generate(eval_prompts, rng.key(config.seed, "reward_gold_eval"))
-    responses = policy_samples["eval"]
-    rm = score_texts(params, eval_prompts, responses).mean(0)
-    gold = np.asarray([eval_gold_fn(p, r) for p, r in zip(eval_prompts, responses, strict=True)])
-    return {
-      "eval/gold_pearson": reward_lib.pearson(rm, gold),
-      "eval/gold_spearman": reward_lib.spearman(rm, gold),
-    }
-
-  def evaluate(state) -> dict[str, float]:
-    return {**pair_eval(state["params"]), **gold_eval(state["params"])}
-
-  # ----------------------------------------------------------- train loop
-  progress = metrics.ProgressLogger(
-    config.total_steps,
-    every_n_steps=config.log_every,
-    start_step=start_step,
-    metric_keys=("loss", "accuracy", "eval/accuracy"),
-  )
-  loop = common.LoopBookkeeping(
-    config,
-    writer=writer,
-    progress=progress,
-    mesh=mesh,
-    flops_per_step=shape["responses"]
-    * members
-    * model_cfg.train_flops_per_token(config.max_len)
-    * config.batch_size,
-    dtype=model_cfg.dtype,
-  )
-  if start_step == 0:
-    first = evaluate(state)
-    metrics.check_finite(0, first, context="eval")
-    writer.write(0, first)
-  step = start_step
-  try:
+    evaluate = Evaluator(config, module, tok, eval_source, generate, state_sh, mesh, ceiling)
+    loop = common.bookkeeping(
+      run,
+      flops_per_step=k * s.members * model_cfg.train_flops_per_token(config.max_len)
+      * config.batch_size,
+      dtype=model_cfg.dtype,
+      metric_keys=("loss", "accuracy", "eval/accuracy"),
+    )  # fmt: skip
+    common.evaluate_start(run, lambda: evaluate(state["params"]))
+    step = run.start_step
     while step < config.total_steps:
       local = next(train_loader)
       with sharding.use_mesh(mesh, rules):
         state, step_metrics = update_fn(state, sharding.host_to_global(local, mesh))
       step += 1
-      preempted = ckpt.preemption_requested(step)
-      tokens = float(local["mask"].sum())
+      preempted = run.ckpt.preemption_requested(step)
+      tokens = float(local["mask"].sum()) * jax.process_count()
       loop.after_update(
-        step,
-        step_metrics,
-        tokens * jax.process_count(),
-        lambda: evaluate(state),
-        preempted=preempted,
+        step, step_metrics, tokens, lambda: evaluate(state["params"]), preempted=preempted
       )
-      if loop.should_save:
-        ckpt.save(step, state, {"loader": train_loader.get_state()}, force=True)
+      common.save_if_due(run, loop, step, state, clock)
       if preempted:
         logging.warning("SIGTERM: saved step %d and stopping; rerun to resume.", step)
         break
-  finally:
-    common.close_all(ckpt.wait, ckpt.close, writer.close)
 
   # ------------------------------------------------- normalisation, export
   if step >= config.total_steps and stages.needs_export(workdir, step):
     # The loop's last eval (recomputed if the run stopped after its final checkpoint).
-    loop.final_eval(start_step, lambda: evaluate(state))
-    prompts = norm_prompts
-    responses = generate(prompts, rng.key(config.seed, "normalization"))
-    raw = score_texts(state["params"], prompts, responses).mean(0)
+    loop.final_eval(run.start_step, lambda: evaluate(state["params"]))
+    responses = generate(norm_prompts, rng.key(config.seed, "normalization"))
+    raw = evaluate.score_texts(state["params"], norm_prompts, responses).mean(0)
     gain, bias = reward_lib.normalization(raw)
     logging.info("Normalisation on %d SFT samples: gain %.4f, bias %.4f", len(raw), gain, bias)
-    stages.export(
-      workdir,
-      state["params"],
-      {
-        "kind": "reward",
-        "model": model_cfg.to_dict(),
-        "tokenizer": "tokenizer.model",
-        "ensemble_size": members,
-        "gain": gain,
-        "bias": bias,
-        "policy": os.path.abspath(sft_dir),
-        "step": step,
-        "data_content_hash": data_info["content_hash"],
-        "eval": loop.last_eval,
-      },
-    )
+    meta = {
+      "kind": "reward",
+      "model": model_cfg.to_dict(),
+      "tokenizer": "tokenizer.model",
+      "ensemble_size": s.members,
+      "gain": gain,
+      "bias": bias,
+      "policy": os.path.abspath(sft_dir),
+      "step": step,
+      "data_content_hash": data_info["content_hash"],
+      "eval": loop.last_eval,
+    }
+    stages.export(workdir, state["params"], meta)
   return loop.last_eval
 
 

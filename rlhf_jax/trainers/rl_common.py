@@ -20,18 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from rlhf_jax import config_spec as cs
 from rlhf_jax import (
-  checkpoint,
   config_utils,
   evaluation,
   metrics,
   models,
   rng,
-  sharding,
   stages,
   utils,
 )
-from rlhf_jax import config_spec as cs
 from rlhf_jax.data import loader as loader_lib
 from rlhf_jax.data import prompts as prompts_lib
 from rlhf_jax.rl.logprobs import token_logprobs
@@ -170,13 +168,27 @@ def prompt_loader(
 
 
 def make_evaluator(
-  config, workdir, prompts, *, sft, rm, sample_fn, logps_fn, mesh, rules, proxy_host=None
+  config,
+  workdir,
+  prompts,
+  *,
+  sft,
+  rm,
+  sample_fn,
+  logps_fn,
+  mesh,
+  rules,
+  proxy_host=None,
+  testbed_prompts: bool | None = None,
 ) -> evaluation.Evaluator:
   """The held-out evaluator of an RL stage: `prompts`, the judge `config.eval.judge`, the
-  reward model `rm` (or the host function `proxy_host`) as the proxy."""
+  reward model `rm` (or the host function `proxy_host`) as the proxy. `testbed_prompts`:
+  whether the prompts are the testbed's (default: `config.data.source == "testbed"`)."""
+  if testbed_prompts is None:
+    testbed_prompts = config.data.source == "testbed"
   judge = evaluation.make_judge(
     config,
-    testbed_prompts=config.data.source == "testbed",
+    testbed_prompts=testbed_prompts,
     mesh=mesh,
     rules=rules,
     max_len=config.prompt_len + config.max_new_tokens + 2,
@@ -236,22 +248,6 @@ def write_summary(
   return summary
 
 
-class StageClock:
-  """Wall time of this stage across resumes: kept in checkpoint metadata by the trainer.
-
-  Counts `previous` (the seconds earlier runs of the stage took, from the checkpoint)
-  plus the time since `start` (a `time.perf_counter()` value; default now), so a
-  trainer that starts the clock after its setup still counts the setup.
-  """
-
-  def __init__(self, previous: float = 0.0, start: float | None = None):
-    self.previous = previous
-    self._start = time.perf_counter() if start is None else start
-
-  def elapsed(self) -> float:
-    return self.previous + time.perf_counter() - self._start
-
-
 EvalFn = Callable[[Any, int], dict[str, float]]
 
 
@@ -295,37 +291,19 @@ class RolloutSettings:
 
 # ------------------------------------------------------------ the RL loop
 # What PPO and GRPO/RLOO do around their own jitted programs: `start` before the networks
-# (then `with run:` around the rest, which closes it however the run ends),
-# `restore_or_init` once the state's shape is known, `PhaseClock` and `save_if_due` inside
-# the loop, `finish` after it.
+# (then `with run:` around the rest, which closes it however the run ends), then the
+# shared pieces of every trainer (`common.restore_or_init`, `common.bookkeeping`,
+# `common.evaluate_start`, `common.save_if_due`), `PhaseClock` inside the loop and
+# `finish` after it.
 
 
 @dataclasses.dataclass
-class Run:
-  """What an RL trainer has set up before its own networks (see `start`)."""
+class Run(common.Run):
+  """A policy optimiser's run (`common.Run`) with its finished upstream stages and prompts."""
 
-  config: Any
-  workdir: str
-  mesh: Any
-  rules: Any
   sft: stages.Policy
   rm: stages.RewardModel | None
   prompt_set: prompts_lib.PromptSet
-  loader: loader_lib.Loader  # the training prompts, left-padded, in batches
-  ckpt: checkpoint.Checkpointer
-  start_step: int
-  writer: metrics.MetricWriter
-  clock_start: float
-
-  @property
-  def is_primary(self) -> bool:
-    return jax.process_index() == 0
-
-  def __enter__(self) -> Run:
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    close(self)  # also on an error: the first error is the one that propagates
 
 
 def start(
@@ -358,64 +336,10 @@ def start(
     sft.tokenizer.save(os.path.join(workdir, "tokenizer.model"))
   prompt_set = load_prompts(config, sft.tokenizer, workdir)
   loader = prompt_loader(config, sft.tokenizer, prompt_set.train, batch_size, batch_key)
-  ckpt = common.checkpointer(config, workdir)
-  start_step = ckpt.latest_intact_step() or 0
-  writer = metrics.MetricWriter(workdir, resume_step=start_step or -1)
-  return Run(
-    config, workdir, mesh, rules, sft, rm, prompt_set, loader, ckpt, start_step, writer,
-    clock_start,
+  return common.open_run(
+    config, workdir, mesh, loader, clock_start=clock_start, cls=Run, sft=sft, rm=rm,
+    prompt_set=prompt_set,
   )  # fmt: skip
-
-
-def restore_or_init(run: Run, abstract_state, init: Callable[[], Any]):
-  """(state, StageClock): the latest intact checkpoint (and the loader's position and the
-  time spent so far), or `init()` on a fresh start; SIGTERM then saves and stops."""
-  previous = 0.0
-  with sharding.use_mesh(run.mesh, run.rules):
-    if run.start_step:
-      state, meta = run.ckpt.restore(run.start_step, target=abstract_state)
-      run.loader.set_state(meta["loader"])
-      previous = float(meta.get("wall_time_s", 0.0))
-      logging.info("Resumed from iteration %d", run.start_step)
-    else:
-      state = init()
-  run.ckpt.install_sigterm_handler()
-  return state, StageClock(previous, start=run.clock_start)
-
-
-def bookkeeping(
-  run: Run, *, flops_per_step: float, dtype: str, metric_keys: tuple[str, ...]
-) -> common.LoopBookkeeping:
-  """The loop's logging, eval and save schedule (common.LoopBookkeeping) with progress lines."""
-  progress = metrics.ProgressLogger(
-    run.config.total_steps,
-    every_n_steps=run.config.log_every,
-    start_step=run.start_step,
-    metric_keys=metric_keys,
-  )
-  return common.LoopBookkeeping(
-    run.config,
-    writer=run.writer,
-    progress=progress,
-    mesh=run.mesh,
-    flops_per_step=flops_per_step,
-    dtype=dtype,
-  )
-
-
-def evaluate_start(run: Run, evaluate: EvalFn, params) -> None:
-  """The step-0 eval line (the starting policy) of a fresh run; a resumed run has it."""
-  if run.start_step == 0:
-    first = evaluate(params, 0)
-    metrics.check_finite(0, first, context="eval")
-    run.writer.write(0, first)
-
-
-def save_if_due(run: Run, loop, step: int, state, clock: StageClock) -> None:
-  """The checkpoint the loop's schedule asks for: state, loader position, time so far."""
-  if loop.should_save:
-    meta = {"loader": run.loader.get_state(), "wall_time_s": clock.elapsed()}
-    run.ckpt.save(step, state, meta, force=True)
 
 
 def finish(
@@ -426,7 +350,7 @@ def finish(
   params: Callable[[], Any],
   evaluate: EvalFn,
   method: str,
-  clock: StageClock,
+  clock: common.StageClock,
   evaluator: str,
   model_config: models.ModelConfig,
   summary: dict[str, Any] | None = None,
@@ -453,11 +377,6 @@ def finish(
     }
     stages.export(run.workdir, params(), meta)
   return loop.last_eval
-
-
-def close(run: Run) -> None:
-  """Waits for the last checkpoint and closes the checkpointer and the metric writer."""
-  common.close_all(run.ckpt.wait, run.ckpt.close, run.writer.close)
 
 
 class PhaseClock:
@@ -490,6 +409,16 @@ class PhaseClock:
     out = {f"time/{name}_s": float(t) for name, t in zip(self.PHASES, phases, strict=True)}
     out["time/generation_fraction"] = float(phases[0] / phases.sum())
     return out
+
+
+# Metrics that depend on wall-clock time: the loop's throughput and the phase times.
+TIMING_METRICS = (
+  "tokens_per_s",
+  "steps_per_s",
+  "mfu",
+  *(f"time/{name}_s" for name in PhaseClock.PHASES),
+  "time/generation_fraction",
+)
 
 
 def scan_minibatches(step_fn, carry, batch, key, *, epochs: int, minibatch_size: int):

@@ -2,11 +2,12 @@
 
     python -m experiments.launch --config=configs/sft.py
 
-Sections, in order: logging, mesh, data and tokenizer, model and optimizer
-shapes, sharded state, update step, checkpoint restore, evaluators, train
-loop. The run is exactly resumable: parameters, optimizer state, step, RNG
-key and the data loader's position are checkpointed, and a rerun with the
-same workdir continues from the latest checkpoint with the same batches.
+The module-level functions are the method: `sft_loss`, `init_state`, `update` and the
+`Evaluator` (held-out loss and samples); `train` prepares the data and the tokenizer
+and wires them to the loop every trainer shares (`rlhf_jax.trainers.common`). The run
+is exactly resumable: parameters, optimizer state, step, RNG key and the data loader's
+position are checkpointed, and a rerun with the same workdir continues from the latest
+checkpoint with the same batches.
 
 Records are prompt/response pairs or chats (`messages`; `config.data.train_on` says which
 assistant turns carry the loss, see `rlhf_jax.data.chat.sft_pieces`). With
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from typing import Any
 
 import jax
@@ -27,7 +29,7 @@ import optax
 from absl import logging
 
 from rlhf_jax import config_spec as cs
-from rlhf_jax import distributed, metrics, models, optim, rng, sharding, stages, utils
+from rlhf_jax import distributed, models, optim, rng, sharding, stages, utils
 from rlhf_jax.data import builders, chat, lengths, packing
 from rlhf_jax.data import loader as loader_lib
 from rlhf_jax.data import prompts as prompts_lib
@@ -162,261 +164,248 @@ def prepare_data(config, workdir):
   return train, evals, info
 
 
-def train(config: Any, workdir: str) -> dict[str, float]:
-  """Trains the policy with SFT; returns the final eval metrics."""
-  # Config errors surface before any data is built.
-  CONFIG_SPEC.validate(config)
-  tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
-  accum = int(config.optim.get("grad_accum_steps", 1) or 1)
+# ------------------------------------------------------ state and update step
 
-  # ----------------------------------------------------------------- logging
-  os.makedirs(workdir, exist_ok=True)
-  is_primary = jax.process_index() == 0
-  ckpt = common.checkpointer(config, workdir)
-  start_step = ckpt.latest_intact_step() or 0
-  # A fresh start (-1) drops any lines a run killed before its first checkpoint left.
-  writer = metrics.MetricWriter(workdir, resume_step=start_step or -1)
 
-  # -------------------------------------------------------------------- mesh
-  mesh = common.mesh_from_config(config)
-  rules = config.sharding_rules
-  logging.info("Mesh %s, rules %s, %d devices", dict(mesh.shape), rules, mesh.size)
-
-  # --------------------------------------------------------- data, tokenizer
-  train_source, eval_source, data_info = prepare_data(config, workdir)
-
-  tok = common.get_tokenizer(config, workdir, lambda: tokenizer_texts(train_source))
-  train_on = config.data.train_on
-  # Rows too long for max_len are counted per file and left out, so every row of every
-  # batch has target tokens; none left is an error (not 0-loss steps on padding).
-  fitting, data_info["lengths"] = lengths.keep_fitting(
-    {"train": train_source, "eval": eval_source},
-    lengths.sft_fit(tok, config.max_len, train_on),
-    what="examples",
-    max_len=config.max_len,
-  )
-  train_source, eval_source = fitting["train"], fitting["eval"]
-  train_loader, data_info["packing"] = make_train_loader(config, train_source, tok)
-  if is_primary:
-    common.write_json_atomic(os.path.join(workdir, "data_info.json"), data_info)
-  logging.info("Data: %s", data_info)
-  collate = functools.partial(
-    loader_lib.sft_collate, tokenizer=tok, max_len=config.max_len, train_on=train_on
+def init_state(key: jax.Array, *, module, tx) -> dict[str, Any]:
+  """A fresh train state: parameters (logically boxed), optimizer state, step, RNG key."""
+  init_rng, key = jax.random.split(key)
+  params = models.init_params(module, init_rng)
+  return dict(
+    params=params,
+    opt_state=tx.init(sharding.unbox(params)),
+    step=jnp.zeros((), jnp.int32),
+    rng=key,
   )
 
-  # ------------------------------------------------ model, optimizer shapes
-  model_cfg = common.model_config(config.model, tok.vocab_size)
-  module = models.LanguageModel(model_cfg)
 
-  def init_state(rng):
-    init_rng, rng = jax.random.split(rng)
-    params = models.init_params(module, init_rng)
-    unboxed = sharding.unbox(params)
-    return dict(
-      params=params,
-      opt_state=tx.init(unboxed),
-      step=jnp.zeros((), jnp.int32),
-      rng=rng,
+def state_shardings(abstract: dict[str, Any], mesh, rules) -> dict[str, Any]:
+  """The state's shardings: parameters by their logical axes (`config.sharding_rules`),
+  optimizer moments as their parameters, scalars replicated. Call inside `use_mesh`."""
+  params = abstract["params"]
+  param_sh = sharding.tree_shardings(params, sharding.logical_specs(params), mesh, rules)
+  rep = common.replicated(mesh)
+  return dict(
+    params=param_sh,
+    opt_state=common.mirror_shardings(abstract["opt_state"], params, param_sh, mesh),
+    step=rep,
+    rng=rep,
+  )
+
+
+def update(state, batch, *, module, tx, schedule, accum: int = 1):
+  """One optimizer step on `batch` (`sft_loss`): the new state and the step's metrics.
+
+  `accum`: micro-steps per optimizer step (optax.MultiSteps), so the learning rate is
+  read at step // accum.
+  """
+  (loss, num_targets), grads = jax.value_and_grad(
+    lambda p: sft_loss(module, p, batch), has_aux=True
+  )(state["params"])
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  step_metrics = dict(
+    loss=loss,
+    examples=count_examples(batch),
+    lr=schedule(state["step"] // accum),
+    grad_norm=optim.l2_norm(grads),
+    param_norm=optim.l2_norm(params),
+    update_norm=optim.l2_norm(updates),
+    target_tokens=num_targets,
+  )
+  new_state = dict(params=params, opt_state=opt_state, step=state["step"] + 1, rng=state["rng"])
+  return new_state, step_metrics
+
+
+# ------------------------------------------------------------------- evaluation
+
+
+class Evaluator:
+  """`evaluator(params, step)`: the held-out loss and samples of the policy.
+
+  eval/loss is the mean next-token loss over every target token of the eval split (when
+  there is one); then the first `config.eval.num_samples` eval prompts (else training
+  prompts) are sampled, their length and missing-EOS rate reported (and on the testbed
+  their gold reward), and the samples written to `<workdir>/samples/step_<step>.jsonl`.
+  """
+
+  def __init__(self, config, workdir, module, tok, sources, param_sh, mesh):
+    self.config, self.workdir, self.tok, self.mesh = config, workdir, tok, mesh
+    self.rules = config.sharding_rules
+    self.train_source, self.eval_source = sources
+    batch_sh = sharding.batch_sharding(mesh, 2)
+    # Evaluation always reads unpacked rows.
+    self.loss_fn = jax.jit(
+      lambda params, batch: sft_loss(module, params, batch),
+      in_shardings=(param_sh, {key: batch_sh for key in MODEL_INPUTS}),
+    )
+    self.collate = functools.partial(
+      loader_lib.sft_collate, tokenizer=tok, max_len=config.max_len, train_on=config.data.train_on
+    )
+    self.sampler = sampler_lib.make_sampler(
+      module,
+      sampler_lib.SamplerConfig(
+        max_new_tokens=config.eval.max_new_tokens,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+        temperature=config.eval.temperature,
+      ),
+      mesh=mesh,
+      rules=self.rules,
+      param_shardings=param_sh,
     )
 
-  # -------------------------------------------------------- sharded state
-  with sharding.use_mesh(mesh, rules):
-    abstract = jax.eval_shape(init_state, rng.key(config.seed, "init"))
-    param_sh = sharding.tree_shardings(
-      abstract["params"], sharding.logical_specs(abstract["params"]), mesh, rules
+  def __call__(self, params, step: int) -> dict[str, float]:
+    return {**self.loss(params), **self.samples(params, step)}
+
+  def loss(self, params) -> dict[str, float]:
+    if self.eval_source is None:
+      return {}
+    loader = loader_lib.Loader(
+      self.eval_source,
+      global_batch_size=self.config.batch_size,
+      shuffle=False,
+      drop_remainder=False,
+      num_epochs=1,
+      collate=self.collate,
     )
-    # Optimizer moments mirror the parameters' layout; scalars are replicated.
-    opt_sh = common.mirror_shardings(abstract["opt_state"], abstract["params"], param_sh, mesh)
-    state_sh = dict(
-      params=param_sh,
-      opt_state=opt_sh,
-      step=common.replicated(mesh),
-      rng=common.replicated(mesh),
-    )
-    init = jax.jit(lambda r: sharding.unbox(init_state(r)), out_shardings=state_sh)
-    abstract_state = jax.eval_shape(init, rng.key(config.seed, "init"))
-    abstract_state = common.with_shardings(abstract_state, state_sh)
-  num_params = common.tree_size(abstract_state["params"])
-  logging.info("Model %s: %d parameters", model_cfg, num_params)
+    total, count = 0.0, 0.0
+    with sharding.use_mesh(self.mesh, self.rules):
+      for batch in loader:
+        batch = _pad_rows(_model_inputs(batch), loader.local_batch_size, self.tok.pad_id)
+        loss, n = self.loss_fn(params, sharding.host_to_global(batch, self.mesh))
+        total += float(loss) * float(n)
+        count += float(n)
+    return {"eval/loss": total / max(count, 1.0)}
 
-  # ----------------------------------------------------------- update step
-  def update(state, batch):
-    (loss, num_targets), grads = jax.value_and_grad(
-      lambda p: sft_loss(module, p, batch), has_aux=True
-    )(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    step_metrics = dict(
-      loss=loss,
-      examples=count_examples(batch),
-      lr=schedule(state["step"] // accum),
-      grad_norm=optim.l2_norm(grads),
-      param_norm=optim.l2_norm(params),
-      update_norm=optim.l2_norm(updates),
-      target_tokens=num_targets,
-    )
-    new_state = dict(params=params, opt_state=opt_state, step=state["step"] + 1, rng=state["rng"])
-    return new_state, step_metrics
-
-  batch_sh = sharding.batch_sharding(mesh, 2)
-  # Evaluation always reads unpacked rows; training reads packs when config.data.packing.
-  eval_shardings = {key: batch_sh for key in MODEL_INPUTS}
-  train_shardings = {key: batch_sh for key in _input_keys(config.data.packing)}
-  update_fn = jax.jit(
-    update,
-    in_shardings=(state_sh, train_shardings),
-    out_shardings=(state_sh, common.replicated(mesh)),
-    donate_argnums=(0,),
-  )
-  eval_fn = jax.jit(
-    lambda params, batch: sft_loss(module, params, batch),
-    in_shardings=(param_sh, eval_shardings),
-  )
-
-  # ------------------------------------------------------ load checkpoint
-  with sharding.use_mesh(mesh, rules):
-    if start_step:
-      state, meta = ckpt.restore(start_step, target=abstract_state)
-      train_loader.set_state(meta["loader"])
-      logging.info("Resumed from step %d (%s)", start_step, ckpt.directory)
-    else:
-      state = init(rng.key(config.seed, "init"))
-  ckpt.install_sigterm_handler()
-
-  # ------------------------------------------------------------ evaluators
-  sampler = sampler_lib.make_sampler(
-    module,
-    sampler_lib.SamplerConfig(
-      max_new_tokens=config.eval.max_new_tokens,
-      eos_id=tok.eos_id,
-      pad_id=tok.pad_id,
-      temperature=config.eval.temperature,
-    ),
-    mesh=mesh,
-    rules=rules,
-    param_shardings=param_sh,
-  )
-
-  def evaluate(state, step) -> dict[str, float]:
-    out = {}
-    params = state["params"]
-    if eval_source is not None:
-      eval_loader = loader_lib.Loader(
-        eval_source,
-        global_batch_size=config.batch_size,
-        shuffle=False,
-        drop_remainder=False,
-        num_epochs=1,
-        collate=collate,
-      )
-      total, count = 0.0, 0.0
-      with sharding.use_mesh(mesh, rules):
-        for batch in eval_loader:
-          batch = _pad_rows(_model_inputs(batch), eval_loader.local_batch_size, tok.pad_id)
-          loss, n = eval_fn(params, sharding.host_to_global(batch, mesh))
-          total += float(loss) * float(n)
-          count += float(n)
-      out["eval/loss"] = total / max(count, 1.0)
-    out.update(_sample_eval(state, step))
-    return out
-
-  def _sample_eval(state, step) -> dict[str, float]:
-    source = eval_source if eval_source is not None else train_source
+  def samples(self, params, step: int) -> dict[str, float]:
+    config, tok, mesh = self.config, self.tok, self.mesh
+    source = self.eval_source if self.eval_source is not None else self.train_source
     n = min(config.eval.num_samples, len(source))
     if n == 0:
       return {}
     examples = [source[i] for i in range(n)]
     prompts = [_text(e["prompt"]) for e in examples]
     tokens, mask = common.left_pad_prompts(tok, prompts, config.eval.prompt_len)
-    rows = _round_up(n, _batch_divisor(mesh))
-    tokens, mask = _pad_prompt_rows(tokens, mask, rows, tok)
+    tokens, mask = _pad_prompt_rows(tokens, mask, _round_up(n, _batch_divisor(mesh)), tok)
     key = jax.random.fold_in(rng.key(config.seed, "sft_eval"), step)
-    with sharding.use_mesh(mesh, rules):
-      out = sampler(
-        state["params"],
-        sharding.global_from_full(tokens, mesh),
-        sharding.global_from_full(mask, mesh),
-        key,
+    with sharding.use_mesh(mesh, self.rules):
+      out = self.sampler(
+        params, sharding.global_from_full(tokens, mesh), sharding.global_from_full(mask, mesh), key
       )
-    responses = sharding.fetch(out.tokens)[:n]
-    texts = tok.decode_batch(responses)
+    texts = tok.decode_batch(sharding.fetch(out.tokens)[:n])
     result = {
       "eval/response_length": float(sharding.fetch(out.lengths)[:n].mean()),
       "eval/frac_no_eos": float(1.0 - sharding.fetch(out.has_eos)[:n].mean()),
     }
+    gold = [None] * n
     if config.data.source == "testbed":
       from rlhf_jax.data import testbed
 
-      gold = [
-        testbed.gold_reward(p, r, config.data.testbed) for p, r in zip(prompts, texts, strict=True)
-      ]
+      pairs = zip(prompts, texts, strict=True)
+      gold = [testbed.gold_reward(p, r, config.data.testbed) for p, r in pairs]
       result["eval/gold_reward"] = float(np.mean(gold))
-    else:
-      gold = [None] * n
-    if is_primary:
+    if jax.process_index() == 0:
       records = []
       for e, p, r, g in zip(examples, prompts, texts, gold, strict=True):
         rec = {"step": step, "prompt": p, "response": r, "reference": _text(e["response"])}
         if g is not None:
           rec["gold_reward"] = g
         records.append(rec)
-      utils.write_jsonl_atomic(os.path.join(workdir, "samples", f"step_{step:07d}.jsonl"), records)
+      path = os.path.join(self.workdir, "samples", f"step_{step:07d}.jsonl")
+      utils.write_jsonl_atomic(path, records)
     return result
 
-  # ----------------------------------------------------------- train loop
-  progress = metrics.ProgressLogger(
-    config.total_steps,
-    every_n_steps=config.log_every,
-    start_step=start_step,
-    metric_keys=("loss", "eval/loss", "lr"),
+
+# ------------------------------------------------------------------------ train
+
+
+def train(config: Any, workdir: str) -> dict[str, float]:
+  """Trains the policy with SFT; returns the final eval metrics."""
+  # Config errors surface before any data is built.
+  CONFIG_SPEC.validate(config)
+  tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+  accum = int(config.optim.get("grad_accum_steps", 1) or 1)
+  os.makedirs(workdir, exist_ok=True)
+  clock_start = time.perf_counter()
+  mesh, rules = common.mesh_from_config(config), config.sharding_rules
+  logging.info("Mesh %s, rules %s, %d devices", dict(mesh.shape), rules, mesh.size)
+
+  # --------------------------------------------------------- data, tokenizer
+  train_source, eval_source, data_info = prepare_data(config, workdir)
+  tok = common.get_tokenizer(config, workdir, lambda: tokenizer_texts(train_source))
+  # Rows too long for max_len are counted per file and left out, so every row of every
+  # batch has target tokens; none left is an error (not 0-loss steps on padding).
+  fitting, data_info["lengths"] = lengths.keep_fitting(
+    {"train": train_source, "eval": eval_source},
+    lengths.sft_fit(tok, config.max_len, config.data.train_on),
+    what="examples",
+    max_len=config.max_len,
   )
-  loop = common.LoopBookkeeping(
-    config,
-    writer=writer,
-    progress=progress,
-    mesh=mesh,
-    flops_per_step=model_cfg.train_flops_per_token(config.max_len) * config.batch_size,
-    dtype=model_cfg.dtype,
-  )
-  if start_step == 0:
-    first = evaluate(state, 0)
-    metrics.check_finite(0, first, context="eval")
-    writer.write(0, first)
-  step = start_step
-  try:
+  train_source, eval_source = fitting["train"], fitting["eval"]
+  train_loader, data_info["packing"] = make_train_loader(config, train_source, tok)
+  if jax.process_index() == 0:
+    common.write_json_atomic(os.path.join(workdir, "data_info.json"), data_info)
+  logging.info("Data: %s", data_info)
+
+  with common.open_run(config, workdir, mesh, train_loader, clock_start=clock_start) as run:
+    # ------------------------------------------- model, state, jitted programs
+    model_cfg = common.model_config(config.model, tok.vocab_size)
+    module = models.LanguageModel(model_cfg)
+    init = functools.partial(init_state, module=module, tx=tx)
+    key = rng.key(config.seed, "init")
+    with sharding.use_mesh(mesh, rules):
+      state_sh = state_shardings(jax.eval_shape(init, key), mesh, rules)
+      init_fn = jax.jit(lambda k: sharding.unbox(init(k)), out_shardings=state_sh)
+      abstract = common.with_shardings(jax.eval_shape(init_fn, key), state_sh)
+    logging.info("Model %s: %d parameters", model_cfg, common.tree_size(abstract["params"]))
+    batch_sh = sharding.batch_sharding(mesh, 2)
+    update_fn = jax.jit(
+      functools.partial(update, module=module, tx=tx, schedule=schedule, accum=accum),
+      in_shardings=(state_sh, {k: batch_sh for k in _input_keys(config.data.packing)}),
+      out_shardings=(state_sh, common.replicated(mesh)),
+      donate_argnums=(0,),
+    )
+    state, clock = common.restore_or_init(run, abstract, lambda: init_fn(key))
+
+    # ----------------------------------------------------------- eval, loop
+    sources = (train_source, eval_source)
+    evaluate = Evaluator(config, workdir, module, tok, sources, state_sh["params"], mesh)
+    loop = common.bookkeeping(
+      run,
+      flops_per_step=model_cfg.train_flops_per_token(config.max_len) * config.batch_size,
+      dtype=model_cfg.dtype,
+      metric_keys=("loss", "eval/loss", "lr"),
+    )
+    common.evaluate_start(run, lambda: evaluate(state["params"], 0))
+    step = run.start_step
     while step < config.total_steps:
       local = _model_inputs(next(train_loader))
       with sharding.use_mesh(mesh, rules):
         state, step_metrics = update_fn(state, sharding.host_to_global(local, mesh))
       step += 1
-      preempted = ckpt.preemption_requested(step)
+      preempted = run.ckpt.preemption_requested(step)
       tokens = float(local["input_mask"].sum()) * jax.process_count()
       loop.after_update(
-        step, step_metrics, tokens, lambda: evaluate(state, step), preempted=preempted
+        step, step_metrics, tokens, lambda: evaluate(state["params"], step), preempted=preempted
       )
-      if loop.should_save:
-        ckpt.save(step, state, {"loader": train_loader.get_state()}, force=True)
+      common.save_if_due(run, loop, step, state, clock)
       if preempted:
         logging.warning("SIGTERM: saved step %d and stopping; rerun to resume.", step)
         break
-  finally:
-    common.close_all(ckpt.wait, ckpt.close, writer.close)
   if step >= config.total_steps and stages.needs_export(workdir, step):
     # The loop's last eval (recomputed if the run stopped after its final checkpoint).
-    loop.final_eval(start_step, lambda: evaluate(state, step))
+    loop.final_eval(run.start_step, lambda: evaluate(state["params"], step))
     # The stage is done: later stages load this export (see rlhf_jax/stages.py).
-    stages.export(
-      workdir,
-      state["params"],
-      {
-        "kind": "policy",
-        "model": model_cfg.to_dict(),
-        "tokenizer": "tokenizer.model",
-        "step": step,
-        "data_content_hash": data_info["content_hash"],
-        "eval": loop.last_eval,
-      },
-    )
+    meta = {
+      "kind": "policy",
+      "model": model_cfg.to_dict(),
+      "tokenizer": "tokenizer.model",
+      "step": step,
+      "data_content_hash": data_info["content_hash"],
+      "eval": loop.last_eval,
+    }
+    stages.export(workdir, state["params"], meta)
   logging.info("Done at step %d: %s", step, loop.last_eval)
   return loop.last_eval
 
