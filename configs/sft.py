@@ -49,6 +49,10 @@ def get_config(arg=None):
   # total_steps cover an epoch; data_info.json's "packing" says how many per row.
   config.data.packing = False
 
+  # Start from a finished policy stage or a Hugging Face model ("hf:DIR"): its model,
+  # weights and tokenizer are used and the tokenizer and model sections below ignored.
+  config.policy_init = ""
+
   # Tokenizer: trained on the training texts unless a .model path is given.
   config.tokenizer = ml_collections.ConfigDict()
   config.tokenizer.path = ""

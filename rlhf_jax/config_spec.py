@@ -368,6 +368,10 @@ class FinishedStage(Check):
       return f"must be a path string, got {type(value).__name__}"
     if not value or "://" in value:
       return None
+    if value.startswith("hf:"):
+      from rlhf_jax import hf  # imported late: needs JAX
+
+      return hf.check(value, self.kind)
     if not os.path.isdir(value):
       return "no such directory"
     from rlhf_jax import errors, stages  # imported late: stages needs JAX

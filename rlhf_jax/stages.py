@@ -235,14 +235,30 @@ class Policy:
     return out
 
 
+def load_tokenizer(workdir: str, meta: dict[str, Any]):
+  """The stage's tokenizer: a SentencePiece `.model` file, or a Hugging Face tokenizer
+  directory (`rlhf_jax.hf.tokenizer`) for a model that came from `hf:DIR`."""
+  path = os.path.join(workdir, meta["tokenizer"])
+  if os.path.isdir(path):
+    from rlhf_jax.hf.tokenizer import HfTokenizer
+
+    return HfTokenizer(path, model_vocab_size=meta["model"]["vocab_size"])
+  return Tokenizer.load(path)
+
+
 def load_policy(workdir: str, mesh, rules: str = "fsdp") -> Policy:
+  """The policy a finished stage exported, or a Hugging Face model (`hf:DIR`)."""
+  from rlhf_jax import hf
+
+  if hf.is_hf(workdir):
+    return hf.load_policy(workdir, mesh, rules)
   meta = _read_current_meta(workdir)
   if meta.get("kind") != "policy":
     raise ValueError(f"{workdir} exports a {meta.get('kind')!r}, not a policy.")
   module = models.LanguageModel(models.ModelConfig(**meta["model"]))
   abstract = jax.eval_shape(lambda: models.init_params(module, jax.random.key(0)))
   params, shardings = _restore(workdir, abstract, mesh, rules)
-  tok = Tokenizer.load(os.path.join(workdir, meta["tokenizer"]))
+  tok = load_tokenizer(workdir, meta)
   return Policy(module, params, shardings, tok, meta)
 
 
@@ -330,13 +346,18 @@ def ensemble_scores(module, params, tokens, mask) -> jax.Array:
 
 
 def load_reward_model(workdir: str, mesh, rules: str = "fsdp") -> RewardModel:
+  """The reward model a finished stage exported, or a Hugging Face one (`hf:DIR`)."""
+  from rlhf_jax import hf
+
+  if hf.is_hf(workdir):
+    return hf.load_reward_model(workdir, mesh, rules)
   meta = _read_current_meta(workdir)
   if meta.get("kind") != "reward":
     raise ValueError(f"{workdir} exports a {meta.get('kind')!r}, not a reward model.")
   module = models.ScalarModel(models.ModelConfig(**meta["model"]), head_init="reward")
   abstract = jax.eval_shape(lambda: models.init_params(module, jax.random.key(0)))
   params, shardings = _restore(workdir, abstract, mesh, rules, stack=meta["ensemble_size"])
-  tok = Tokenizer.load(os.path.join(workdir, meta["tokenizer"]))
+  tok = load_tokenizer(workdir, meta)
   return RewardModel(module, params, shardings, tok, float(meta["gain"]), float(meta["bias"]), meta)
 
 

@@ -67,6 +67,8 @@ class Tokenizer:
   Build one with `Tokenizer.train`, `Tokenizer.load` or `Tokenizer.from_bytes`.
   """
 
+  filename = "tokenizer.model"  # a stage keeps its tokenizer under this name
+
   def __init__(self, model_proto: bytes, *, source: str = "<in-memory model>"):
     """Parses and validates a serialized SentencePiece ModelProto.
 

@@ -16,6 +16,7 @@ from rlhf_jax.errors import ConfigError
 
 _CHOICES = {
   "position": ("learned", "rope"),
+  "rope_scaling": ("none", "linear", "llama3"),
   "norm": ("layernorm", "rmsnorm"),
   "mlp": ("gelu", "swiglu", "geglu"),
   "remat": ("none", "full", "dots"),
@@ -44,6 +45,15 @@ class ModelConfig:
   max_len: int = 512  # size of the learned position table; RoPE has no limit
   position: str = "rope"
   rope_theta: float = 10_000.0
+  # RoPE frequency scaling for long contexts, as in Hugging Face's `rope_scaling`:
+  # "linear" divides every frequency by rope_factor; "llama3" (Llama 3.1+) divides the
+  # low frequencies by it, keeps the high ones and blends those in between, by wavelength
+  # against rope_original_max_len / rope_{low,high}_freq_factor.
+  rope_scaling: str = "none"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   norm: str = "rmsnorm"
   norm_eps: float = 1e-6
   mlp: str = "swiglu"
@@ -255,6 +265,11 @@ CONFIG_SPEC = cs.Spec(
     "max_len": cs.Int(min=1),
     "position": cs.Choice(*_CHOICES["position"]),
     "rope_theta": cs.Float(gt=0),
+    "rope_scaling": cs.Choice(*_CHOICES["rope_scaling"]),
+    "rope_factor": cs.Float(gt=0),
+    "rope_low_freq_factor": cs.Float(gt=0),
+    "rope_high_freq_factor": cs.Float(gt=0),
+    "rope_original_max_len": cs.Int(min=1),
     "norm": cs.Choice(*_CHOICES["norm"]),
     "norm_eps": cs.Float(gt=0),
     "mlp": cs.Choice(*_CHOICES["mlp"]),

@@ -113,15 +113,38 @@ class Norm(nn.Module):
     return y.astype(jnp.dtype(cfg.dtype))
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  """RoPE's inverse frequencies [H/2] (float32), with the config's frequency scaling.
+
+  Base: theta^(-2i/H). "linear" divides all by rope_factor; "llama3" divides those whose
+  wavelength exceeds rope_original_max_len / rope_low_freq_factor, keeps those under
+  rope_original_max_len / rope_high_freq_factor, and interpolates in between (the rule of
+  Llama 3.1's `rope_scaling`).
+  """
+  h = cfg.head_size
+  inv_freq = cfg.rope_theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+  if cfg.rope_scaling == "linear":
+    return inv_freq / cfg.rope_factor
+  if cfg.rope_scaling == "llama3":
+    old_len, factor = cfg.rope_original_max_len, cfg.rope_factor
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelen = 2 * jnp.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(medium, smoothed, scaled)
+  return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
   """Rotary embedding, half-split layout (as in Llama/Gemma checkpoints).
 
   Args:
     x: [B, T, N, H].
     positions: [B, T] int.
+    inv_freq: [H/2] float32 (`rope_inv_freq`).
   """
-  h = x.shape[-1]
-  inv_freq = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)  # [H/2]
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
   sin, cos = jnp.sin(angles)[:, :, None], jnp.cos(angles)[:, :, None]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -157,8 +180,9 @@ class Attention(nn.Module):
       key = key + _param(self, "k_bias", zeros, (k, h), ("kv_heads", "head_dim"), pdt).astype(dt)
       val = val + _param(self, "v_bias", zeros, (k, h), ("kv_heads", "head_dim"), pdt).astype(dt)
     if cfg.position == "rope":
-      q = apply_rope(q, positions, cfg.rope_theta)
-      key = apply_rope(key, positions, cfg.rope_theta)
+      inv_freq = rope_inv_freq(cfg)
+      q = apply_rope(q, positions, inv_freq)
+      key = apply_rope(key, positions, inv_freq)
     q = constrain(q, ("act_batch", "act_len", "act_heads", "act_head_dim"))
     key = constrain(key, ("act_batch", "act_len", "act_kv_heads", "act_head_dim"))
     val = constrain(val, ("act_batch", "act_len", "act_kv_heads", "act_head_dim"))

@@ -83,7 +83,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   rm = stages.load_reward_model(reward_dir, mesh, rules)
   tok = sft.tokenizer
   if is_primary:
-    tok.save(os.path.join(workdir, "tokenizer.model"))
+    tok.save(os.path.join(workdir, tok.filename))
   p_len, n_new, n_samples = config.prompt_len, config.max_new_tokens, config.num_samples
   sample_fn = rl_common.sampler(sft, config, mesh, rules)
   logps_fn = rl_common.response_logps_fn(sft.module, p_len, n_new, config.temperature)

@@ -57,6 +57,7 @@ from rlhf_jax import (
   config_utils,
   errors,
   evaluation,
+  hf,
   models,
   optim,
   rng,
@@ -266,12 +267,16 @@ def tokenize_pairs(
 
 
 def ref_logps_key(tables: dict[str, dict[str, np.ndarray]], sft_dir: str) -> str:
-  """sha256 of the tokenized pairs and the SFT stage (its path and export.json)."""
+  """sha256 of the tokenized pairs and the SFT stage (its path and export.json, or for a
+  Hugging Face model its config and weight files, `hf.fingerprint`)."""
   digest = hashlib.sha256()
   for split in sorted(tables):
     for name in sorted(set(tables[split]) - set(LABEL_ONLY)):
       digest.update(f"{split}/{name}".encode())
       digest.update(np.ascontiguousarray(tables[split][name]).tobytes())
+  if hf.is_hf(sft_dir):
+    digest.update(hf.fingerprint(sft_dir))
+    return digest.hexdigest()
   digest.update(os.path.abspath(sft_dir).encode())
   with open(os.path.join(sft_dir, stages.EXPORT_META), "rb") as f:
     digest.update(f.read())
@@ -479,7 +484,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   rm = stages.load_reward_model(reward_dir, mesh, rules)
   tok = sft.tokenizer
   if jax.process_index() == 0:
-    tok.save(os.path.join(workdir, "tokenizer.model"))
+    tok.save(os.path.join(workdir, tok.filename))
   train_source, eval_source, data_info = prepare_pairs(
     config, workdir, reward_dir, sft, mesh, rules
   )
@@ -595,6 +600,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     clock=clock,
     evaluator=generation_eval.judge.name,
     model_config=cfg_model,
+    tokenizer_file=tok.filename,
     summary={"beta": config.beta, "loss_type": config.loss_type},
     export={"data_content_hash": data_info["content_hash"]},
   )

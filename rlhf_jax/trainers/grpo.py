@@ -407,6 +407,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     clock=clock,
     evaluator=evaluate.judge.name,
     model_config=sft.module.config,
+    tokenizer_file=sft.tokenizer.filename,
     summary={
       "kl_coef": float(config.kl.coef),
       "kl_mode": config.kl.mode,

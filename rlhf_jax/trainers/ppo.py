@@ -487,5 +487,6 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     clock=clock,
     evaluator=evaluate.judge.name,
     model_config=sft.module.config,
+    tokenizer_file=sft.tokenizer.filename,
     summary={"kl_coef": float(jax.device_get(state["kl"].kl_coef))},
   )

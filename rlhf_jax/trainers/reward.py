@@ -41,6 +41,7 @@ from absl import logging
 from rlhf_jax import config_spec as cs
 from rlhf_jax import (
   config_utils,
+  hf,
   models,
   optim,
   rng,
@@ -401,7 +402,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   policy = stages.load_policy(sft_dir, mesh, rules)
   tok = policy.tokenizer
   if jax.process_index() == 0:
-    tok.save(os.path.join(workdir, "tokenizer.model"))
+    tok.save(os.path.join(workdir, tok.filename))
   data = config.data
   # SFT samples: for testbed pairs, the gold eval and the normalisation.
   generate = policy.generator(
@@ -483,11 +484,11 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     meta = {
       "kind": "reward",
       "model": model_cfg.to_dict(),
-      "tokenizer": "tokenizer.model",
+      "tokenizer": tok.filename,
       "ensemble_size": s.members,
       "gain": gain,
       "bias": bias,
-      "policy": os.path.abspath(sft_dir),
+      "policy": sft_dir if hf.is_hf(sft_dir) else os.path.abspath(sft_dir),
       "step": step,
       "data_content_hash": data_info["content_hash"],
       "eval": loop.last_eval,

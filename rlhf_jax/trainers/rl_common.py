@@ -333,7 +333,7 @@ def start(
   sft = stages.load_policy(sft_dir, mesh, rules)
   rm = stages.load_reward_model(reward_dir, mesh, rules) if reward_dir else None
   if jax.process_index() == 0:
-    sft.tokenizer.save(os.path.join(workdir, "tokenizer.model"))
+    sft.tokenizer.save(os.path.join(workdir, sft.tokenizer.filename))
   prompt_set = load_prompts(config, sft.tokenizer, workdir)
   loader = prompt_loader(config, sft.tokenizer, prompt_set.train, batch_size, batch_key)
   return common.open_run(
@@ -353,12 +353,13 @@ def finish(
   clock: common.StageClock,
   evaluator: str,
   model_config: models.ModelConfig,
+  tokenizer_file: str,
   summary: dict[str, Any] | None = None,
   export: dict[str, Any] | None = None,
 ) -> dict[str, float]:
   """After the loop (and `with run:`, which closed it): on the last step, summary.json and
   the export of the policy `params()`, once (a rerun after the export only rewrites the
-  summary)."""
+  summary). `tokenizer_file`: the tokenizer's name in the workdir (`tok.filename`)."""
   if step < run.config.total_steps:
     return loop.last_eval
   exported = not stages.needs_export(run.workdir, step)
@@ -370,7 +371,7 @@ def finish(
     meta = {
       "kind": "policy",
       "model": model_config.to_dict(),
-      "tokenizer": "tokenizer.model",
+      "tokenizer": tokenizer_file,
       "step": step,
       "eval": loop.last_eval,
       **(export or {}),

@@ -56,6 +56,7 @@ CONFIG_SPEC = cs.Spec(
     **cs.LOOP_FIELDS,
     "batch_size": cs.Int(min=1),
     "max_len": cs.Int(min=3),
+    "policy_init": cs.FinishedStage("policy"),
     "data": cs.Spec(
       {
         "source": cs.Choice(*DATA_SOURCES),
@@ -177,6 +178,11 @@ def init_state(key: jax.Array, *, module, tx) -> dict[str, Any]:
     step=jnp.zeros((), jnp.int32),
     rng=key,
   )
+
+
+def init_from(params, key: jax.Array, *, tx) -> dict[str, Any]:
+  """A fresh train state from a starting policy's (plain) parameters."""
+  return dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), rng=key)
 
 
 def state_shardings(abstract: dict[str, Any], mesh, rules) -> dict[str, Any]:
@@ -331,9 +337,15 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   mesh, rules = common.mesh_from_config(config), config.sharding_rules
   logging.info("Mesh %s, rules %s, %d devices", dict(mesh.shape), rules, mesh.size)
 
-  # --------------------------------------------------------- data, tokenizer
+  # ------------------------------------------------- start, data, tokenizer
+  start = stages.load_policy(config.policy_init, mesh, rules) if config.policy_init else None
   train_source, eval_source, data_info = prepare_data(config, workdir)
-  tok = common.get_tokenizer(config, workdir, lambda: tokenizer_texts(train_source))
+  if start is None:
+    tok = common.get_tokenizer(config, workdir, lambda: tokenizer_texts(train_source))
+  else:  # the starting policy's own tokenizer
+    tok = start.tokenizer
+    if jax.process_index() == 0:
+      tok.save(os.path.join(workdir, tok.filename))
   # Rows too long for max_len are counted per file and left out, so every row of every
   # batch has target tokens; none left is an error (not 0-loss steps on padding).
   fitting, data_info["lengths"] = lengths.keep_fitting(
@@ -350,13 +362,23 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
   with common.open_run(config, workdir, mesh, train_loader, clock_start=clock_start) as run:
     # ------------------------------------------- model, state, jitted programs
-    model_cfg = common.model_config(config.model, tok.vocab_size)
-    module = models.LanguageModel(model_cfg)
-    init = functools.partial(init_state, module=module, tx=tx)
     key = rng.key(config.seed, "init")
-    with sharding.use_mesh(mesh, rules):
-      state_sh = state_shardings(jax.eval_shape(init, key), mesh, rules)
-      init_fn = jax.jit(lambda k: sharding.unbox(init(k)), out_shardings=state_sh)
+    if start is None:
+      model_cfg = common.model_config(config.model, tok.vocab_size)
+      module = models.LanguageModel(model_cfg)
+      init = functools.partial(init_state, module=module, tx=tx)
+      with sharding.use_mesh(mesh, rules):
+        state_sh = state_shardings(jax.eval_shape(init, key), mesh, rules)
+        init_fn = jax.jit(lambda k: sharding.unbox(init(k)), out_shardings=state_sh)
+        abstract = common.with_shardings(jax.eval_shape(init_fn, key), state_sh)
+    else:
+      module, model_cfg = start.module, start.module.config
+      init = functools.partial(init_from, tx=tx)
+      shapes = jax.eval_shape(init, start.params, key)
+      rep = common.replicated(mesh)
+      opt_sh = common.mirror_shardings(shapes["opt_state"], start.params, start.shardings, mesh)
+      state_sh = dict(params=start.shardings, opt_state=opt_sh, step=rep, rng=rep)
+      init_fn = jax.jit(lambda k: init(start.params, k), out_shardings=state_sh)
       abstract = common.with_shardings(jax.eval_shape(init_fn, key), state_sh)
     logging.info("Model %s: %d parameters", model_cfg, common.tree_size(abstract["params"]))
     batch_sh = sharding.batch_sharding(mesh, 2)
@@ -400,7 +422,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     meta = {
       "kind": "policy",
       "model": model_cfg.to_dict(),
-      "tokenizer": "tokenizer.model",
+      "tokenizer": tok.filename,
       "step": step,
       "data_content_hash": data_info["content_hash"],
       "eval": loop.last_eval,

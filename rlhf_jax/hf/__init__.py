@@ -1,0 +1,222 @@
+"""Hugging Face models in and out: `hf:DIR` as a starting stage, and export to HF format.
+
+A stage field that takes a finished stage (`policy_init`) also takes `hf:DIR`, a Hugging
+Face model directory (`config.json`, `model.safetensors` or shards with an index,
+`tokenizer.json` and `tokenizer_config.json`), for the architectures of `hf.config`. The
+model is read tensor by tensor into its sharding (`hf.weights`), its tokenizer through
+the `tokenizers` library (`hf.tokenizer`). `experiments/export.py --format=hf` writes a
+finished policy back as a directory `transformers` loads with `AutoModelForCausalLM`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+
+from rlhf_jax import errors, models, sharding
+from rlhf_jax.hf import config as hf_config
+from rlhf_jax.hf import weights
+from rlhf_jax.hf.tokenizer import HfTokenizer
+
+PREFIX = "hf:"
+
+
+def is_hf(path: Any) -> bool:
+  return isinstance(path, str) and path.startswith(PREFIX)
+
+
+def directory_of(path: str) -> str:
+  return path[len(PREFIX) :] if is_hf(path) else path
+
+
+def check(path: str, kind: str = "policy") -> str | None:
+  """Why `hf:DIR` cannot serve as a `kind` stage ("policy": a causal LM, "reward": a
+  one-label sequence classifier), for config validation; None when it can."""
+  directory = directory_of(path)
+  if not os.path.isdir(directory):
+    return "no such directory"
+  config_path = os.path.join(directory, "config.json")
+  try:
+    hf = hf_config.read(directory)
+    hf_config.to_model_config(hf, config_path)
+    classifier = hf_config.is_classifier(hf, config_path)
+  except errors.Error as error:
+    return str(error)
+  if classifier != (kind == "reward"):
+    what = "a sequence classifier" if classifier else "a causal language model"
+    need = (
+      "a reward model (one-label ...ForSequenceClassification)"
+      if kind == "reward"
+      else "a policy (...ForCausalLM)"
+    )
+    return f"holds {what} ({hf.get('architectures')}), not {need}"
+  if not os.path.exists(os.path.join(directory, "tokenizer.json")):
+    return f"{directory} has no tokenizer.json"
+  return None
+
+
+def load_policy(path: str, mesh, rules: str = "fsdp"):
+  """A `stages.Policy` from a Hugging Face model directory (`hf:DIR` or DIR)."""
+  from rlhf_jax import stages
+
+  directory = directory_of(path)
+  hf = hf_config.read(directory)
+  cfg = hf_config.to_model_config(hf, os.path.join(directory, "config.json"))
+  module = models.LanguageModel(cfg)
+  boxed = jax.eval_shape(lambda: models.init_params(module, jax.random.key(0)))
+  shapes = sharding.unbox(boxed)
+  shardings = sharding.tree_shardings(shapes, sharding.logical_specs(boxed), mesh, rules)
+  target = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+  )
+  params = weights.load(directory, hf["model_type"], cfg, target)
+  tok = HfTokenizer(directory, model_vocab_size=cfg.vocab_size)
+  meta = {
+    "kind": "policy",
+    "model": cfg.to_dict(),
+    "tokenizer": tok.filename,
+    "hf_model_type": hf["model_type"],
+    "source": PREFIX + os.path.abspath(directory),
+  }
+  return stages.Policy(module, params, shardings, tok, meta)
+
+
+def fingerprint(path: str) -> bytes:
+  """Bytes that change when the model directory's config or weights change: config.json
+  and, per safetensors file, its name, size and modification time."""
+  directory = directory_of(path)
+  digest = hashlib.sha256(os.path.abspath(directory).encode())
+  for name in sorted(os.listdir(directory)):
+    full = os.path.join(directory, name)
+    if name == "config.json":
+      with open(full, "rb") as f:
+        digest.update(f.read())
+    elif name.endswith(".safetensors"):
+      stat = os.stat(full)
+      digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+  return digest.digest()
+
+
+def export_policy(params, cfg: models.ModelConfig, tokenizer, out: str, *, dtype="float32"):
+  """Writes a policy as a Hugging Face causal-LM directory (config, weights, tokenizer,
+  generation config) that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+  kind = hf_config.architecture_of(cfg)
+  os.makedirs(out, exist_ok=True)
+  tensors = weights.hf_tensors(params, kind, cfg, dtype=dtype)
+  weights.save(tensors, out)
+  special = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+  if tokenizer.bos_id >= 0:
+    special["bos_token_id"] = tokenizer.bos_id
+  config = {**hf_config.from_model_config(cfg, kind), **special, "dtype": dtype}
+  config["torch_dtype"] = dtype  # the transformers 4 spelling
+  _write_json(os.path.join(out, "config.json"), config)
+  _write_json(os.path.join(out, "generation_config.json"), special)
+  if isinstance(tokenizer, HfTokenizer):
+    _copy_tokenizer(tokenizer, out)
+  else:
+    raise errors.StageError(
+      "Exporting a stage whose tokenizer is a SentencePiece model trained here is not "
+      "supported yet; stages started from hf:DIR export with their tokenizer."
+    )
+  return kind
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+  with open(path, "w") as f:
+    json.dump(data, f, indent=2)
+
+
+def load_reward_model(path: str, mesh, rules: str = "fsdp"):
+  """A `stages.RewardModel` (an ensemble of one) from a Hugging Face one-label sequence
+  classifier (`...ForSequenceClassification`, as TRL and OpenRLHF publish reward models).
+
+  Its score is read at each row's last token, as the classifier's is; gain 1, and the
+  offset an export from here recorded in config.json (else 0).
+  """
+  from rlhf_jax import stages
+
+  directory = directory_of(path)
+  config_path = os.path.join(directory, "config.json")
+  hf = hf_config.read(directory)
+  if not hf_config.is_classifier(hf, config_path):
+    raise errors.StageError(
+      f"{directory} is not a reward model: its config.json names {hf.get('architectures')}, "
+      "not a one-label ...ForSequenceClassification."
+    )
+  cfg = hf_config.to_model_config(hf, config_path)
+  module = models.ScalarModel(cfg, head_init="reward")
+  boxed = jax.eval_shape(lambda: models.init_params(module, jax.random.key(0)))
+  shapes = sharding.unbox(boxed)
+  stacked = jax.tree.map(lambda x: jax.ShapeDtypeStruct((1, *x.shape), x.dtype), shapes)
+  specs = jax.tree.map(
+    lambda s: jax.P(None, *s), sharding.logical_specs(boxed), is_leaf=lambda x: isinstance(x, jax.P)
+  )
+  shardings = sharding.tree_shardings(stacked, specs, mesh, rules)
+  member = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=jax.sharding.NamedSharding(mesh, jax.P(*tuple(s.spec)[1:]))
+    ),
+    shapes,
+    shardings,
+  )
+  params = weights.load(directory, hf["model_type"], cfg, member, classifier=True)
+  params = jax.jit(lambda p: jax.tree.map(lambda x: x[None], p), out_shardings=shardings)(params)
+  tok = HfTokenizer(directory, model_vocab_size=cfg.vocab_size)
+  offset = float(hf.get(hf_config.SCORE_OFFSET, 0.0))
+  meta = {
+    "kind": "reward",
+    "model": cfg.to_dict(),
+    "tokenizer": tok.filename,
+    "ensemble_size": 1,
+    "gain": 1.0,
+    "bias": offset,
+    "hf_model_type": hf["model_type"],
+    "source": PREFIX + os.path.abspath(directory),
+  }
+  return stages.RewardModel(module, params, shardings, tok, 1.0, offset, meta)
+
+
+def export_reward_model(rm, out: str, *, member: int = 0, dtype: str = "float32") -> str:
+  """Writes member `member` of a reward model as a one-label sequence classifier that
+  `transformers.AutoModelForSequenceClassification` loads. Its score is the normalised
+  one up to a constant: score.weight is gain * the head's kernel; the constant (gain * head
+  bias + bias, which the classifier cannot hold) goes to config.json's `SCORE_OFFSET`."""
+  cfg = rm.module.config
+  kind = hf_config.architecture_of(cfg)
+  tok = rm.tokenizer
+  if not isinstance(tok, HfTokenizer):
+    raise errors.StageError(
+      "Exporting a stage whose tokenizer is a SentencePiece model trained here is not "
+      "supported yet; stages started from hf:DIR export with their tokenizer."
+    )
+  one = jax.tree.map(lambda x: jax.device_get(x[member]), rm.params)
+  head_bias = float(one["head"]["bias"])
+  one["head"] = {"kernel": rm.gain * one["head"]["kernel"], "bias": 0.0}
+  os.makedirs(out, exist_ok=True)
+  weights.save(weights.hf_tensors(one, kind, cfg, classifier=True, dtype=dtype), out)
+  special = {"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+  if tok.bos_id >= 0:
+    special["bos_token_id"] = tok.bos_id
+  config = {
+    **hf_config.from_model_config(cfg, kind, classifier=True),
+    **special,
+    "dtype": dtype,
+    "torch_dtype": dtype,
+    hf_config.SCORE_OFFSET: rm.gain * head_bias + rm.bias,
+  }
+  _write_json(os.path.join(out, "config.json"), config)
+  _copy_tokenizer(tok, out)
+  return kind
+
+
+def _copy_tokenizer(tok: HfTokenizer, out: str) -> None:
+  for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+               "special_tokens_map.json"):  # fmt: skip
+    source = os.path.join(tok.directory, name)
+    if os.path.exists(source):
+      with open(source, "rb") as src, open(os.path.join(out, name), "wb") as dst:
+        dst.write(src.read())
