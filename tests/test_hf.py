@@ -269,33 +269,35 @@ def test_sft_and_ppo_from_hf_models_then_export(tmp_path):
   PPO policy as a directory transformers loads, with the trained weights."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  from rlhf_jax import config_utils, stages
+
   sft_dir, ppo_dir, out = (str(tmp_path / name) for name in ("sft", "ppo", "hf"))
-  launch = [sys.executable, "-m", "experiments.launch"]
-  sft = [*launch, "--config=configs/sft.py:runlocal", f"--config.policy_init=hf:{fixture('qwen2')}",
-         "--config.data.source=jsonl", "--config.data.train_jsonl=docs/examples/own_data/sft.jsonl",
-         "--config.total_steps=4", "--config.optim.warmup_steps=1", "--config.eval_every=4",
-         "--config.log_every=2", "--config.checkpoint_every=4", "--config.batch_size=8",
-         "--config.eval.num_samples=0", f"--workdir={sft_dir}"]  # fmt: skip
-  ppo = [*launch, "--config=configs/ppo.py:runlocal", f"--config.policy_init={sft_dir}",
-         f"--config.reward_init=hf:{fixture('qwen2_rm')}", "--config.data.source=jsonl",
-         "--config.data.prompts=docs/examples/own_data/prompts.jsonl", "--config.prompt_len=40",
-         "--config.total_steps=1", "--config.rollout_batch_size=8", "--config.minibatch_size=4",
-         "--config.eval.num_prompts=4", f"--workdir={ppo_dir}"]  # fmt: skip
-  export = [sys.executable, "-m", "experiments.export", f"--workdir={ppo_dir}", f"--out={out}"]
-  for cmd in (sft, ppo, export):
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "Wrote a Hugging Face qwen2 model" in proc.stdout
+  examples = os.path.join(REPO, "docs", "examples", "own_data")
+  sft = config_utils.load_config(os.path.join(REPO, "configs/sft.py:runlocal"))
+  sft.update(policy_init=f"hf:{fixture('qwen2')}", total_steps=4, eval_every=4, log_every=2,
+             checkpoint_every=4, batch_size=8)  # fmt: skip
+  sft.data.update(source="jsonl", train_jsonl=os.path.join(examples, "sft.jsonl"))
+  sft.optim.warmup_steps = 1
+  sft.eval.num_samples = 0
+  config_utils.run(sft, sft_dir)
   assert os.path.exists(os.path.join(sft_dir, "tokenizer", "tokenizer.json"))
+  ppo = config_utils.load_config(os.path.join(REPO, "configs/ppo.py:runlocal"))
+  ppo.update(policy_init=sft_dir, reward_init=f"hf:{fixture('qwen2_rm')}", prompt_len=40,
+             total_steps=1, rollout_batch_size=8, minibatch_size=8)  # fmt: skip
+  ppo.data.update(source="jsonl", prompts=os.path.join(examples, "prompts.jsonl"))
+  ppo.eval.num_prompts = 4
+  config_utils.run(ppo, ppo_dir)
   with open(os.path.join(ppo_dir, "summary.json")) as f:
     assert json.load(f)["evaluator"] == "proxy"  # no gold: the Hugging Face RM judges
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  export = [sys.executable, "-m", "experiments.export", f"--workdir={ppo_dir}", f"--out={out}"]
+  proc = subprocess.run(export, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Wrote a Hugging Face qwen2 model" in proc.stdout
   model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
   input_ids, before = reference("qwen2")
   with torch.no_grad():
     after = model(torch.tensor(input_ids)).logits.numpy()
   assert np.abs(after - before).max() > 1e-2  # trained, not the starting weights
-  from rlhf_jax import stages
-
   policy = stages.load_policy(ppo_dir, sharding.make_mesh((1, -1, 1)))
   np.testing.assert_allclose(after, logits_of(policy, input_ids), atol=1e-4, rtol=0)
