@@ -1,8 +1,8 @@
 """Bad input through the real entry points: one clear line, exit 2, no traceback, nothing trusted.
 
-Every case runs `python -m experiments.launch` (or `experiments.label_report`) as a user
-would, on a malformed config value, data file, workdir or checkpoint (and the two other
-entry points, `experiments.label_report` and `experiments.compare`), and requires:
+Every case runs `experiments.launch` as `__main__`, as `python -m` does for a user, on a
+malformed config value, data file, workdir or checkpoint (and the two other entry points,
+`experiments.label_report` and `experiments.compare`), and requires:
 
   - exit status 2 and no Python traceback;
   - the message names what is wrong and where: the dotted config key, the file and line
@@ -10,12 +10,15 @@ entry points, `experiments.label_report` and `experiments.compare`), and require
   - nothing a rerun would trust is left behind: no export, no new committed checkpoint, no
     completed dataset build, no summary; damaged checkpoints are renamed aside, not deleted.
 
-The cases run concurrently in subprocesses (a session fixture), then each is checked by its
-own test. `CASES` holds one line per case: an id, the command line (placeholders: {tmp} is the
-case's folder, {sft} a finished tiny SFT stage, {fake_policy} a folder whose export.json says
-"policy", {fake_reward} the same for a reward model), the fragments the message must contain,
-and the files the case writes first (FILES[id]) or the damage it does to a copy of the SFT
-stage (DAMAGE[id]).
+The cases run concurrently (a module fixture), then each is checked by its own test. Most run
+in children forked by one warm interpreter (tests/cli_runner.py: the entry point run as
+`__main__` with its own exit status and file descriptors 1 and 2), since starting Python and
+importing JAX is most of a case; those in `COLD` run as true `python -m` subprocesses, so the
+cold entry point stays covered. `CASES` holds one line per case: an id, the command line
+(placeholders: {tmp} is the case's folder, {sft} a finished tiny SFT stage, {fake_policy} a
+folder whose export.json says "policy", {fake_reward} the same for a reward-model ensemble of
+2), the fragments the message must contain, and the files the case writes first (FILES[id]) or the
+damage it does to a copy of the SFT stage (DAMAGE[id]).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from tests import cli_runner
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,6 +61,9 @@ SFT_SMALL = [SFT, "--config.total_steps=20", "--config.checkpoint_every=10",
 RESUME = [*SFT_SMALL, "--workdir={tmp}/work"]  # rerun of that stage, copied to {tmp}/work
 REPORT = "experiments.label_report"
 
+HF_MISTRAL = {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "vocab_size": 9,
+              "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "intermediate_size": 16}  # fmt: skip
 ELEVEN_PROMPTS = [f"Review of the {c} {i}:" for c in ("red", "blue") for i in ("lamp", "desk", "mug", "fan", "chair", "kettle")][:11]  # fmt: skip
 GOOD_SFT = '{"prompt": "Review of the lamp:", "response": "It glows warmly."}\n'
 GOOD_PAIR = {"prompt": "Review of the lamp:", "chosen": "It glows.", "rejected": "Bad.",
@@ -183,6 +191,13 @@ CASES = [
   C("report_missing_file", ["--data={tmp}/none.jsonl"], "{tmp}/none.jsonl", entry=REPORT),
   C("compare_unknown_method", ["--methods=ppo,sac", "--workdir={tmp}/c"], "Unknown method 'sac'", entry="experiments.compare"),
   C("compare_unknown_key", ["--methods=ppo", "--size=runlocal", "--set=kl.init_coeff=0.1", "--workdir={tmp}/c"], "config.kl.init_coeff", entry="experiments.compare"),
+  # -- Hugging Face models in ({tmp} holds a config.json) and the export ---------------------
+  C("hf_missing_dir", [SFT, "--config.policy_init=hf:{tmp}/none"], "config.policy_init", "no such directory"),
+  C("hf_unsupported_model", [SFT, "--config.policy_init=hf:{tmp}"], "config.policy_init", "{tmp}/config.json", "model_type 'gemma3' is not supported"),
+  C("hf_sliding_window", [PPO, "--config.policy_init=hf:{tmp}"], "config.policy_init", "sliding_window=4096 is not supported"),
+  C("hf_policy_as_reward", [PPO, "--config.policy_init=hf:{tmp}", "--config.reward_init=hf:{tmp}"], "config.reward_init", "not a reward model"),
+  C("export_missing_stage", ["--workdir={tmp}/none", "--out={tmp}/o"], "{tmp}/none", entry="experiments.export"),
+  C("export_ensemble_member", ["--workdir={fake_reward}", "--out={tmp}/o"], "ensemble of 2 reward models", "--member=K", entry="experiments.export"),
   # -- workdirs, stages and checkpoints (a copy of the finished SFT stage in {tmp}/work) -------
   C("ckpt_all_altered", RESUME, "{tmp}/work/checkpoints", "checksum mismatch"),
   C("ckpt_all_state_empty", RESUME, "{tmp}/work/checkpoints", "state/ is empty"),
@@ -232,6 +247,9 @@ FILES = {
   "rm_all_too_long": {"p.jsonl": _pairs(*[{}] * 19)},
   "report_bad_record": {"p.jsonl": _pairs({"chosen": 5})},
   "report_no_raters": {"p.jsonl": _pairs().replace('"rater_id": 1, ', "") * 2},
+  "hf_unsupported_model": {"config.json": json.dumps({"model_type": "gemma3", "vocab_size": 9})},
+  "hf_sliding_window": {"config.json": json.dumps(HF_MISTRAL | {"sliding_window": 4096})},
+  "hf_policy_as_reward": {"config.json": json.dumps(HF_MISTRAL), "tokenizer.json": "{}"},
 }
 
 
@@ -368,28 +386,32 @@ class Result:
   folder: str
 
 
-def _run(case, folder, sft_dir, fake_policy, fake_reward):
+def _prepare(case, folder, names):
+  """Writes the case's files and damage into `folder`: (its arguments, what is trusted now)."""
   os.makedirs(folder, exist_ok=True)
   _write_case_files(case, folder)
   damage = DAMAGE.get(case.id)
   if damage is not None:
     work = os.path.join(folder, "work")
-    shutil.copytree(sft_dir, work)
+    shutil.copytree(names["sft"], work)
     damage(work)
-  names = dict(tmp=folder, sft=sft_dir, fake_policy=fake_policy, fake_reward=fake_reward)
-  args = [a.format(**names) for a in case.args]
+  args = [a.format(tmp=folder, **names) for a in case.args]
   if case.entry == "experiments.launch" and not any(a.startswith("--workdir") for a in args):
     args.append(f"--workdir={folder}/run")
-  before = _trusted(folder)
+  return args, _trusted(folder)
+
+
+def _run_cold(entry, args):
+  """(exit status, stdout + stderr) of `python -m entry args`, a fresh interpreter."""
   proc = subprocess.run(
-    [sys.executable, "-m", case.entry, *args],
+    [sys.executable, "-m", entry, *args],
     cwd=REPO,
     env=_env(),
     capture_output=True,
     text=True,
     timeout=300,
   )
-  return Result(proc.returncode, proc.stdout + proc.stderr, before, _trusted(folder), folder)
+  return proc.returncode, proc.stdout + proc.stderr
 
 
 def _env():
@@ -399,16 +421,21 @@ def _env():
   return env
 
 
-def _fake_stage(folder, kind):
+def _fake_stage(folder, kind, **meta):
   os.makedirs(folder, exist_ok=True)
   with open(os.path.join(folder, "export.json"), "w") as f:
-    json.dump({"kind": kind, "step": 1}, f)
+    json.dump({"kind": kind, "step": 1, **meta}, f)
   return folder
+
+
+# Cases run as true `python -m` subprocesses: a flag error and a damaged checkpoint.
+COLD = ("unknown_key", "ckpt_all_altered")
+SLOWEST = "sft_nan_loss"
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-  """Runs every case (4 at a time: most of each is interpreter and JAX start-up)."""
+  """Runs every case: those in COLD as subprocesses, beside the rest forked 3 at a time."""
   root = tmp_path_factory.mktemp("bad_inputs")
   sft_dir = str(root / "sft")
   trained = subprocess.run(
@@ -420,14 +447,33 @@ def results(tmp_path_factory):
     timeout=600,
   )
   assert trained.returncode == 0, trained.stderr[-3000:]
-  fake_policy = _fake_stage(str(root / "fake_policy"), "policy")
-  fake_reward = _fake_stage(str(root / "fake_reward"), "reward")
-  with concurrent.futures.ThreadPoolExecutor(4) as pool:
-    futures = {
-      case.id: pool.submit(_run, case, str(root / case.id), sft_dir, fake_policy, fake_reward)
+  names = dict(
+    sft=sft_dir,
+    fake_policy=_fake_stage(str(root / "fake_policy"), "policy"),
+    fake_reward=_fake_stage(str(root / "fake_reward"), "reward", ensemble_size=2),
+  )
+  folders = {case.id: str(root / case.id) for case in CASES}
+  args, before = {}, {}
+  for case in CASES:
+    args[case.id], before[case.id] = _prepare(case, folders[case.id], names)
+  # The slowest case (it trains until the loss overflows) first, so it does not run alone last.
+  forked = sorted((case for case in CASES if case.id not in COLD), key=lambda c: c.id != SLOWEST)
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    cold = {
+      case.id: pool.submit(_run_cold, case.entry, args[case.id])
       for case in CASES
+      if case.id in COLD
     }
-    return {name: future.result() for name, future in futures.items()}
+    jobs = [cli_runner.Job(case.entry, tuple(args[case.id])) for case in forked]
+    done = cli_runner.run_many(jobs, cwd=REPO, env=_env(), scratch=str(root / "runner"))
+    runs = {
+      case.id: (d.returncode, d.stdout + d.stderr) for case, d in zip(forked, done, strict=True)
+    }
+    runs.update({name: future.result() for name, future in cold.items()})
+  return {
+    name: Result(*runs[name], before[name], _trusted(folders[name]), folders[name])
+    for name in folders
+  }
 
 
 def test_at_least_sixty_distinct_cases():

@@ -1,15 +1,19 @@
 """Kill a training run mid-way, resume it, and compare with an uninterrupted run.
 
-Shared by the trainers' exact-resume tests: each launches its config as a
-subprocess (the way a preempted job really dies), interrupts it once a
-checkpoint past `after_step` is committed, reruns it, and requires the same
-final checkpoint (bit for bit), the same deterministic metrics and the same
-samples as a straight run. `rerun_after_late_stop` adds the stop that lands
-after the final checkpoint but before the stage's export.
+Shared by the trainers' exact-resume tests: each launches its config as a subprocess (the
+way a preempted job really dies). `check_kill_and_sigterm` runs one interrupted chain beside
+a straight run: SIGKILL once a checkpoint at or past `kill_after` is committed, a rerun that
+is sent SIGTERM (save and exit cleanly) once it has committed a checkpoint past the one it
+resumed from, and a rerun to the end; it requires the same final checkpoint (bit for bit),
+the same deterministic metrics and the same samples as the straight run. One chain covers
+both ways of dying and a resume from each, in four launches rather than five.
+`rerun_after_late_stop` adds the stop that lands after the final checkpoint but before the
+stage's export.
 """
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -101,9 +105,13 @@ def assert_same_run(reference, resumed, *, total_steps, timing_metrics, samples=
 def check_kill_and_sigterm(
   tmp_path, config, overrides, *, total_steps, kill_after, timing_metrics, samples=True
 ):
-  """The whole exact-resume check: SIGKILL + rerun, and SIGTERM + rerun, vs a straight run.
+  """The whole exact-resume check: SIGKILL, resume, SIGTERM, resume to the end, vs a straight run.
 
-  The runs' workdirs are `tmp_path` / straight, killed and preempted.
+  The runs' workdirs are `tmp_path` / straight and killed (the whole interrupted chain). The
+  SIGTERM must land past the step the rerun resumed from (at least `kill_after`) and before
+  `total_steps`: it is sent once the rerun has committed its first checkpoint, and saves commit
+  asynchronously, so it lands a step or two past that one. A caller's `kill_after` therefore
+  leaves one checkpoint interval and a few steps more before `total_steps`.
   """
   cache = str(tmp_path / "jax_cache")
   reference = str(tmp_path / "straight")
@@ -114,22 +122,22 @@ def check_kill_and_sigterm(
     config, killed, overrides, signal.SIGKILL, after_step=kill_after, cache_dir=cache
   )
   assert rc == -signal.SIGKILL, out[-2000:]
-  assert kill_after <= max(committed_steps(killed)) < total_steps, "the kill must land mid-run"
+  resumed = max(committed_steps(killed))
+  assert kill_after <= resumed < total_steps, "the kill must land mid-run"
+
+  # The rerun resumes from the killed run's last checkpoint; SIGTERM once it has saved anew.
+  rc, out = interrupt(
+    config, killed, overrides, signal.SIGTERM, after_step=resumed + 1, cache_dir=cache
+  )
+  assert rc == 0, out[-2000:]  # SIGTERM: save and exit cleanly
+  assert re.search(rf"Resumed from \w+ {resumed}\b", out), out[-2000:]  # step or iteration
+  assert "SIGTERM: saved" in out, out[-2000:]
+  stopped = max(committed_steps(killed))
+  assert resumed < stopped < total_steps, ("the SIGTERM must land mid-run", resumed, stopped)
+
   run_to_end(config, killed, overrides, cache)
   assert_same_run(
     reference, killed, total_steps=total_steps, timing_metrics=timing_metrics, samples=samples
-  )
-
-  preempted = str(tmp_path / "preempted")
-  rc, out = interrupt(
-    config, preempted, overrides, signal.SIGTERM, after_step=kill_after, cache_dir=cache
-  )
-  assert rc == 0, out[-2000:]  # SIGTERM: save and exit cleanly
-  assert "SIGTERM: saved" in out
-  assert kill_after <= max(committed_steps(preempted)) < total_steps
-  run_to_end(config, preempted, overrides, cache)
-  assert_same_run(
-    reference, preempted, total_steps=total_steps, timing_metrics=timing_metrics, samples=samples
   )
 
 
