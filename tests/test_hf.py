@@ -283,7 +283,8 @@ def test_sft_and_ppo_from_hf_models_then_export(tmp_path):
   assert os.path.exists(os.path.join(sft_dir, "tokenizer", "tokenizer.json"))
   ppo = config_utils.load_config(os.path.join(REPO, "configs/ppo.py:runlocal"))
   ppo.update(policy_init=sft_dir, reward_init=f"hf:{fixture('qwen2_rm')}", prompt_len=40,
-             total_steps=1, rollout_batch_size=8, minibatch_size=8)  # fmt: skip
+             total_steps=1, rollout_batch_size=8, minibatch_size=8,
+             value_model="policy_head")  # fmt: skip
   ppo.data.update(source="jsonl", prompts=os.path.join(examples, "prompts.jsonl"))
   ppo.eval.num_prompts = 4
   config_utils.run(ppo, ppo_dir)
