@@ -4,7 +4,8 @@ A stage that completes writes
 
     <workdir>/export/0/         Orbax checkpoint of the network's parameters
     <workdir>/export.json       kind, ModelConfig, tokenizer file, extras (written last)
-    <workdir>/tokenizer.model   the vocabulary the network was trained with
+    <workdir>/tokenizer.model   the vocabulary the network was trained with (or tokenizer/,
+                                the files of a Hugging Face tokenizer: `load_tokenizer`)
 
 `export.json` is written after the parameters are committed, so its presence
 means the stage is complete: a pipeline reuses such a stage instead of
@@ -20,6 +21,9 @@ finishes (`needs_export`), so a later stage never silently loads the old policy.
 
 Kinds: "policy" (LanguageModel params) and "reward" (ScalarModel params
 stacked over an ensemble axis, with a normalisation gain and bias).
+
+`load_policy` and `load_reward_model` also take `hf:DIR`, a Hugging Face model directory
+(a causal LM, or a one-label sequence classifier as the reward model; `rlhf_jax.hf`).
 """
 
 from __future__ import annotations
