@@ -182,6 +182,7 @@ def test_tokenizer_encodes_and_decodes_as_transformers():
   # Decoding stops at EOS and drops padding and ids past the tokenizer.
   ids = ours.encode(texts[0])
   assert ours.decode([2, 2, *ids, 383 + 1, 1, 5, 6]) == texts[0]
+  assert ours.decode_batch([ids, ids[:3]]) == [texts[0], ours.decode(ids[:3])]
 
 
 def test_a_tokenizer_without_pad_pads_past_its_ids_or_says_so(tmp_path):

@@ -172,7 +172,12 @@ class HfTokenizer:
     return self._tok.decode(array.tolist(), skip_special_tokens=False)
 
   def decode_batch(self, batch) -> list[str]:
-    return [self.decode(row) for row in np.asarray(batch)]
+    """Ids [B, T] (a 2-D array or ragged lists) to B texts, as `decode`."""
+    if isinstance(batch, np.ndarray) or hasattr(batch, "__array__"):
+      batch = np.asarray(batch)
+      if batch.ndim != 2:
+        raise ValueError(f"decode_batch takes ids of shape [B, T], got {batch.shape}")
+    return [self.decode(row) for row in batch]
 
   def id_to_piece(self, token_id: int) -> str:
     piece = self._tok.id_to_token(int(token_id))
