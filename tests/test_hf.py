@@ -25,7 +25,7 @@ from rlhf_jax.hf import weights
 from rlhf_jax.hf.tokenizer import HfTokenizer
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "hf")
-KINDS = ("gpt2", "llama", "mistral", "qwen2")
+KINDS = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -204,7 +204,7 @@ def test_a_tokenizer_without_pad_pads_past_its_ids_or_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("kind, dtype", [("gpt2", "float32"), ("qwen2", "float32"),
-                                         ("llama", "bfloat16")])  # fmt: skip
+                                         ("qwen3", "float32"), ("llama", "bfloat16")])  # fmt: skip
 def test_export_is_what_transformers_loads_with_the_same_logits(kind, dtype, tmp_path, mesh):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")

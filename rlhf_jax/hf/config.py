@@ -1,7 +1,8 @@
 """Hugging Face `config.json` <-> `ModelConfig`, for the architectures this framework runs.
 
 Supported `model_type`s: gpt2, llama (Llama 2 and 3.x, with Llama 3.1's RoPE scaling),
-mistral (without a sliding window) and qwen2 (Qwen2/2.5). A field whose value would change
+mistral (without a sliding window), qwen2 (Qwen2/2.5) and qwen3 (dense Qwen3: per-head
+q/k RMSNorm). A field whose value would change
 what the model computes and that `ModelConfig` cannot express (a sliding window, biases
 on other projections, another activation or RoPE scaling) is an error naming the file and
 the field, never silently dropped. Both spellings of RoPE settings are read: the
@@ -18,18 +19,20 @@ from typing import Any
 from rlhf_jax import errors
 from rlhf_jax.models import ModelConfig
 
-SUPPORTED = ("gpt2", "llama", "mistral", "qwen2")
+SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 ARCHITECTURES = {
   "gpt2": "GPT2LMHeadModel",
   "llama": "LlamaForCausalLM",
   "mistral": "MistralForCausalLM",
   "qwen2": "Qwen2ForCausalLM",
+  "qwen3": "Qwen3ForCausalLM",
 }
 SEQUENCE_CLASSIFIERS = {
   "gpt2": "GPT2ForSequenceClassification",
   "llama": "LlamaForSequenceClassification",
   "mistral": "MistralForSequenceClassification",
   "qwen2": "Qwen2ForSequenceClassification",
+  "qwen3": "Qwen3ForSequenceClassification",
 }
 # GPT-2's tanh-approximated GELU under its names in transformers.
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -119,7 +122,8 @@ def to_model_config(hf: dict[str, Any], path: str = "config.json", **overrides) 
     refuse("hidden_act", lambda v: v == "silu", "these models use SiLU-gated MLPs")
     refuse("attention_bias", lambda v: not v, "biases on q/k/v/o projections")
     refuse("mlp_bias", lambda v: not v, "biases on MLP projections")
-    refuse("sliding_window", lambda v: kind == "qwen2" and not hf.get("use_sliding_window"),
+    qwen = kind in ("qwen2", "qwen3")
+    refuse("sliding_window", lambda v: qwen and not hf.get("use_sliding_window"),
            "sliding-window attention is not implemented; a checkpoint whose window is "
            "not used (sliding_window null) imports")  # fmt: skip
     refuse("use_sliding_window", lambda v: not v, "sliding-window attention is not implemented")
@@ -140,6 +144,7 @@ def to_model_config(hf: dict[str, Any], path: str = "config.json", **overrides) 
       mlp="swiglu",
       tie_embeddings=tie,
       qkv_bias=kind == "qwen2",
+      qk_norm=kind == "qwen3",
       use_bias=False,
       **_rope(hf, fail),
     )
@@ -227,9 +232,9 @@ def from_model_config(cfg: ModelConfig, kind: str, *, classifier: bool = False) 
     "rope_scaling": None if rope["rope_type"] == "default" else dict(rope),
     "rope_parameters": rope,
   }
-  if kind == "qwen2":
+  if kind in ("qwen2", "qwen3"):
     out["use_sliding_window"] = False
-  else:
+  if kind != "qwen2":
     out.update(attention_bias=False, mlp_bias=False)
   if kind == "mistral":
     out["sliding_window"] = None
@@ -237,13 +242,13 @@ def from_model_config(cfg: ModelConfig, kind: str, *, classifier: bool = False) 
 
 
 def architecture_of(cfg: ModelConfig) -> str:
-  """The Hugging Face `model_type` a ModelConfig exports as (gpt2, qwen2 or llama)."""
+  """The Hugging Face `model_type` a ModelConfig exports as (gpt2, llama, qwen2, qwen3)."""
   if cfg.position == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu":
     if cfg.qkv_bias and cfg.use_bias and cfg.tie_embeddings:
       return "gpt2"
   elif cfg.position == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu":
-    if not cfg.use_bias and not cfg.embed_scale:
-      return "qwen2" if cfg.qkv_bias else "llama"
+    if not cfg.use_bias and not cfg.embed_scale and not (cfg.qkv_bias and cfg.qk_norm):
+      return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
   raise ValueError(
     "This model has no Hugging Face architecture to export as: GPT-2 needs learned "
     "positions, LayerNorm, GELU, biases and tied embeddings; Llama/Qwen2 need RoPE, RMSNorm, "

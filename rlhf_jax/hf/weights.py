@@ -107,6 +107,9 @@ def import_table(kind: str, cfg: ModelConfig, *, classifier: bool = False) -> Ta
       ("mlp", "up"): Source((b + "mlp.up_proj.weight",), _transpose),
       ("mlp", "down"): Source((b + "mlp.down_proj.weight",), _transpose),
     }
+    if cfg.qk_norm:
+      layer[("attn", "q_norm")] = Source((b + "self_attn.q_norm.weight",), _same)
+      layer[("attn", "k_norm")] = Source((b + "self_attn.k_norm.weight",), _same)
     if cfg.qkv_bias:
       for name, heads in (("q", n), ("k", k), ("v", k)):
         layer[("attn", f"{name}_bias")] = Source(
@@ -166,6 +169,9 @@ def export_table(kind: str, cfg: ModelConfig, *, classifier: bool = False) -> Ta
       b + "mlp.up_proj.weight": Source((("mlp", "up"),), _transpose),
       b + "mlp.down_proj.weight": Source((("mlp", "down"),), _transpose),
     }
+    if cfg.qk_norm:
+      layer[b + "self_attn.q_norm.weight"] = Source((("attn", "q_norm"),), _same)
+      layer[b + "self_attn.k_norm.weight"] = Source((("attn", "k_norm"),), _same)
     if cfg.qkv_bias:
       for name in ("q", "k", "v"):
         layer[b + f"self_attn.{name}_proj.bias"] = Source(

@@ -32,7 +32,8 @@ class ModelConfig:
   GPT-2 style: position="learned", norm="layernorm", mlp="gelu", qkv_bias and
   use_bias True, tie_embeddings True. Llama style: position="rope",
   norm="rmsnorm", mlp="swiglu", num_kv_heads < num_heads (grouped-query
-  attention), no biases. Qwen2 adds qkv_bias; Gemma adds embed_scale and geglu.
+  attention), no biases. Qwen2 adds qkv_bias, Qwen3 qk_norm; Gemma adds embed_scale and
+  geglu.
   """
 
   vocab_size: int = 256
@@ -59,6 +60,7 @@ class ModelConfig:
   mlp: str = "swiglu"
   tie_embeddings: bool = True
   qkv_bias: bool = False  # bias on q, k, v projections (GPT-2, Qwen2)
+  qk_norm: bool = False  # RMSNorm of each head's query and key before RoPE (Qwen3)
   use_bias: bool = False  # bias on attention output and MLP projections (GPT-2)
   embed_scale: bool = False  # multiply embeddings by sqrt(d_model) (Gemma)
   init_std: float = 0.02
@@ -108,6 +110,8 @@ class ModelConfig:
     attn = d * n * h + 2 * d * k * h + n * h * d
     if self.qkv_bias:
       attn += n * h + 2 * k * h
+    if self.qk_norm:
+      attn += 2 * h
     if self.use_bias:
       attn += d
     gated = self.mlp in ("swiglu", "geglu")
@@ -275,6 +279,7 @@ CONFIG_SPEC = cs.Spec(
     "mlp": cs.Choice(*_CHOICES["mlp"]),
     "tie_embeddings": cs.Bool(),
     "qkv_bias": cs.Bool(),
+    "qk_norm": cs.Bool(),
     "use_bias": cs.Bool(),
     "embed_scale": cs.Bool(),
     "init_std": cs.Float(gt=0),

@@ -152,6 +152,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
   return out.astype(x.dtype)
 
 
+def _rms(x: jax.Array, scale: jax.Array, eps: float, dtype) -> jax.Array:
+  """RMSNorm over the last axis in float32, scaled by `scale`, cast to `dtype`."""
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
+  return (y * scale.astype(jnp.float32)).astype(dtype)
+
+
 class Attention(nn.Module):
   """Grouped-query attention with an optional KV cache."""
 
@@ -179,6 +186,10 @@ class Attention(nn.Module):
       q = q + _param(self, "q_bias", zeros, (n, h), ("heads", "head_dim"), pdt).astype(dt)
       key = key + _param(self, "k_bias", zeros, (k, h), ("kv_heads", "head_dim"), pdt).astype(dt)
       val = val + _param(self, "v_bias", zeros, (k, h), ("kv_heads", "head_dim"), pdt).astype(dt)
+    if cfg.qk_norm:  # per head, over head_dim, in float32 (as Norm)
+      ones = nn.initializers.ones
+      q = _rms(q, _param(self, "q_norm", ones, (h,), ("norm",), pdt), cfg.norm_eps, dt)
+      key = _rms(key, _param(self, "k_norm", ones, (h,), ("norm",), pdt), cfg.norm_eps, dt)
     if cfg.position == "rope":
       inv_freq = rope_inv_freq(cfg)
       q = apply_rope(q, positions, inv_freq)

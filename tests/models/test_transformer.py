@@ -12,7 +12,9 @@ from rlhf_jax.models import transformer
 STYLES = {
   "llama": dict(),  # the "tiny" preset: RoPE, RMSNorm, SwiGLU, GQA 4/2, tied
   "gpt2": dict(name="tiny-gpt2"),
-  "untied": dict(tie_embeddings=False, mlp="geglu", embed_scale=True, qkv_bias=True),
+  # Every optional feature at once: untied head, GeGLU, embedding scale, q/k/v biases,
+  # per-head q/k norms (Qwen3).
+  "untied": dict(tie_embeddings=False, mlp="geglu", embed_scale=True, qkv_bias=True, qk_norm=True),
 }
 
 
