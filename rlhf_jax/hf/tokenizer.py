@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from rlhf_jax import errors
+from rlhf_jax.data.tokenizer import Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json", "generation_config.json")  # fmt: skip
@@ -171,13 +172,9 @@ class HfTokenizer:
     array = array[(array != self._pad) & (array >= 0) & (array < self._size)]
     return self._tok.decode(array.tolist(), skip_special_tokens=False)
 
-  def decode_batch(self, batch) -> list[str]:
-    """Ids [B, T] (a 2-D array or ragged lists) to B texts, as `decode`."""
-    if isinstance(batch, np.ndarray) or hasattr(batch, "__array__"):
-      batch = np.asarray(batch)
-      if batch.ndim != 2:
-        raise ValueError(f"decode_batch takes ids of shape [B, T], got {batch.shape}")
-    return [self.decode(row) for row in batch]
+  # Ids [B, T] (a 2-D array or ragged lists) to B texts: the SentencePiece tokenizer's,
+  # which only calls `decode` per row.
+  decode_batch = Tokenizer.decode_batch
 
   def id_to_piece(self, token_id: int) -> str:
     piece = self._tok.id_to_token(int(token_id))
