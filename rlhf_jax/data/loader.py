@@ -30,7 +30,6 @@ Shape legend: B batch, T length.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -310,24 +309,35 @@ def _text(value: str | bytes) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
-def record_pieces(record: Mapping[str, Any], train_on: str = "assistant") -> list[chat.Piece]:
+def record_pieces(
+  record: Mapping[str, Any], train_on: str = "assistant", fmt: Any = chat.PLAIN
+) -> list[chat.Piece]:
   """The pieces an SFT record is tokenized in (see `chat.sft_pieces`).
 
   A chat record (a non-empty "messages": a list of turns or its JSON text) gives its
-  conversation's pieces; a {"prompt", "response"} record is the one-turn case: the prompt
-  (trained only with `train_on="all"`), then the response as a trained reply.
+  conversation's pieces in the chat format `fmt` (the tokenizer's chat template, or the
+  plain format: `chat.format_for`); a {"prompt", "response"} record is the one-turn case,
+  used as it is: the prompt (trained only with `train_on="all"`), then the response as a
+  trained reply.
   """
   messages = record.get("messages")
   if messages:
-    if isinstance(messages, str | bytes):
-      messages = json.loads(messages)
-    return chat.sft_pieces(messages, train_on)
+    return fmt.sft_pieces(chat.decode_messages(messages), train_on)
   if train_on not in chat.TRAIN_ON:
     raise ValueError(f"train_on={train_on!r}; expected one of {', '.join(chat.TRAIN_ON)}")
   return [
     chat.Piece(_text(record["prompt"]), train_on == "all", False),
     chat.Piece(_text(record["response"]), True, True),
   ]
+
+
+def record_prompt(record: Mapping[str, Any], tokenizer: Tokenizer) -> str:
+  """The text a policy is asked to continue for an SFT record: a chat record's turns before
+  its last reply in the tokenizer's chat format (`chat.format_for`), else its "prompt"."""
+  messages = record.get("messages")
+  if messages:
+    return chat.format_for(tokenizer).last_exchange(chat.decode_messages(messages))[0]
+  return _text(record["prompt"])
 
 
 def sft_sequences(
@@ -342,7 +352,8 @@ def sft_sequences(
   """
   if tokenizer.pad_id == tokenizer.eos_id:
     raise ValueError("the tokenizer pads with its EOS id; masks would hide every EOS")
-  pieces = [record_pieces(e, train_on) for e in examples]
+  fmt = chat.format_for(tokenizer)
+  pieces = [record_pieces(e, train_on, fmt) for e in examples]
   encoded = iter(tokenizer.encode_batch([p.text for ps in pieces for p in ps]))
   out = []
   for parts in pieces:

@@ -27,8 +27,8 @@ import numpy as np
 
 from rlhf_jax import config_spec as cs
 from rlhf_jax import distributed, errors, rng, utils
+from rlhf_jax.data import chat, preferences
 from rlhf_jax.data import loader as loader_lib
-from rlhf_jax.data import preferences
 from rlhf_jax.rl import reward as reward_lib
 
 Generate = Callable[[list[str], jax.Array], list[str]]
@@ -127,12 +127,18 @@ def file_paths(train_files, eval_files) -> dict[str, list[str]]:
   return paths
 
 
-def build(paths: dict[str, list[str]], data_dir: str, skip_invalid: bool, info=None):
+def build(
+  paths: dict[str, list[str]], data_dir: str, skip_invalid: bool, info=None, tokenizer=None
+):
   """(train source, eval source or None, info) of the preference files by split, built
-  once as array_record datasets in `data_dir` (preferences.build_preferences)."""
+  once as array_record datasets in `data_dir` (preferences.build_preferences). Chat
+  prompts are rendered in `tokenizer`'s chat format (`chat.format_for`)."""
   builder = preferences.build_preferences(paths, data_dir, skip_invalid=skip_invalid)
   train = builder.source("train")
   evals = builder.source("eval") if "eval" in paths else None
+  for source in (train, evals):
+    if source is not None:
+      source.render = chat.format_for(tokenizer).render_prompt
   info = dict(info or {})
   info.update(
     content_hash=builder.content_hash,

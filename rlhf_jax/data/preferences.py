@@ -16,9 +16,11 @@ TensorFlow is not needed (see builders.py, whose patterns and helpers this modul
 Record schema (one fixed schema for every builder; text features come back as `str`):
 
   field          type   input                                       default when absent
-  prompt         str    required, non-blank string                  -
-  chosen         str    required, non-blank string                  -
-  rejected       str    required, non-blank string                  -
+  prompt         str    required, non-blank string, or a chat: a    -
+                        list of turns ending with the user's
+  chosen         str    required, non-blank string (or a list of    -
+                        one assistant turn)
+  rejected       str    required, as chosen                         -
   rater_id       str    string or int (ints are written as "7")     ""
   tie            bool   bool                                        False
   margin         float  finite number >= 0, 0 for a tie             0.0
@@ -32,6 +34,13 @@ Record schema (one fixed schema for every builder; text features come back as `s
                         this answer (for the noise ceiling)
   gold_chosen    float  finite number (the testbed's gold reward)   NaN
   gold_rejected  float  finite number                               NaN
+
+A chat prompt (`[{"role": "system" | "user" | "assistant", "content": str}, ...]`, the
+conversational format TRL and others publish, validated as `chat.validate_prompt_messages`)
+is stored as its plain rendering (`chat.render_prompt`) in "prompt" and its turns as JSON in
+"messages" ("" for a text prompt); a source given a chat format (`render`, set by
+`pairs.build` from the tokenizer) renders such prompts with the tokenizer's chat template
+instead when it reads them.
 
 Rules: `null` (or a Parquet null) means absent, and so does NaN for the fields whose default
 is NaN; other fields are ignored. `chosen == rejected` is invalid unless `tie`: a strict
@@ -71,9 +80,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from rlhf_jax import utils
+from rlhf_jax.data import chat
 from rlhf_jax.data.builders import (
   _MAX_RECORDED_ERRORS,
   LINE,
+  MESSAGES,
   DataError,
   FileRecords,
   FileSplitsConfig,
@@ -145,11 +156,20 @@ def validate_preference(record: Any, fail: Callable[[str, str | None], DataError
       f"expected an object with fields 'prompt', 'chosen' and 'rejected', got {_type_name(record)}",
       None,
     )
-  out: dict[str, Any] = {}
+  out: dict[str, Any] = {MESSAGES: ""}
   for field in TEXT_FIELDS:
     if field not in record:
       raise fail(f"missing field {field!r}", field)
     value = record[field]
+    if field == "prompt" and _is_turns(value):
+      turns = chat.validate_prompt_messages(list(value), fail, field)
+      out[MESSAGES] = json.dumps(turns, ensure_ascii=False)
+      value = chat.render_prompt(turns)
+    elif field != "prompt" and _is_turns(value):
+      turns = chat.validate_messages(list(value), fail, field)
+      if len(turns) != 1 or turns[0]["role"] != "assistant":
+        raise fail(f"field {field!r} given as turns must be one assistant turn", field)
+      value = turns[0]["content"]
     if not isinstance(value, str) or not value.strip():
       got = repr(value) if isinstance(value, str) else _type_name(value)
       raise fail(f"field {field!r} must be a non-empty string, got {got}", field)
@@ -176,6 +196,11 @@ def validate_preference(record: Any, fail: Callable[[str, str | None], DataError
     # A margin says by how much chosen is better; a tie says it is not.
     raise fail(f"field 'margin' must be 0 for a tie, got {out['margin']!r}", "margin")
   return out
+
+
+def _is_turns(value: Any) -> bool:
+  """A list of turns (JSON) or a Parquet list column's value, rather than a text."""
+  return isinstance(value, list | tuple | np.ndarray)
 
 
 def _is_nan(value: Any) -> bool:
@@ -360,16 +385,18 @@ def _features() -> tfds.features.FeaturesDict:
   float64 = tfds.features.Tensor(shape=(), dtype=np.float64, encoding=tfds.features.Encoding.BYTES)
   features.update({field: float64 for field in _FLOAT_FIELDS})
   features[LINE] = tfds.features.Scalar(np.int64)  # provenance: line (Parquet: row) in its file
-  return tfds.features.FeaturesDict({field: features[field] for field in (*FIELDS, LINE)})
+  features[MESSAGES] = tfds.features.Text()  # a chat prompt's turns as JSON, "" for a text
+  return tfds.features.FeaturesDict({field: features[field] for field in (*FIELDS, LINE, MESSAGES)})
 
 
 class _PreferenceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """What both preference builders share: the schema (plus each record's line) and sources."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {
     "1.0.0": "The preference schema of rlhf_jax.data.preferences.",
     "1.1.0": "Each record's line (Parquet: row) in its file; records per file.",
+    "1.2.0": "Chat prompts: their turns as JSON in 'messages' ('' for a text prompt).",
   }
   _DESCRIPTION = ""
 
@@ -392,10 +419,16 @@ class PreferenceFilesConfig(FileSplitsConfig):
 
 
 class PreferenceSource(RecordSource):
-  """Schema records with Python values (str, bool, float) and their `line`; `where(i)`."""
+  """Schema records with Python values (str, bool, float) and their `line`; `where(i)`.
+
+  A chat prompt's record also has its turns under "messages"; with `render` set (a chat
+  format's `render_prompt`), its "prompt" is rendered by it instead of the stored plain text.
+  """
+
+  render: Callable[[list[dict[str, str]]], str] | None = None
 
   def _decode(self, record: Mapping[str, Any]) -> dict[str, Any]:
-    return _decode(record)
+    return _decode(record, self.render)
 
 
 class PreferenceFiles(FileRecords, _PreferenceBuilder):
@@ -691,7 +724,7 @@ class GroupedSource:
     return [[next(records) for _ in self._groups[g]] for g in indices]
 
 
-def _decode(record: Mapping[str, Any]) -> dict[str, Any]:
+def _decode(record: Mapping[str, Any], render=None) -> dict[str, Any]:
   out = {LINE: int(record[LINE])} if LINE in record else {}
   for field in FIELDS:
     value = record[field]
@@ -702,6 +735,11 @@ def _decode(record: Mapping[str, Any]) -> dict[str, Any]:
     elif field in _FLOAT_FIELDS:
       value = float(value)
     out[field] = value
+  messages = record.get(MESSAGES, b"")
+  if messages:
+    out[MESSAGES] = chat.decode_messages(messages)
+    if render is not None:
+      out["prompt"] = render(out[MESSAGES])
   return out
 
 

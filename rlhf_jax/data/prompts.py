@@ -22,7 +22,8 @@ The `data` section every RL stage shares (`SECTION_SPEC`; defaults in configs/co
 
 Records (one per JSONL line or Parquet/TFDS row): `{"prompt": "text"}`, or
 `{"messages": [{"role": "user", "content": "..."}, ...]}` ending with a user turn and
-rendered by `chat.render_prompt`; exactly one of the two. Other fields are ignored. A bad
+rendered in the tokenizer's chat format (its chat template, else `chat.render_prompt`'s
+plain text; `chat.format_for`); exactly one of the two. Other fields are ignored. A bad
 record raises `DataError` naming the file, line (Parquet: row) and field, as preference
 files do; with `skip_invalid` it is skipped and counted.
 
@@ -106,8 +107,9 @@ def split_paths(value: str | Sequence[str]) -> list[str]:
 # ------------------------------------------------------------------------------ records
 
 
-def validate_prompt(record: Any, fail) -> str:
-  """One prompt record (see the module docstring) as the text the policy continues."""
+def validate_prompt(record: Any, fail, render=chat.render_prompt) -> str:
+  """One prompt record (see the module docstring) as the text the policy continues; chat
+  records are rendered by `render` (a chat format's `render_prompt`)."""
   if not isinstance(record, Mapping):
     got = "null" if record is None else type(record).__name__
     raise fail(f"expected an object with a field 'prompt' or 'messages', got {got}", None)
@@ -133,7 +135,7 @@ def validate_prompt(record: Any, fail) -> str:
         {"role": _text(r), "content": _text(c)}
         for r, c in zip(messages["role"], messages["content"], strict=True)
       ]
-    return chat.render_prompt(chat.validate_prompt_messages(messages, fail))
+    return render(chat.validate_prompt_messages(messages, fail))
   text = _text(record["prompt"])
   if not isinstance(text, str) or not text.strip():
     got = repr(text) if isinstance(text, str) else type(text).__name__
@@ -155,13 +157,17 @@ class Prompt:
   where: str  # "path:line" (or "tfds:name[split] row N", or "testbed")
 
 
-def read_files(paths: Sequence[str], skip_invalid: bool = False) -> tuple[list[Prompt], dict]:
-  """The prompts of JSONL/Parquet files in order, and per-file counts (read, skipped)."""
+def read_files(
+  paths: Sequence[str], skip_invalid: bool = False, render=chat.render_prompt
+) -> tuple[list[Prompt], dict]:
+  """The prompts of JSONL/Parquet files in order, and per-file counts (read, skipped);
+  chat records rendered by `render`."""
   out, files = [], {}
+  validate = lambda record, fail: validate_prompt(record, fail, render)
   for path in paths:
     skipped: list[errors.DataError] = []
     rows = preferences.iter_preference_file(
-      path, skip_invalid=skip_invalid, skipped=skipped, validate=validate_prompt
+      path, skip_invalid=skip_invalid, skipped=skipped, validate=validate
     )
     count = 0
     for line, text in rows:
@@ -174,9 +180,10 @@ def read_files(paths: Sequence[str], skip_invalid: bool = False) -> tuple[list[P
 
 
 def read_tfds(
-  name: str, split: str, data_dir: str = "", skip_invalid: bool = False
+  name: str, split: str, data_dir: str = "", skip_invalid: bool = False, render=chat.render_prompt
 ) -> tuple[list[Prompt], dict]:
-  """The prompts of a TFDS split: `name` a prepared dataset directory or a registered name."""
+  """The prompts of a TFDS split: `name` a prepared dataset directory or a registered name;
+  chat records rendered by `render`."""
   import tensorflow_datasets as tfds  # only this source needs it
 
   where = f"tfds:{name}[{split}]"
@@ -192,7 +199,7 @@ def read_tfds(
   for i in range(len(source)):
     fail = lambda message, field, i=i: errors.DataError(where, i + 1, message, field)
     try:
-      out.append(Prompt(validate_prompt(source[i], fail), f"{where} row {i + 1}"))
+      out.append(Prompt(validate_prompt(source[i], fail, render), f"{where} row {i + 1}"))
     except errors.DataError:
       if not skip_invalid:
         raise
@@ -258,6 +265,7 @@ def load(data: Any, num_eval: int, tokenizer, prompt_len: int) -> PromptSet:
   `data.seed`) and every copy of them leaves the training set.
   """
   info: dict[str, Any] = {"source": data.source}
+  render = chat.format_for(tokenizer).render_prompt
   if data.source == "testbed":
     from rlhf_jax.data import testbed
 
@@ -267,19 +275,21 @@ def load(data: Any, num_eval: int, tokenizer, prompt_len: int) -> PromptSet:
     train = [Prompt(t, "testbed") for t in draw("train", data.num_prompts, "train_prompts")]
     evals = [Prompt(t, "testbed") for t in draw("eval", num_eval, "eval_prompts")]
   elif data.source == "jsonl":
-    train, info["files"] = read_files(split_paths(data.prompts), data.skip_invalid)
+    train, info["files"] = read_files(split_paths(data.prompts), data.skip_invalid, render)
     held = split_paths(data.eval_prompts)
     evals = None
     if held:
-      evals, eval_files = read_files(held, data.skip_invalid)
+      evals, eval_files = read_files(held, data.skip_invalid, render)
       info["files"].update(eval_files)
   elif data.source == "tfds":
     train, info["files"] = read_tfds(
-      data.prompts, data.train_split, data.data_dir, data.skip_invalid
+      data.prompts, data.train_split, data.data_dir, data.skip_invalid, render
     )
     evals = None
     if data.eval_split:
-      evals, eval_files = read_tfds(data.prompts, data.eval_split, data.data_dir, data.skip_invalid)
+      evals, eval_files = read_tfds(
+        data.prompts, data.eval_split, data.data_dir, data.skip_invalid, render
+      )
       info["files"].update(eval_files)
   else:
     raise errors.ConfigError(f"config.data.source={data.source!r}; expected one of {SOURCES}.")

@@ -107,15 +107,59 @@ class HfTokenizer:
         )  # fmt: skip
     self._pad = pad
     self.model_vocab_size = model_vocab_size or self._size
-    self.chat_template = self._chat_template()
+    self.chat_template, template_source = self._chat_template()
+    self.chat_format = None  # data.chat.TemplateFormat when there is a template
+    if self.chat_template is not None:
+      self.chat_format = self._template_format(template_source, generation.get("eos_token_id"))
 
-  def _chat_template(self) -> str | None:
+  def _template_format(self, source: str, generation_eos):
+    """The chat template as a `chat.TemplateFormat` (compiled when first used).
+
+    EOS is `eos_token`, unless the template ends an assistant turn with another token that
+    generation_config.json also lists as an EOS (Gemma's `<end_of_turn>`, where `eos_token`
+    is `<eos>`): then that one, so replies end and sampling stops where turns end.
+    """
+    from rlhf_jax.data import chat
+
+    special = {}
+    for field in ("bos_token", "eos_token", "unk_token", "pad_token"):
+      text = _token_text(self.config.get(field))
+      if text is not None:
+        special[field] = text
+    fmt = chat.TemplateFormat(
+      self.chat_template,
+      special_tokens=special,
+      bos_text=self.id_to_piece(self._bos) if self._bos >= 0 else "",
+      eos_text=self.id_to_piece(self._eos),
+      source=source,
+    )
+    ids = generation_eos if isinstance(generation_eos, list) else [generation_eos]
+    others = [i for i in ids if isinstance(i, int) and i != self._eos and 0 <= i < self._size]
+    if others:
+      try:
+        turn_end = fmt.turn_end()
+      except errors.DataError:
+        return fmt  # a broken template is reported when chat data uses it
+      if not turn_end.startswith(fmt.eos_text):
+        for other in others:
+          if turn_end.startswith(self.id_to_piece(other)):
+            self._eos = other
+            fmt.eos_text = self.id_to_piece(other)
+            break
+    return fmt
+
+  def _chat_template(self) -> tuple[str | None, str]:
+    """(the Jinja chat template or None, the file it is in)."""
     path = os.path.join(self.directory, "chat_template.jinja")
     if os.path.exists(path):
       with open(path) as f:
-        return f.read()
+        return f.read(), path
     template = self.config.get("chat_template")
-    return template if isinstance(template, str) else None
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+      named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+      template = named.get("default")
+    path = os.path.join(self.directory, "tokenizer_config.json")
+    return (template if isinstance(template, str) else None), path
 
   def __repr__(self) -> str:
     return f"HfTokenizer(vocab_size={self.vocab_size}, directory={self.directory!r})"

@@ -64,7 +64,7 @@ from rlhf_jax import (
   sharding,
   stages,
 )
-from rlhf_jax.data import lengths, preferences
+from rlhf_jax.data import chat, lengths, preferences
 from rlhf_jax.data import loader as loader_lib
 from rlhf_jax.data import pairs as pairs_lib
 from rlhf_jax.data import prompts as prompts_lib
@@ -155,13 +155,15 @@ def testbed_eval(config) -> bool:
   return config.reward.data.source == "testbed"
 
 
-def eval_prompts(config, eval_source, train_source) -> list[str]:
+def eval_prompts(config, eval_source, train_source, tokenizer=None) -> list[str]:
   """The generation eval's prompts: `config.eval.prompts` files, the testbed's held-out
   prompts (testbed pairs), or the distinct prompts of the eval pairs (of the training
-  pairs when there are none), `config.eval.num_prompts` at most."""
+  pairs when there are none), `config.eval.num_prompts` at most. Chat prompts are
+  rendered in `tokenizer`'s chat format."""
   n = config.eval.num_prompts
   if config.eval.prompts:
-    found, _ = prompts_lib.read_files(prompts_lib.split_paths(config.eval.prompts))
+    render = chat.format_for(tokenizer).render_prompt
+    found, _ = prompts_lib.read_files(prompts_lib.split_paths(config.eval.prompts), render=render)
     return [p.text for p in found][:n]
   if testbed_eval(config):
     from rlhf_jax.data import testbed
@@ -226,7 +228,9 @@ def prepare_pairs(config, workdir, reward_dir, sft, mesh, rules):
   else:
     paths = pair_paths(config, reward_dir)
   data_dir = data.data_dir or os.path.join(workdir, "data", "tfds")
-  train, evals, info = pairs_lib.build(paths, data_dir, data.skip_invalid, info)
+  train, evals, info = pairs_lib.build(
+    paths, data_dir, data.skip_invalid, info, tokenizer=sft.tokenizer
+  )
   info["source"] = data.source
   return train, evals, info
 
@@ -549,7 +553,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     # ----------------------------------------------------------- eval, loop
     terms_fn = jax.jit(functools.partial(pair_terms, s=s))
     generation_eval = rl_common.make_evaluator(
-      config, workdir, eval_prompts(config, sources["eval"], sources["train"]), sft=sft, rm=rm,
+      config, workdir, eval_prompts(config, sources["eval"], sources["train"], tok), sft=sft, rm=rm,
       sample_fn=rl_common.sampler(sft, config, mesh, rules),
       logps_fn=rl_common.response_logps_fn(
         sft.module, config.prompt_len, config.max_new_tokens, config.temperature

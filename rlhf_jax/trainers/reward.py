@@ -349,7 +349,9 @@ def prepare_pairs(config, workdir, tok, generate):
   else:
     paths, info = pairs_lib.file_paths(data.train_files, data.eval_files), {}
   data_dir = data.data_dir or os.path.join(workdir, "data", "tfds")
-  train_source, eval_source, data_info = pairs_lib.build(paths, data_dir, data.skip_invalid, info)
+  train_source, eval_source, data_info = pairs_lib.build(
+    paths, data_dir, data.skip_invalid, info, tokenizer=tok
+  )
   if config.soft_labels == "confidence":
     pairs_lib.check_confidence_range(train_source, tuple(config.confidence_range))
   # Pairs with a row too long for max_len are counted per file and left out before the

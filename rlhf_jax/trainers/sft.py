@@ -291,7 +291,7 @@ class Evaluator:
     if n == 0:
       return {}
     examples = [source[i] for i in range(n)]
-    prompts = [_text(e["prompt"]) for e in examples]
+    prompts = [loader_lib.record_prompt(e, tok) for e in examples]
     tokens, mask = common.left_pad_prompts(tok, prompts, config.eval.prompt_len)
     tokens, mask = _pad_prompt_rows(tokens, mask, _round_up(n, _batch_divisor(mesh)), tok)
     key = jax.random.fold_in(rng.key(config.seed, "sft_eval"), step)
