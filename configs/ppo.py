@@ -57,6 +57,10 @@ def get_config(arg=None):
   # Critic: "separate" (a value network initialised from the reward model) or
   # "policy_head" (a zero-initialised value head on the policy's trunk).
   config.value_model = "separate"
+  # The separate critic's start: "" the reward model (member 0: trunk and head); or
+  # hf:DIR, a Hugging Face causal LM (its trunk, a zero head) or one-label classifier (trunk
+  # and head), sharing the policy's tokenizer.
+  config.value_init = ""
   config.loss_aggregation = "token_mean"  # token_mean | sequence_mean | token_sum_norm
 
   # KL penalty to the reference (SFT) policy

@@ -35,6 +35,11 @@ def get_config(arg=None):
   # Upstream stage: a finished SFT workdir, or "" to train configs/sft.py into <workdir>/sft.
   config.policy_init = ""
   config.sft = sft_config.get_config("runlocal" if arg.runlocal else None)
+  # Where the reward model starts: "" the SFT policy's trunk (fresh heads); or hf:DIR, a
+  # Hugging Face causal LM (its trunk, fresh heads) or one-label sequence classifier (its
+  # trunk and head: fine-tuning a published reward model). It must share the policy's
+  # tokenizer.
+  config.reward_init = ""
 
   # Data
   config.data = ml_collections.ConfigDict()

@@ -50,7 +50,9 @@ def get_config(arg=None):
   config.data.packing = False
 
   # Start from a finished policy stage or a Hugging Face model ("hf:DIR"): its model,
-  # weights and tokenizer are used and the tokenizer and model sections below ignored.
+  # weights and tokenizer are used and the tokenizer and model sections below ignored,
+  # except that a Hugging Face model takes the model section's dtype, param_dtype
+  # ("bfloat16" halves its memory), remat and scan_layers.
   config.policy_init = ""
 
   # Tokenizer: trained on the training texts unless a .model path is given.
@@ -68,6 +70,9 @@ def get_config(arg=None):
   config.model.num_kv_heads = 2
   config.model.mlp_dim = 384
   config.model.dtype = "float32"
+  config.model.param_dtype = "float32"  # "bfloat16": parameters stored in bfloat16
+  config.model.remat = "none"
+  config.model.scan_layers = True
 
   # Optimizer (fields of rlhf_jax/optim.py:default_config)
   config.optim = ml_collections.ConfigDict()

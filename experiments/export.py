@@ -5,7 +5,9 @@ r"""Export a finished stage for use outside this framework.
   --workdir=W   a finished stage: a policy (SFT, DPO, PPO, GRPO, RLOO) or a reward model;
                 its export.json and export/ are read, as a later stage would load it.
   --format=hf   a Hugging Face model directory: config.json, model.safetensors (shards
-                and an index past 4 GiB), the tokenizer files, and for a policy
+                and an index past 4 GiB), the tokenizer files (tokenizer.json and
+                tokenizer_config.json; a SentencePiece vocabulary trained here is
+                converted, and its tokenizer.model kept too), and for a policy
                 generation_config.json. `transformers.AutoModelForCausalLM` loads a
                 policy, `AutoModelForSequenceClassification` (one label) a reward model;
                 so do serving stacks with a Hugging Face runtime (vLLM, KServe).
@@ -18,9 +20,11 @@ hold (its score has no bias): config.json keeps it as `rlhf_jax_score_offset`, w
 `reward_init=hf:DIR` reads back.
 
 The architecture is the one the model has: GPT-2 (learned positions, LayerNorm, GELU,
-biases), Llama (RoPE, RMSNorm, SwiGLU) or Qwen2 (Llama with q/k/v biases). So far a policy
-exports with a Hugging Face tokenizer only, i.e. one that started from `hf:DIR`. Errors
-(no finished stage, a reward model, an unsupported tokenizer) print one line and exit 2.
+biases), Llama (RoPE, RMSNorm, SwiGLU) or Qwen2 (Llama with q/k/v biases). The tokenizer
+is the stage's: a Hugging Face one (a stage that started from `hf:DIR`) is copied, a
+SentencePiece model (`rlhf_jax.hf.spm`) becomes a fast tokenizer that encodes to the same
+ids. Errors (no finished stage, an ensemble without --member, a SentencePiece model of a
+kind that does not convert) print one line and exit 2.
 """
 
 from __future__ import annotations

@@ -358,6 +358,23 @@ LOOP_FIELDS: dict[str, Check] = {
 
 
 @dataclasses.dataclass(frozen=True)
+class HfModel(Check):
+  """ "" or `hf:DIR`, a Hugging Face model directory: a causal LM or a one-label sequence
+  classifier (`rlhf_jax.hf.check` with kind "any")."""
+
+  def problem(self, value):
+    if not isinstance(value, str):
+      return f"must be a path string, got {type(value).__name__}"
+    if not value:
+      return None
+    if not value.startswith("hf:"):
+      return "must be hf:DIR, a Hugging Face model directory (or empty)"
+    from rlhf_jax import hf  # imported late: needs JAX
+
+    return hf.check(value, "any")
+
+
+@dataclasses.dataclass(frozen=True)
 class FinishedStage(Check):
   """A finished stage's workdir of `kind` ("policy" or "reward"), or "" (trained on demand)."""
 

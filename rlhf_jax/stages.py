@@ -250,12 +250,13 @@ def load_tokenizer(workdir: str, meta: dict[str, Any]):
   return Tokenizer.load(path)
 
 
-def load_policy(workdir: str, mesh, rules: str = "fsdp") -> Policy:
-  """The policy a finished stage exported, or a Hugging Face model (`hf:DIR`)."""
+def load_policy(workdir: str, mesh, rules: str = "fsdp", **hf_compute) -> Policy:
+  """The policy a finished stage exported, or a Hugging Face model (`hf:DIR`, with
+  `hf_compute` setting its dtypes, remat and layer scan: `hf.load_policy`)."""
   from rlhf_jax import hf
 
   if hf.is_hf(workdir):
-    return hf.load_policy(workdir, mesh, rules)
+    return hf.load_policy(workdir, mesh, rules, **hf_compute)
   meta = _read_current_meta(workdir)
   if meta.get("kind") != "policy":
     raise ValueError(f"{workdir} exports a {meta.get('kind')!r}, not a policy.")

@@ -4,7 +4,10 @@ The classic RLHF bug is a tokenizer whose pad id equals its eos id: every
 mask built as `tokens != pad_id` then hides the EOS the policy was supposed
 to learn to emit, and responses never end. Models trained here always use
 the fixed layout PAD=0, EOS=1, BOS=2, UNK=3, and every loaded model is
-checked for a PAD piece distinct from EOS.
+checked for a PAD distinct from EOS. A loaded model without a PAD piece
+(pad_id=-1, as Llama 2 and Mistral ship theirs) pads with the first id past
+its pieces: `vocab_size` counts that id, so a model's embedding table gets a
+row for it, SentencePiece never produces it, and `decode` drops it.
 
 The serialized model proto (`Tokenizer.serialized()`) is the whole
 tokenizer, so a checkpoint can embed it and restore with `from_bytes`.
@@ -62,7 +65,7 @@ def _atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
 
 
 class Tokenizer:
-  """A validated SentencePiece model: PAD and EOS exist and differ.
+  """A validated SentencePiece model: EOS exists and PAD differs from it.
 
   Build one with `Tokenizer.train`, `Tokenizer.load` or `Tokenizer.from_bytes`.
   """
@@ -72,13 +75,16 @@ class Tokenizer:
   def __init__(self, model_proto: bytes, *, source: str = "<in-memory model>"):
     """Parses and validates a serialized SentencePiece ModelProto.
 
+    A model without a PAD piece pads with the first id past its pieces (see
+    the module docstring).
+
     Args:
       model_proto: the bytes of a `.model` file.
       source: where the bytes came from (a path), used in error messages.
 
     Raises:
       ValueError: the bytes are not a SentencePiece model, or its special
-        pieces are unusable (no PAD, no EOS, PAD == EOS, or ids that collide).
+        pieces are unusable (no EOS, PAD == EOS, or ids that collide).
     """
     self._source = source
     if not model_proto:
@@ -92,11 +98,6 @@ class Tokenizer:
       # An empty proto parses cleanly into a model with no pieces.
       raise ValueError(f"{source}: not a valid SentencePiece model (it has no pieces)")
     pad_id, eos_id = processor.pad_id(), processor.eos_id()
-    if pad_id < 0:
-      raise ValueError(
-        f"{source}: SentencePiece model has no PAD piece (pad_id=-1). RLHF batches need a "
-        f"PAD id distinct from EOS; retrain with Tokenizer.train (PAD={PAD_ID}, EOS={EOS_ID})."
-      )
     if eos_id < 0:
       raise ValueError(f"{source}: SentencePiece model has no EOS piece (eos_id=-1).")
     if pad_id == eos_id:
@@ -108,6 +109,16 @@ class Tokenizer:
     if len(set(specials)) != len(specials):
       raise ValueError(f"{source}: SentencePiece special ids collide: {specials}")
     self._processor = processor
+    self._num_pieces = processor.vocab_size()
+    # No PAD piece: pad with an id no text encodes to (see the module docstring).
+    self._pad_id = pad_id if pad_id >= 0 else self._num_pieces
+    self._pad_piece = processor.id_to_piece(pad_id) if pad_id >= 0 else self._free_piece("<pad>")
+
+  def _free_piece(self, name: str) -> str:
+    """`name`, or a variant of it, that is no piece of the model (to name the added PAD)."""
+    while self._processor.piece_to_id(name) != self._processor.unk_id():  # UNK: no such piece
+      name = name[:-1] + "_>"
+    return name
 
   # ---------------------------------------------------------------- building
 
@@ -244,16 +255,32 @@ class Tokenizer:
   def __repr__(self) -> str:
     return f"Tokenizer(vocab_size={self.vocab_size}, source={self._source!r})"
 
+  @property
+  def source(self) -> str:
+    """Where the model came from (its path, or a description), for error messages."""
+    return self._source
+
   # -------------------------------------------------------------- special ids
 
   @property
   def vocab_size(self) -> int:
-    """Number of pieces; every valid id is in [0, vocab_size)."""
-    return self._processor.vocab_size()
+    """Number of ids, all in [0, vocab_size): the pieces, plus the PAD past them for a
+    model without a PAD piece."""
+    return self._num_pieces + self.has_added_pad
+
+  @property
+  def num_pieces(self) -> int:
+    """Number of pieces in the SentencePiece model (`vocab_size` less an added PAD)."""
+    return self._num_pieces
+
+  @property
+  def has_added_pad(self) -> bool:
+    """Whether PAD is the id past the pieces (the model has no PAD piece)."""
+    return self._pad_id == self._num_pieces
 
   @property
   def pad_id(self) -> int:
-    return self._processor.pad_id()
+    return self._pad_id
 
   @property
   def eos_id(self) -> int:
@@ -324,14 +351,19 @@ class Tokenizer:
     return [self.decode(row) for row in batch]
 
   def id_to_piece(self, token_id: int) -> str:
-    """The piece string of one id (e.g. "▁the", "</s>")."""
+    """The piece string of one id (e.g. "▁the", "</s>"); an added PAD is named "<pad>"
+    (or a variant that no piece uses)."""
     token_id = int(token_id)
     if not 0 <= token_id < self.vocab_size:
       raise IndexError(f"id {token_id} is outside [0, {self.vocab_size})")
+    if token_id == self._pad_id:
+      return self._pad_piece
     return self._processor.id_to_piece(token_id)
 
   def piece_to_id(self, piece: str) -> int:
-    """The id of a piece; unknown pieces give `unk_id`."""
+    """The id of a piece (or of the added PAD's name); unknown pieces give `unk_id`."""
+    if piece == self._pad_piece:
+      return self._pad_id
     return self._processor.piece_to_id(piece)
 
 

@@ -35,7 +35,7 @@ def directory_of(path: str) -> str:
 
 def check(path: str, kind: str = "policy") -> str | None:
   """Why `hf:DIR` cannot serve as a `kind` stage ("policy": a causal LM, "reward": a
-  one-label sequence classifier), for config validation; None when it can."""
+  one-label sequence classifier, "any": either), for config validation; None when it can."""
   directory = directory_of(path)
   if not os.path.isdir(directory):
     return "no such directory"
@@ -46,7 +46,7 @@ def check(path: str, kind: str = "policy") -> str | None:
     classifier = hf_config.is_classifier(hf, config_path)
   except errors.Error as error:
     return str(error)
-  if classifier != (kind == "reward"):
+  if kind != "any" and classifier != (kind == "reward"):
     what = "a sequence classifier" if classifier else "a causal language model"
     need = (
       "a reward model (one-label ...ForSequenceClassification)"
@@ -59,13 +59,46 @@ def check(path: str, kind: str = "policy") -> str | None:
   return None
 
 
-def load_policy(path: str, mesh, rules: str = "fsdp"):
-  """A `stages.Policy` from a Hugging Face model directory (`hf:DIR` or DIR)."""
+def is_classifier(path: str) -> bool:
+  """Whether `hf:DIR` (or DIR) holds a one-label sequence classifier (else a causal LM)."""
+  directory = directory_of(path)
+  return hf_config.is_classifier(hf_config.read(directory), os.path.join(directory, "config.json"))
+
+
+def tokenizer_mismatch(path: str, tok) -> str | None:
+  """Why the model in `hf:DIR` cannot read the ids `tok` writes, or None when it can: its
+  `tokenizer.json` must be the same file as `tok`'s, and its embedding table must have a
+  row for every id `tok` uses (PAD included)."""
+  directory = directory_of(path)
+  if not isinstance(tok, HfTokenizer):
+    return "its tokenizer is not the policy's (a SentencePiece vocabulary trained here)"
+  mine, theirs = (os.path.join(d, "tokenizer.json") for d in (tok.directory, directory))
+  with open(mine, "rb") as a, open(theirs, "rb") as b:
+    if a.read() != b.read():
+      return f"its tokenizer.json differs from the policy's ({mine})"
+  vocab = hf_config.to_model_config(hf_config.read(directory)).vocab_size
+  largest = max(tok.vocab_size - 1, tok.pad_id, tok.eos_id, tok.bos_id)
+  if largest >= vocab:
+    return f"its embedding table has {vocab} rows, but the policy's tokenizer uses id {largest}"
+  return None
+
+
+# ModelConfig fields a run may choose for an imported model: how it computes and stores,
+# not what it computes.
+COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers")
+
+
+def load_policy(path: str, mesh, rules: str = "fsdp", **compute):
+  """A `stages.Policy` from a Hugging Face model directory (`hf:DIR` or DIR); `compute`
+  sets COMPUTE_FIELDS (e.g. param_dtype="bfloat16" keeps the parameters in bfloat16)."""
   from rlhf_jax import stages
 
+  unknown = set(compute) - set(COMPUTE_FIELDS)
+  if unknown:
+    raise TypeError(f"load_policy sets only {COMPUTE_FIELDS}, not {sorted(unknown)}")
   directory = directory_of(path)
   hf = hf_config.read(directory)
-  cfg = hf_config.to_model_config(hf, os.path.join(directory, "config.json"))
+  cfg = hf_config.to_model_config(hf, os.path.join(directory, "config.json"), **compute)
   module = models.LanguageModel(cfg)
   boxed = jax.eval_shape(lambda: models.init_params(module, jax.random.key(0)))
   shapes = sharding.unbox(boxed)
@@ -106,6 +139,7 @@ def export_policy(params, cfg: models.ModelConfig, tokenizer, out: str, *, dtype
   generation config) that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
   kind = hf_config.architecture_of(cfg)
   os.makedirs(out, exist_ok=True)
+  _copy_tokenizer(tokenizer, out)  # first: a tokenizer that does not convert writes no weights
   tensors = weights.hf_tensors(params, kind, cfg, dtype=dtype)
   weights.save(tensors, out)
   special = {"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
@@ -115,13 +149,6 @@ def export_policy(params, cfg: models.ModelConfig, tokenizer, out: str, *, dtype
   config["torch_dtype"] = dtype  # the transformers 4 spelling
   _write_json(os.path.join(out, "config.json"), config)
   _write_json(os.path.join(out, "generation_config.json"), special)
-  if isinstance(tokenizer, HfTokenizer):
-    _copy_tokenizer(tokenizer, out)
-  else:
-    raise errors.StageError(
-      "Exporting a stage whose tokenizer is a SentencePiece model trained here is not "
-      "supported yet; stages started from hf:DIR export with their tokenizer."
-    )
   return kind
 
 
@@ -188,15 +215,11 @@ def export_reward_model(rm, out: str, *, member: int = 0, dtype: str = "float32"
   cfg = rm.module.config
   kind = hf_config.architecture_of(cfg)
   tok = rm.tokenizer
-  if not isinstance(tok, HfTokenizer):
-    raise errors.StageError(
-      "Exporting a stage whose tokenizer is a SentencePiece model trained here is not "
-      "supported yet; stages started from hf:DIR export with their tokenizer."
-    )
   one = jax.tree.map(lambda x: jax.device_get(x[member]), rm.params)
   head_bias = float(one["head"]["bias"])
   one["head"] = {"kernel": rm.gain * one["head"]["kernel"], "bias": 0.0}
   os.makedirs(out, exist_ok=True)
+  _copy_tokenizer(tok, out)  # first: a tokenizer that does not convert writes no weights
   weights.save(weights.hf_tensors(one, kind, cfg, classifier=True, dtype=dtype), out)
   special = {"eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
   if tok.bos_id >= 0:
@@ -209,11 +232,17 @@ def export_reward_model(rm, out: str, *, member: int = 0, dtype: str = "float32"
     hf_config.SCORE_OFFSET: rm.gain * head_bias + rm.bias,
   }
   _write_json(os.path.join(out, "config.json"), config)
-  _copy_tokenizer(tok, out)
   return kind
 
 
-def _copy_tokenizer(tok: HfTokenizer, out: str) -> None:
+def _copy_tokenizer(tok, out: str) -> None:
+  """Writes the tokenizer files into `out`: a Hugging Face tokenizer's own, or a
+  SentencePiece model (`data.tokenizer.Tokenizer`) converted by `hf.spm`."""
+  if not isinstance(tok, HfTokenizer):
+    from rlhf_jax.hf import spm
+
+    spm.save(tok, out)
+    return
   for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                "special_tokens_map.json"):  # fmt: skip
     source = os.path.join(tok.directory, name)

@@ -37,7 +37,7 @@ import optax
 from absl import logging
 
 from rlhf_jax import config_spec as cs
-from rlhf_jax import models, optim, rng, sharding
+from rlhf_jax import errors, hf, models, optim, rng, sharding
 from rlhf_jax.rl import advantages as adv_lib
 from rlhf_jax.rl import kl as kl_lib
 from rlhf_jax.rl import ppo_losses
@@ -70,6 +70,16 @@ def check_kl_controller(config, prefix: str) -> None:
     )
 
 
+def check_value_init(config, prefix: str) -> None:
+  """value_init starts a separate critic; with a value head on the policy it has no use."""
+  if config.value_init and config.value_model != "separate":
+    raise cs.ConfigError(
+      f"{prefix}.value_init={config.value_init!r} starts a separate critic, but "
+      f"{prefix}.value_model={config.value_model!r}; set value_model='separate' or clear "
+      "value_init."
+    )
+
+
 # One declared check per field of configs/ppo.py (see rlhf_jax/config_spec.py).
 CONFIG_SPEC = cs.Spec(
   {
@@ -89,6 +99,7 @@ CONFIG_SPEC = cs.Spec(
     "lam": cs.Float(min=0, max=1),
     "whiten_rewards": cs.Bool(),
     "value_model": cs.Choice(*VALUE_MODELS),
+    "value_init": cs.HfModel(),
     "loss_aggregation": cs.Choice(*rl_common.LOSS_AGGREGATIONS),
     "kl": cs.Spec(
       {
@@ -106,6 +117,7 @@ CONFIG_SPEC = cs.Spec(
   checks=(
     cs.divides("minibatch_size", "rollout_batch_size"),
     check_kl_controller,
+    check_value_init,
     optim.check_steps("optim", _updates),
     rl_common.check_eval,
     optim.check_steps("value_optim", _updates),
@@ -166,12 +178,12 @@ def lm_params(policy: dict) -> dict:
   return {k: v for k, v in policy.items() if k != "value"}
 
 
-def networks(sft, rm, value_model: str, mesh, rules):
+def networks(sft, rm, value_model: str, mesh, rules, value_init: str = ""):
   """(Networks, (policy params, shardings), (value params, shardings)) at the start.
 
   "separate": the critic is a value network initialised from reward member 0 (trunk and
-  head); "policy_head": a zero-initialised value head joins the policy's params as a
-  "value" subtree and the critic's slot stays empty.
+  head), or from `value_init` (`critic_start`); "policy_head": a zero-initialised value
+  head joins the policy's params as a "value" subtree and the critic's slot stays empty.
   """
   if value_model == "policy_head":
     policy = models.LanguageModel(sft.module.config, value_head=True)
@@ -183,14 +195,40 @@ def networks(sft, rm, value_model: str, mesh, rules):
     head = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), head_shapes)
     nets = Networks(policy, None, sft.module)
     return nets, ({**sft.params, "value": head}, {**sft.shardings, "value": head_sh}), ({}, {})
-  value = models.ScalarModel(rm.module.config, head_init="zeros")
-  value_init = jax.tree.map(lambda x: x[0], rm.params)
-  value_sh = jax.tree.map(lambda s: rl_common.drop_leading(s, mesh), rm.shardings)
+  if value_init:
+    value, params, value_sh = critic_start(value_init, sft.tokenizer, mesh, rules)
+  else:
+    value = models.ScalarModel(rm.module.config, head_init="zeros")
+    params = jax.tree.map(lambda x: x[0], rm.params)
+    value_sh = jax.tree.map(lambda s: rl_common.drop_leading(s, mesh), rm.shardings)
   return (
     Networks(sft.module, value, sft.module),
     (sft.params, sft.shardings),
-    (value_init, value_sh),
+    (params, value_sh),
   )
+
+
+def critic_start(path: str, tokenizer, mesh, rules):
+  """(value network, params, shardings) of a critic started from `hf:DIR`: a one-label
+  classifier's trunk and head, or a causal LM's trunk with a zero head. The model must read
+  the policy's tokens (`hf.tokenizer_mismatch`)."""
+  problem = hf.tokenizer_mismatch(path, tokenizer)
+  if problem:
+    raise errors.ConfigError(f"config.value_init={path!r}: {problem}.")
+  if hf.is_classifier(path):
+    start = hf.load_reward_model(path, mesh, rules)
+    params = jax.tree.map(lambda x: x[0], start.params)
+    shardings = jax.tree.map(lambda s: rl_common.drop_leading(s, mesh), start.shardings)
+    return models.ScalarModel(start.module.config, head_init="zeros"), params, shardings
+  start = hf.load_policy(path, mesh, rules)
+  value = models.ScalarModel(start.module.config, head_init="zeros")
+  boxed = jax.eval_shape(lambda: models.init_params(value, jax.random.key(0)))
+  shapes = sharding.unbox(boxed)
+  shardings = sharding.tree_shardings(shapes, sharding.logical_specs(boxed), mesh, rules)
+  head = jax.tree.map(
+    lambda x, s: jax.device_put(jnp.zeros(x.shape, x.dtype), s), shapes["head"], shardings["head"]
+  )
+  return value, {"trunk": start.params["trunk"], "head": head}, shardings
 
 
 def init_state(policy, value, key, *, policy_tx, value_tx, kl_coef: float):
@@ -407,7 +445,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
     # ------------------------------------------- networks, state, jitted programs
     nets, (policy_init, policy_sh), (value_init, value_sh) = networks(
-      sft, rm, config.value_model, mesh, rules
+      sft, rm, config.value_model, mesh, rules, config.value_init
     )
     init = functools.partial(
       init_state, policy_tx=policy_tx, value_tx=value_tx, kl_coef=config.kl.init_coef

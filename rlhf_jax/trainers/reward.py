@@ -41,6 +41,7 @@ from absl import logging
 from rlhf_jax import config_spec as cs
 from rlhf_jax import (
   config_utils,
+  errors,
   hf,
   models,
   optim,
@@ -77,6 +78,7 @@ CONFIG_SPEC = cs.Spec(
     "max_len": cs.Int(min=3),
     "policy_init": cs.FinishedStage("policy"),
     "sft": cs.Stage(unless="policy_init"),
+    "reward_init": cs.HfModel(),
     "data": cs.Spec(
       {
         "source": cs.Choice(*DATA_SOURCES),
@@ -124,15 +126,20 @@ class Settings:
     return Settings(config.ensemble_size, config.use_margin, config.center_coef)
 
 
-def init_state(key, trunk, *, module, tx, members: int, base_layers: int) -> dict[str, Any]:
-  """A fresh state: `members` reward models stacked on a leading axis, each with the SFT
-  policy's trunk `trunk` (of `base_layers` layers, grown to the module's depth by
-  identity-initialised blocks) and its own fresh head; their optimizer states; step; RNG."""
+def init_state(
+  key, trunk, head=None, *, module, tx, members: int, base_layers: int
+) -> dict[str, Any]:
+  """A fresh state: `members` reward models stacked on a leading axis, each with the
+  trunk `trunk` (the SFT policy's, or `reward_init`'s; of `base_layers` layers, grown to
+  the module's depth by identity-initialised blocks) and its own fresh head, or `head`
+  (a classifier's) when given; their optimizer states; step; RNG."""
   cfg = module.config
 
   def init_member(member_key):
     params = sharding.unbox(models.init_params(module, member_key))
     grown = models.grow_trunk(params["trunk"], trunk, base_layers, cfg.scan_layers)
+    if head is not None:
+      params["head"] = jax.tree.map(lambda h, x: h.astype(x.dtype), head, params["head"])
     return {**params, "trunk": grown}
 
   init_rng, key = jax.random.split(key)
@@ -390,6 +397,34 @@ def group_collate(config, tok, *, responses: int, pairs: int):
 # ------------------------------------------------------------------------ train
 
 
+def start_params(config, policy, mesh, rules):
+  """(model config, trunk, head or None) the reward model starts from: the SFT policy's
+  trunk, or `config.reward_init`'s (`hf:DIR`, a causal LM or a one-label classifier, whose
+  head comes too). The reward model reads the policy's tokens, so `reward_init` must have
+  the policy's tokenizer."""
+  if not config.reward_init:
+    return policy.module.config, policy.params["trunk"], None
+  directory = hf.directory_of(config.reward_init)
+  problem = hf.tokenizer_mismatch(directory, policy.tokenizer)
+  if problem:
+    raise errors.ConfigError(
+      f"config.reward_init={config.reward_init!r}: {problem}; the reward model must read the "
+      f"policy's tokens ({config.policy_init})."
+    )
+  if hf.is_classifier(directory):
+    if config.ensemble_size > 1:
+      raise errors.ConfigError(
+        f"config.ensemble_size={config.ensemble_size} with a sequence classifier as "
+        "config.reward_init: every member would start from its head and stay identical. "
+        "Use 1, or a causal LM (fresh heads)."
+      )
+    start = hf.load_reward_model(config.reward_init, mesh, rules)
+    params = jax.tree.map(lambda x: x[0], start.params)
+    return start.module.config, params["trunk"], params["head"]
+  start = hf.load_policy(config.reward_init, mesh, rules)
+  return start.module.config, start.params["trunk"], None
+
+
 def train(config: Any, workdir: str) -> dict[str, float]:
   """Trains the reward-model ensemble; exports it for later stages."""
   # Config errors surface before any stage trains or any data is built.
@@ -429,16 +464,16 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
   with common.open_run(config, workdir, mesh, train_loader, clock_start=clock_start) as run:
     # ------------------------------------------- networks, state, jitted programs
-    policy_cfg = policy.module.config
-    model_cfg = policy_cfg.replace(num_layers=policy_cfg.num_layers + config.extra_layers)
+    base_cfg, trunk, head = start_params(config, policy, mesh, rules)
+    model_cfg = base_cfg.replace(num_layers=base_cfg.num_layers + config.extra_layers)
     module = models.ScalarModel(model_cfg, head_init="reward")
     s = Settings.from_config(config)
     init = functools.partial(
-      init_state, module=module, tx=tx, members=s.members, base_layers=policy_cfg.num_layers
+      init_state, module=module, tx=tx, members=s.members, base_layers=base_cfg.num_layers
     )
-    key, trunk = rng.key(config.seed, "init"), policy.params["trunk"]
-    state_sh = state_shardings(jax.eval_shape(init, key, trunk), module, mesh, rules)
-    abstract = common.with_shardings(jax.eval_shape(init, key, trunk), state_sh)
+    key = rng.key(config.seed, "init")
+    state_sh = state_shardings(jax.eval_shape(init, key, trunk, head), module, mesh, rules)
+    abstract = common.with_shardings(jax.eval_shape(init, key, trunk, head), state_sh)
     update_fn = jax.jit(
       functools.partial(update, module=module, tx=tx, schedule=schedule, s=s),
       in_shardings=(state_sh, batch_shardings(mesh)),
@@ -446,7 +481,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       donate_argnums=(0,),
     )
     init_fn = jax.jit(init, out_shardings=state_sh)
-    state, clock = common.restore_or_init(run, abstract, lambda: init_fn(key, trunk))
+    state, clock = common.restore_or_init(run, abstract, lambda: init_fn(key, trunk, head))
 
     # ----------------------------------------------------------- eval, loop
     ceiling = data_info.get("noise_ceiling", {}).get("eval")

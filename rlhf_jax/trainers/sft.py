@@ -29,7 +29,7 @@ import optax
 from absl import logging
 
 from rlhf_jax import config_spec as cs
-from rlhf_jax import distributed, models, optim, rng, sharding, stages, utils
+from rlhf_jax import distributed, hf, models, optim, rng, sharding, stages, utils
 from rlhf_jax.data import builders, chat, lengths, packing
 from rlhf_jax.data import loader as loader_lib
 from rlhf_jax.data import prompts as prompts_lib
@@ -338,7 +338,10 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   logging.info("Mesh %s, rules %s, %d devices", dict(mesh.shape), rules, mesh.size)
 
   # ------------------------------------------------- start, data, tokenizer
-  start = stages.load_policy(config.policy_init, mesh, rules) if config.policy_init else None
+  start = None
+  if config.policy_init:  # a Hugging Face model takes the model section's compute fields
+    compute = {k: config.model[k] for k in hf.COMPUTE_FIELDS if config.model.get(k) is not None}
+    start = stages.load_policy(config.policy_init, mesh, rules, **compute)
   train_source, eval_source, data_info = prepare_data(config, workdir)
   if start is None:
     tok = common.get_tokenizer(config, workdir, lambda: tokenizer_texts(train_source))

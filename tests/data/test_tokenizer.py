@@ -224,11 +224,68 @@ def test_corrupt_file_names_path(tokenizer: Tokenizer, tmp_path, contents: str):
     Tokenizer.load(path)
 
 
-def test_model_without_pad_is_rejected_on_load(tmp_path):
+def test_model_without_pad_pads_past_its_pieces(tmp_path):
+  """Llama 2 / Mistral-style models (pad_id=-1) pad with the first id past the pieces."""
   path = tmp_path / "nopad.model"
   path.write_bytes(_train_raw_spm(pad_id=-1))
-  assert spm.SentencePieceProcessor(model_file=str(path)).pad_id() == -1
-  with pytest.raises(ValueError, match=re.escape(str(path)) + ".*no PAD piece"):
+  raw = spm.SentencePieceProcessor(model_file=str(path))
+  assert raw.pad_id() == -1
+  tok = Tokenizer.load(path)
+  assert tok.has_added_pad and tok.pad_id == tok.num_pieces == raw.vocab_size()
+  assert tok.vocab_size == raw.vocab_size() + 1  # a model's embedding gets a row for it
+  assert (tok.eos_id, tok.bos_id, tok.unk_id) == (raw.eos_id(), raw.bos_id(), raw.unk_id())
+  assert tok.id_to_piece(tok.pad_id) == "<pad>" and tok.piece_to_id("<pad>") == tok.pad_id
+  texts = [*_corpus(20, seed=4), "", "  the cat  ", "naïve ✓ 42"]
+  ids = tok.encode_batch(texts)
+  assert ids == [raw.encode(t) for t in texts]
+  assert all(tok.pad_id not in row for row in ids)  # never a real token
+  assert tok.decode_batch(ids) == [raw.decode(row) for row in ids]
+  assert tok.encode("the cat", add_bos=True, add_eos=True) == raw.encode(
+    "the cat", add_bos=True, add_eos=True
+  )
+  for side in ("left", "right"):
+    tokens, mask = pad_batch(ids, 16, tok.pad_id, side)
+    np.testing.assert_array_equal(tokens == tok.pad_id, ~mask)
+    assert tok.decode_batch(tokens) == [raw.decode(row) for row in ids]  # PAD is dropped
+  with pytest.raises(ValueError, match=f"id {tok.vocab_size} is outside"):
+    tok.decode([5, tok.vocab_size])
+  # Save and load keep the model as it was, and so the same PAD.
+  tok.save(tmp_path / "again.model")
+  for again in (Tokenizer.load(tmp_path / "again.model"), Tokenizer.from_bytes(tok.serialized())):
+    assert again.serialized() == path.read_bytes()
+    assert (again.pad_id, again.vocab_size) == (tok.pad_id, tok.vocab_size)
+
+
+def test_pad_past_the_pieces_is_never_a_training_target():
+  """An SFT batch pads with it outside both masks, so its embedding row gets no gradient."""
+  import jax
+
+  from rlhf_jax import models, sharding
+  from rlhf_jax.data.loader import sft_collate
+  from rlhf_jax.trainers.sft import sft_loss
+
+  tok = Tokenizer.from_bytes(_train_raw_spm(pad_id=-1))
+  examples = [{"prompt": "the cat", "response": "sat on the mat"},
+              {"prompt": "a dog", "response": "ran"}]  # fmt: skip
+  batch = sft_collate(examples, tok, 16)
+  tokens = batch["tokens"]
+  assert (tokens == tok.pad_id).any()
+  assert not (batch["loss_mask"] & (tokens == tok.pad_id)).any()
+  np.testing.assert_array_equal(batch["input_mask"], tokens != tok.pad_id)
+  cfg = models.get_model_config("tiny", vocab_size=tok.vocab_size, num_layers=1,
+                                tie_embeddings=False)  # fmt: skip
+  module = models.LanguageModel(cfg)
+  params = sharding.unbox(jax.jit(lambda k: models.init_params(module, k))(jax.random.key(0)))
+  grads = jax.jit(jax.grad(lambda p: sft_loss(module, p, batch)[0]))(params)
+  embedding = np.asarray(grads["trunk"]["embedding"])
+  assert embedding.shape[0] == tok.vocab_size
+  assert not embedding[tok.pad_id].any() and embedding[tok.bos_id].any()
+
+
+def test_model_without_eos_is_rejected(tmp_path):
+  path = tmp_path / "noeos.model"
+  path.write_bytes(_train_raw_spm(eos_id=-1))
+  with pytest.raises(ValueError, match=re.escape(str(path)) + ".*no EOS piece"):
     Tokenizer.load(path)
 
 
