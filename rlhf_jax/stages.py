@@ -185,6 +185,7 @@ class Policy:
       eos_id=self.tokenizer.eos_id,
       pad_id=self.tokenizer.pad_id,
       temperature=temperature,
+      num_valid=self.tokenizer.vocab_size,
     )
     key = (config, mesh, str(rules))
     if key not in self.samplers:

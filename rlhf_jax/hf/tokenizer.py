@@ -203,8 +203,8 @@ class HfTokenizer:
     return [self.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts]
 
   def decode(self, ids) -> str:
-    """As `Tokenizer.decode`: PAD skipped, stops at the first EOS; ids the tokenizer never
-    produces (embedding rows past it) are skipped too."""
+    """As `Tokenizer.decode`: PAD and BOS skipped, stops at the first EOS; ids the tokenizer
+    never produces (embedding rows past it) are skipped too."""
     array = np.asarray(ids)
     if array.ndim != 1:
       raise ValueError(f"decode takes ids of shape [T], got {array.shape}; use decode_batch")
@@ -213,7 +213,9 @@ class HfTokenizer:
     eos = np.flatnonzero(array == self._eos)
     if eos.size:
       array = array[: eos[0]]
-    array = array[(array != self._pad) & (array >= 0) & (array < self._size)]
+    # BOS too: the SentencePiece tokenizer's decode drops it (a control piece).
+    keep = (array != self._pad) & (array != self._bos) & (array >= 0) & (array < self._size)
+    array = array[keep]
     return self._tok.decode(array.tolist(), skip_special_tokens=False)
 
   # Ids [B, T] (a 2-D array or ragged lists) to B texts: the SentencePiece tokenizer's,

@@ -39,6 +39,10 @@ class SamplerConfig:
   top_k: int = 0  # 0: off
   top_p: float = 1.0  # 1.0: off
   greedy: bool = False
+  # Ids at or past this are never drawn: embedding rows the tokenizer never produces (a
+  # Hugging Face model's padded vocabulary, a pad id added past the pieces); 0: none.
+  # PAD is never drawn either: a PAD inside a response would read as padding.
+  num_valid: int = 0
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -100,15 +104,29 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
   return logits
 
 
+def ban_invalid(logits: jax.Array, config: SamplerConfig) -> jax.Array:
+  """[..., V] logits with PAD and the ids past `config.num_valid` set to -inf."""
+  ids = jnp.arange(logits.shape[-1])
+  banned = ids == config.pad_id
+  if config.num_valid:
+    banned = banned | (ids >= config.num_valid)
+  return jnp.where(banned, -jnp.inf, logits)
+
+
 def _choose(logits: jax.Array, rng: jax.Array, config: SamplerConfig):
-  """One sampling step: [B, V] float32 logits -> (token, logprob, sample_logprob) [B]."""
+  """One sampling step: [B, V] float32 logits -> (token, logprob, sample_logprob) [B].
+
+  The token never is PAD or an id past `num_valid` (`ban_invalid`); `logprob` is under
+  the model's whole distribution (what training recomputes), `sample_logprob` under the
+  one the token was drawn from.
+  """
   if config.greedy:
-    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    token = jnp.argmax(ban_invalid(logits, config), axis=-1).astype(jnp.int32)
     logp = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
     return token, picked, picked
   scaled = logits / config.temperature
-  filtered = filter_logits(scaled, config.top_k, config.top_p)
+  filtered = filter_logits(ban_invalid(scaled, config), config.top_k, config.top_p)
   token = jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
   logp = jax.nn.log_softmax(scaled, axis=-1)
   sample_logp = jax.nn.log_softmax(filtered, axis=-1)

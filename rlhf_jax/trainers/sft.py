@@ -255,6 +255,7 @@ class Evaluator:
         eos_id=tok.eos_id,
         pad_id=tok.pad_id,
         temperature=config.eval.temperature,
+        num_valid=tok.vocab_size,
       ),
       mesh=mesh,
       rules=self.rules,

@@ -62,12 +62,21 @@ def test_logprobs_equal_training_path_recomputation(policy, temperature, top_k, 
   # At a different temperature the log-probs differ: the test can tell.
   other = _recompute_logprobs(module, params, prompt, pmask, out, temperature * 2)
   assert np.abs(np.asarray(other)[m] - np.asarray(out.logprobs)[m]).max() > 1e-2
+  # Truncation (and PAD, never drawn) only removes mass, so the drawn log-prob is higher.
+  sample, full = np.asarray(out.sample_logprobs)[m], np.asarray(out.logprobs)[m]
+  assert np.all(sample >= full - 1e-6)
   if top_k or top_p < 1:
-    # Truncation only removes mass, so the truncated log-prob is higher.
-    assert np.all(np.asarray(out.sample_logprobs)[m] >= np.asarray(out.logprobs)[m] - 1e-6)
-    assert np.any(np.asarray(out.sample_logprobs)[m] > np.asarray(out.logprobs)[m] + 1e-3)
-  else:
-    np.testing.assert_allclose(out.sample_logprobs, out.logprobs, atol=1e-6)
+    assert np.any(sample > full + 1e-3)
+  else:  # by exactly the mass PAD had
+    full_mask = np.concatenate([pmask, np.asarray(out.response_mask)], 1)
+    logits, _ = module.apply(
+      {"params": params},
+      np.concatenate([prompt, np.asarray(out.tokens)], 1),
+      models.positions_from_mask(full_mask),
+      models.causal_attention_mask(full_mask),
+    )
+    pad = jax.nn.softmax(logits[:, P - 1 : -1] / temperature)[..., PAD]
+    np.testing.assert_allclose(sample - full, -np.log1p(-np.asarray(pad)[m]), atol=1e-4)
 
 
 @pytest.mark.parametrize("greedy", [True, False])
@@ -191,3 +200,27 @@ def test_config_validation():
     sampler.SamplerConfig(max_new_tokens=4, eos_id=1, pad_id=0, temperature=0.0)
   with pytest.raises(ValueError, match="top_p"):
     sampler.SamplerConfig(max_new_tokens=4, eos_id=1, pad_id=0, top_p=0.0)
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_pad_and_ids_past_the_tokenizer_are_never_drawn(greedy):
+  """A 6-row embedding table whose tokenizer uses ids < 4: ids 4 and 5 (and PAD) never
+  appear in a response, though the model gives them probability."""
+  cfg = models.get_model_config("tiny", vocab_size=6)
+  module = models.LanguageModel(cfg)
+  params = meta.unbox(models.init_params(module, jax.random.key(0)))
+  # Make the banned ids the model's favourites, so drawing them would be likely.
+  params["trunk"]["embedding"] = params["trunk"]["embedding"].at[4:].multiply(30.0)
+  params["trunk"]["embedding"] = params["trunk"]["embedding"].at[PAD].multiply(30.0)
+  prompt, pmask = _left_padded([[2, 3, 4], [5], [3, 3], [4, 2, 5, 3]] * 4)
+  drawn = {}
+  for num_valid in (0, 4):
+    config = sampler.SamplerConfig(max_new_tokens=12, eos_id=EOS, pad_id=PAD, temperature=3.0,
+                                   greedy=greedy, num_valid=num_valid)  # fmt: skip
+    out = sampler.make_sampler(module, config)(params, prompt, pmask, jax.random.key(7))
+    drawn[num_valid] = set(np.asarray(out.tokens)[np.asarray(out.response_mask)].tolist())
+  assert PAD not in drawn[0] and drawn[0] & {4, 5}  # without the limit they are drawn
+  assert drawn[4] <= {1, 2, 3}
+  logits = jnp.zeros((2, 6))
+  banned = sampler.ban_invalid(logits, sampler.SamplerConfig(1, EOS, PAD, num_valid=4))
+  assert np.isneginf(np.asarray(banned)[:, [PAD, 4, 5]]).all() and (banned[:, 1:4] == 0).all()
