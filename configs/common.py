@@ -128,3 +128,17 @@ def eval_section(num_prompts: int = 128) -> ml_collections.ConfigDict:
   "package.module:function".
   """
   return ml_collections.ConfigDict({"num_prompts": num_prompts, "judge": "auto"})
+
+
+def lora_section() -> ml_collections.ConfigDict:
+  """Low-rank adapters on the model this stage trains (rlhf_jax/models/lora.py).
+
+  rank 0 (the default) trains every parameter. rank > 0 adds adapters of that rank to the
+  `targets` projections (comma-separated among q, k, v, o, up, gate, down) of the starting
+  model; only they train (no gradient updates or optimizer state for the rest), each
+  scaled by alpha / rank, with dropout on their input. The stage exports the adapters
+  merged into the weights.
+  """
+  return ml_collections.ConfigDict(
+    {"rank": 0, "alpha": 16.0, "dropout": 0.0, "targets": "q,k,v,o,up,gate,down"}
+  )

@@ -78,6 +78,9 @@ def get_config(arg=None):
   config.confidence_range = (1.0, 5.0)
   config.batch_size = 64
 
+  # Low-rank adapters (LoRA): rank > 0 trains only them (configs/common.py).
+  config.lora = common.lora_section()
+
   # Optimizer
   config.optim = ml_collections.ConfigDict()
   config.optim.name = "adamw"

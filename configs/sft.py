@@ -74,6 +74,9 @@ def get_config(arg=None):
   config.model.remat = "none"
   config.model.scan_layers = True
 
+  # Low-rank adapters (LoRA): rank > 0 trains only them (configs/common.py).
+  config.lora = common.lora_section()
+
   # Optimizer (fields of rlhf_jax/optim.py:default_config)
   config.optim = ml_collections.ConfigDict()
   config.optim.name = "adamw"

@@ -274,13 +274,17 @@ def frozen_mask(params: Any, freeze: Any) -> Any:
   return jax.tree.map(lambda path: any(p.fullmatch(path) for p in patterns), param_paths(params))
 
 
-def make_optimizer(config: Any, total_steps: int) -> tuple[optax.GradientTransformation, Schedule]:
+def make_optimizer(
+  config: Any, total_steps: int, *, trainable: str | None = None
+) -> tuple[optax.GradientTransformation, Schedule]:
   """Builds the optimizer described by an `optim` config section.
 
   Args:
     config: ml_collections.ConfigDict or plain mapping; missing fields take the values of
       `default_config()`, unknown fields are an error (they are usually typos).
     total_steps: optimizer updates in the run (not micro-steps when grad_accum_steps > 1).
+    trainable: a regex (full-matched against parameter paths, as `freeze`): when given,
+      every parameter it does not match is frozen too (LoRA: only the adapters train).
   Returns:
     (tx, schedule): tx.init(params) -> state, tx.update(grads, state, params) ->
     (updates, state), to be applied with optax.apply_updates; schedule(update_count) is
@@ -329,16 +333,30 @@ def make_optimizer(config: Any, total_steps: int) -> tuple[optax.GradientTransfo
   if accum > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=accum).gradient_transformation()
 
-  if _as_patterns(c["freeze"]):
+  if _as_patterns(c["freeze"]) or trainable:
     # Freezing is outermost so frozen params have no moments, accumulators or share in
     # the clipping norm. Labels are computed from the tree at init (and at every update,
     # which is free under jit), so the non-matching-regex check sees the real params.
     freeze = c["freeze"]
-    labels = lambda tree: jax.tree.map(
-      lambda frozen: "frozen" if frozen else "trainable", frozen_mask(tree, freeze)
-    )
+
+    def labels(tree):
+      frozen = frozen_mask(tree, freeze) if _as_patterns(freeze) else None
+      keep = _trainable_mask(tree, trainable) if trainable else None
+      pick = lambda f, k: "frozen" if f is True or k is False else "trainable"
+      if frozen is None:
+        return jax.tree.map(lambda k: pick(None, k), keep)
+      if keep is None:
+        return jax.tree.map(lambda f: pick(f, None), frozen)
+      return jax.tree.map(pick, frozen, keep)
+
     tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
   return tx, schedule
+
+
+def _trainable_mask(params: Any, pattern: str) -> Any:
+  """Which params `pattern` full-matches by '/'-joined path (the rest are frozen)."""
+  compiled = re.compile(pattern)
+  return jax.tree.map(lambda path: compiled.fullmatch(path) is not None, param_paths(params))
 
 
 def _as_patterns(freeze: Any) -> list[re.Pattern]:

@@ -25,6 +25,8 @@ MODEL_STREAMS = {
   "normalization": 13,  # reward model: SFT samples that set mean 0, std 1
   "candidates": 13,  # best-of-n: the N samples per prompt (fold_in chunk)
   "eval": 101,  # held-out evaluation samples of every RL method
+  "lora": 103,  # fresh LoRA adapters on a loaded model (their A)
+  "lora_dropout": 107,  # DPO's LoRA dropout masks (fold_in step)
 }
 
 # config.data.seed + offset

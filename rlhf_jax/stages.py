@@ -334,21 +334,28 @@ class RewardModel:
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def ensemble_scores(module, params, tokens, mask) -> jax.Array:
+def ensemble_scores(module, params, tokens, mask, dropout_key=None) -> jax.Array:
   """[E, B] scores of every ensemble member, read at each row's last real token.
 
   Args:
     module: a ScalarModel.
     params: its parameters stacked on a leading ensemble axis [E, ...].
     tokens: [B, T] int32, right-padded; mask: [B, T] bool.
+    dropout_key: in training, the key of the model's dropout (LoRA adapters'; each member
+      draws its own masks); None: no dropout.
   """
   positions = models.positions_from_mask(mask)
   attn = models.causal_attention_mask(mask)
+  members = jax.tree.leaves(params)[0].shape[0]
+  keys = jax.random.split(dropout_key, members) if dropout_key is not None else None
 
-  def one(p):
-    return last_token_scores(module.apply({"params": p}, tokens, positions, attn), mask)
+  def one(p, key):
+    rngs = {"dropout": key} if key is not None else None
+    return last_token_scores(module.apply({"params": p}, tokens, positions, attn, rngs=rngs), mask)
 
-  return jax.vmap(one)(params)
+  if keys is None:
+    return jax.vmap(lambda p: one(p, None))(params)
+  return jax.vmap(one)(params, keys)
 
 
 def load_reward_model(workdir: str, mesh, rules: str = "fsdp") -> RewardModel:

@@ -1,9 +1,11 @@
 """Hugging Face models in and out (rlhf_jax/hf), on the tiny checkpoints of tests/fixtures/hf.
 
-The fixtures are random models that `transformers` wrote, with the logits it computed
-(`reference.npz`): the importer must reproduce them, the exporter must write what
-`transformers` reads back to the same logits, and the tokenizer must encode as
-`transformers` does. Regenerate them with `python tests/fixtures/hf/make_fixtures.py`.
+The fixtures are random models that `transformers` wrote, with the logits it computed and
+the tokens it decoded greedily after left-padded prompts (`reference.npz`): the importer
+must reproduce both (the tokens with this framework's KV-cache sampler), the exporter must
+write what `transformers` reads back to the same logits and what the importer reads back to
+the same bits, and the tokenizer must encode as `transformers` does. Regenerate them with
+`python tests/fixtures/hf/make_fixtures.py`.
 """
 
 from __future__ import annotations
@@ -23,10 +25,16 @@ from rlhf_jax import errors, hf, models, sharding
 from rlhf_jax.hf import config as hf_config
 from rlhf_jax.hf import weights
 from rlhf_jax.hf.tokenizer import HfTokenizer
+from rlhf_jax.rl import sampler
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "hf")
-KINDS = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+# Fixture folders of causal LMs (mistral_sw: a 4-token sliding window on every layer).
+KINDS = ("gpt2", "llama", "mistral", "mistral_sw", "qwen2", "qwen3", "gemma2", "gemma3")
+# Layers that differ (local and global, Gemma 3's RoPE bases) or a window on every layer.
+WINDOWED = ("mistral_sw", "gemma2", "gemma3")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOCAL, GLOBAL = "sliding_attention", "full_attention"  # Gemma's layer types
+LINEAR_ROPE = {"rope_type": "linear", "factor": 2.0}
 
 
 def fixture(kind: str) -> str:
@@ -41,6 +49,21 @@ def reference(kind: str):
 def logits_of(policy, input_ids) -> np.ndarray:
   out, _ = policy.module.apply({"params": policy.params}, jnp.asarray(input_ids))
   return np.asarray(out)
+
+
+def load_with(kind: str, mesh, **overrides):
+  """(module, params) of a fixture read with ModelConfig overrides (e.g. scan_layers)."""
+  directory = fixture(kind)
+  hf_cfg = hf_config.read(directory)
+  cfg = hf_config.to_model_config(hf_cfg, **overrides)
+  module = models.LanguageModel(cfg)
+  boxed = jax.eval_shape(lambda: models.init_params(module, jax.random.key(0)))
+  shapes = sharding.unbox(boxed)
+  shardings = sharding.tree_shardings(shapes, sharding.logical_specs(boxed), mesh, "fsdp")
+  target = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+  )
+  return module, weights.load(directory, hf_cfg["model_type"], cfg, target)
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +88,45 @@ def test_both_rope_spellings_give_the_same_config():
   assert (a.num_kv_heads, a.head_dim, a.tie_embeddings) == (2, 8, False)
 
 
+def test_gemma_configs_read_as_transformers_4_wrote_them():
+  """Gemma 3 checkpoints from transformers 4 carry `rope_theta`, `rope_local_base_freq`,
+  `rope_scaling` and `sliding_window_pattern` instead of per-layer-type `rope_parameters`
+  and `layer_types`; Gemma 2 ones no `layer_types` (every other layer is local)."""
+  v5 = hf_config.read(fixture("gemma3"))
+  v4 = {k: v for k, v in v5.items() if k not in ("rope_parameters", "layer_types")}
+  full = dict(v5["rope_parameters"][GLOBAL])
+  local_theta = v5["rope_parameters"][LOCAL]["rope_theta"]
+  v4.update(rope_theta=full.pop("rope_theta"), rope_scaling=full, rope_local_base_freq=local_theta)
+  a, b = hf_config.to_model_config(v5), hf_config.to_model_config(v4)
+  assert a == b
+  assert (a.sliding_window, a.sliding_window_pattern) == (4, 3)
+  assert a.local_layers() == (True, True, False, True)
+  assert (a.rope_theta, a.rope_scaling, a.rope_factor) == (1e6, "linear", 2.0)
+  assert a.rope_local_theta == 1e4
+  assert (a.query_pre_attn_scalar, a.qk_norm, a.attn_logit_softcap) == (12.0, True, 0.0)
+  g2 = hf_config.read(fixture("gemma2"))
+  a = hf_config.to_model_config(g2)
+  assert a == hf_config.to_model_config({k: v for k, v in g2.items() if k != "layer_types"})
+  assert a.local_layers() == (True, False, True)
+  assert (a.attn_logit_softcap, a.final_logit_softcap) == (2.0, 3.0)
+  mistral = hf_config.to_model_config(hf_config.read(fixture("mistral_sw")))
+  assert (mistral.sliding_window, mistral.local_layers()) == (4, (True, True))
+
+
 @pytest.mark.parametrize(
   "kind, change, field",
   [
-    ("mistral", {"sliding_window": 4096}, "sliding_window"),
+    ("llama", {"sliding_window": 4096}, "sliding_window"),
     ("qwen2", {"use_sliding_window": True, "sliding_window": 32}, "sliding_window"),
-    ("llama", {"model_type": "gemma2"}, "model_type"),
+    ("llama", {"model_type": "gemma3"}, "model_type"),  # Gemma 3's multimodal models
+    ("gemma2", {"hidden_activation": "relu"}, "hidden_activation"),
+    ("gemma2", {"attention_bias": True}, "attention_bias"),
+    ("gemma3", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    ("gemma3", {"layer_types": [LOCAL, GLOBAL, GLOBAL, LOCAL]}, "layer_types"),  # no pattern
+    ("gemma3", {"layer_types": [LOCAL, GLOBAL, LOCAL, "chunked_attention"]}, "layer_types"),
+    ("gemma3", {"layer_types": [LOCAL, GLOBAL]}, "layer_types"),  # 4 layers
+    ("gemma3", {"sliding_window": None}, "sliding_window"),
+    ("gemma3", {"rope_parameters": {GLOBAL: {}, LOCAL: LINEAR_ROPE}}, "rope_parameters"),
     ("llama", {"hidden_act": "gelu"}, "hidden_act"),
     ("llama", {"attention_bias": True}, "attention_bias"),
     ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_parameters"),
@@ -89,8 +145,10 @@ def test_a_setting_that_would_change_the_model_is_an_error_naming_it(kind, chang
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_exported_config_reads_back_to_the_same_model(kind):
-  cfg = hf_config.to_model_config(hf_config.read(fixture(kind)))
-  assert hf_config.architecture_of(cfg) == ("llama" if kind == "mistral" else kind)
+  hf_cfg = hf_config.read(fixture(kind))
+  cfg = hf_config.to_model_config(hf_cfg)
+  # A Mistral without a sliding window is a Llama.
+  assert hf_config.architecture_of(cfg) == ("llama" if kind == "mistral" else hf_cfg["model_type"])
   back = hf_config.from_model_config(cfg, hf_config.architecture_of(cfg))
   assert hf_config.to_model_config(back) == cfg
 
@@ -106,6 +164,67 @@ def test_imported_model_reproduces_the_transformers_logits(kind, mesh):
   np.testing.assert_allclose(got, expected, atol=5e-5 * np.abs(expected).max(), rtol=0)
   # The parameters are sharded as any trained policy's (fsdp over the 2 fake devices).
   assert len(policy.params["trunk"]["embedding"].sharding.device_set) == mesh.size
+
+
+@pytest.mark.parametrize("kind", WINDOWED)
+def test_unscanned_layers_give_the_same_logits(kind, mesh):
+  """Per-layer windows and RoPE bases go to unrolled layers as they go to scanned ones."""
+  module, params = load_with(kind, mesh, scan_layers=False)
+  input_ids, expected = reference(kind)
+  got, _ = module.apply({"params": params}, jnp.asarray(input_ids))
+  np.testing.assert_allclose(np.asarray(got), expected, atol=5e-5 * np.abs(expected).max())
+
+
+def test_the_fixtures_exercise_the_window_and_the_soft_caps(mesh):
+  """mistral_sw is mistral's weights with a 4-token window: transformers' logits agree on
+  the first 4 positions only. Without Gemma 2's soft-caps the logits move."""
+  _, plain = reference("mistral")
+  _, windowed = reference("mistral_sw")
+  np.testing.assert_array_equal(plain[:, :4], windowed[:, :4])
+  assert np.abs(plain[:, 4:] - windowed[:, 4:]).min(axis=-1).max() > 1e-3
+  input_ids, expected = reference("gemma2")
+  for cap in ("attn_logit_softcap", "final_logit_softcap"):
+    module, params = load_with("gemma2", mesh, **{cap: 0.0})
+    got, _ = module.apply({"params": params}, jnp.asarray(input_ids))
+    assert np.abs(np.asarray(got) - expected).max() > 0.1, cap
+
+
+@pytest.mark.parametrize(
+  "kind, scan", [(kind, True) for kind in KINDS] + [(kind, False) for kind in WINDOWED]
+)
+def test_greedy_decoding_with_the_kv_cache_matches_transformers(kind, scan, mesh):
+  """The sampler's prefill and cached decode steps, on the left-padded prompts of the
+  fixture, pick the tokens transformers' `generate` picked (PAD after EOS)."""
+  module, params = load_with(kind, mesh, scan_layers=scan)
+  ref = np.load(os.path.join(fixture(kind), "reference.npz"))
+  tok = HfTokenizer(fixture(kind), model_vocab_size=module.config.vocab_size)
+  config = sampler.SamplerConfig(
+    max_new_tokens=ref["greedy_ids"].shape[1], eos_id=tok.eos_id, pad_id=tok.pad_id, greedy=True
+  )
+  prompt = jnp.asarray(ref["prompt_ids"], jnp.int32)
+  out = sampler.make_sampler(module, config)(params, prompt, ref["prompt_mask"], jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(out.tokens), ref["greedy_ids"])
+  assert len(set(ref["prompt_mask"].sum(1))) == len(prompt)  # prompts of different lengths
+
+
+@pytest.mark.parametrize("kind", (*KINDS, "qwen2_rm"))
+def test_import_export_import_is_bit_exact(kind, tmp_path, mesh):
+  """Export writes the imported parameters as they are (Gemma's zero-centred norm weights
+  included), so reading the export back gives the same config and the same bits."""
+  out = str(tmp_path / "out")
+  if kind.endswith("_rm"):
+    first = hf.load_reward_model(f"hf:{fixture(kind)}", mesh)
+    hf.export_reward_model(first, out)
+    back = hf.load_reward_model(f"hf:{out}", mesh)
+  else:
+    first = hf.load_policy(f"hf:{fixture(kind)}", mesh)
+    hf.export_policy(first.params, first.module.config, first.tokenizer, out)
+    back = hf.load_policy(f"hf:{out}", mesh)
+  assert back.module.config == first.module.config
+  assert jax.tree.structure(back.params) == jax.tree.structure(first.params)
+  for a, b in zip(jax.tree.leaves(first.params), jax.tree.leaves(back.params), strict=True):
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
 def test_unscanned_layers_and_bfloat16_params_read_the_same_checkpoint(mesh):
@@ -204,7 +323,9 @@ def test_a_tokenizer_without_pad_pads_past_its_ids_or_says_so(tmp_path):
 
 
 @pytest.mark.parametrize("kind, dtype", [("gpt2", "float32"), ("qwen2", "float32"),
-                                         ("qwen3", "float32"), ("llama", "bfloat16")])  # fmt: skip
+                                         ("qwen3", "float32"), ("llama", "bfloat16"),
+                                         ("mistral_sw", "float32"), ("gemma2", "float32"),
+                                         ("gemma3", "float32")])  # fmt: skip
 def test_export_is_what_transformers_loads_with_the_same_logits(kind, dtype, tmp_path, mesh):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
@@ -212,7 +333,7 @@ def test_export_is_what_transformers_loads_with_the_same_logits(kind, dtype, tmp
   out = str(tmp_path / "out")
   assert (
     hf.export_policy(policy.params, policy.module.config, policy.tokenizer, out, dtype=dtype)
-    == kind
+    == hf_config.read(fixture(kind))["model_type"]
   )
   model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
   input_ids, expected = reference(kind)

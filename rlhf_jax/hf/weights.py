@@ -7,7 +7,9 @@ Hugging Face tensor names it is made from and the function that makes it, and
 torch's `Linear` stores [out, in] where ours are [in, out] (GPT-2's `Conv1D` already
 stores [in, out]); attention projections are split per head here ([D, N, H], [N, H, D]);
 GPT-2 fuses q, k and v into one `c_attn` tensor. The RoPE layout needs no permutation:
-Hugging Face's Llama, Mistral and Qwen2 and `models.apply_rope` both rotate half-split.
+Hugging Face's Llama, Mistral, Qwen and Gemma and `models.apply_rope` both rotate half-split.
+Gemma's norm weights are zero-centred (it scales by 1 + weight) and are kept as they are
+(`ModelConfig.zero_centered_norm`), so a round trip is bit-exact.
 
 Reading is tensor by tensor: each parameter is created straight into its sharding with
 `jax.make_array_from_callback`, whose callback reads (in the checkpoint's storage dtype)
@@ -37,6 +39,9 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Buffers some checkpoints carry that are not parameters (causal masks, RoPE tables).
 IGNORED = re.compile(r"(\.attn\.(masked_)?bias|\.rotary_emb\.inv_freq)$")
+# Gemma 2/3 name their four block norms differently: post_attention_layernorm is the norm
+# of the attention output there, the MLP's input norm is pre_feedforward_layernorm.
+GEMMA = ("gemma2", "gemma3_text")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +112,10 @@ def import_table(kind: str, cfg: ModelConfig, *, classifier: bool = False) -> Ta
       ("mlp", "up"): Source((b + "mlp.up_proj.weight",), _transpose),
       ("mlp", "down"): Source((b + "mlp.down_proj.weight",), _transpose),
     }
+    if kind in GEMMA:
+      layer[("attn_post_norm", "scale")] = Source((b + "post_attention_layernorm.weight",), _same)
+      layer[("mlp_norm", "scale")] = Source((b + "pre_feedforward_layernorm.weight",), _same)
+      layer[("mlp_post_norm", "scale")] = Source((b + "post_feedforward_layernorm.weight",), _same)
     if cfg.qk_norm:
       layer[("attn", "q_norm")] = Source((b + "self_attn.q_norm.weight",), _same)
       layer[("attn", "k_norm")] = Source((b + "self_attn.k_norm.weight",), _same)
@@ -169,6 +178,10 @@ def export_table(kind: str, cfg: ModelConfig, *, classifier: bool = False) -> Ta
       b + "mlp.up_proj.weight": Source((("mlp", "up"),), _transpose),
       b + "mlp.down_proj.weight": Source((("mlp", "down"),), _transpose),
     }
+    if kind in GEMMA:
+      layer[b + "post_attention_layernorm.weight"] = Source((("attn_post_norm", "scale"),), _same)
+      layer[b + "pre_feedforward_layernorm.weight"] = Source((("mlp_norm", "scale"),), _same)
+      layer[b + "post_feedforward_layernorm.weight"] = Source((("mlp_post_norm", "scale"),), _same)
     if cfg.qk_norm:
       layer[b + "self_attn.q_norm.weight"] = Source((("attn", "q_norm"),), _same)
       layer[b + "self_attn.k_norm.weight"] = Source((("attn", "k_norm"),), _same)

@@ -23,6 +23,14 @@ _CHOICES = {
   "dtype": ("float32", "bfloat16", "float16"),
   "param_dtype": ("float32", "bfloat16"),
 }
+_NON_NEGATIVE = (
+  "query_pre_attn_scalar",
+  "attn_logit_softcap",
+  "final_logit_softcap",
+  "sliding_window",
+  "sliding_window_pattern",
+  "rope_local_theta",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +41,8 @@ class ModelConfig:
   use_bias True, tie_embeddings True. Llama style: position="rope",
   norm="rmsnorm", mlp="swiglu", num_kv_heads < num_heads (grouped-query
   attention), no biases. Qwen2 adds qkv_bias, Qwen3 qk_norm; Gemma adds embed_scale and
-  geglu.
+  geglu; Gemma 2/3 also zero_centered_norm, post_norms, query_pre_attn_scalar, soft-capping
+  and sliding-window layers (Mistral: sliding_window on every layer).
   """
 
   vocab_size: int = 256
@@ -63,11 +72,35 @@ class ModelConfig:
   qk_norm: bool = False  # RMSNorm of each head's query and key before RoPE (Qwen3)
   use_bias: bool = False  # bias on attention output and MLP projections (GPT-2)
   embed_scale: bool = False  # multiply embeddings by sqrt(d_model) (Gemma)
+  # RMSNorms (q/k norms too) multiply by (1 + scale), scale stored zero-centred and
+  # initialised at 0 (Gemma's convention; a checkpoint's weights are kept as they are).
+  zero_centered_norm: bool = False
+  # Sandwich norms: an RMSNorm on the attention and on the MLP output before each
+  # residual add (Gemma 2/3), besides the norms on their inputs.
+  post_norms: bool = False
+  query_pre_attn_scalar: float = 0.0  # attention logits * this**-0.5; 0 means head_dim
+  attn_logit_softcap: float = 0.0  # cap * tanh(logits / cap) on attention logits; 0: off
+  final_logit_softcap: float = 0.0  # the same on the output logits (Gemma 2); 0: off
+  # Local attention: a query sees the `sliding_window` latest keys, itself included
+  # (0: off). With sliding_window_pattern p > 0, every p-th layer (p-1, 2p-1, ...) attends
+  # globally instead (Gemma 2: 2, Gemma 3: 6); with 0 every layer is local (Mistral).
+  sliding_window: int = 0
+  sliding_window_pattern: int = 0
+  # RoPE base of the local layers, which then use no rope_scaling (Gemma 3's
+  # rope_local_base_freq); 0: the same RoPE as the global layers.
+  rope_local_theta: float = 0.0
   init_std: float = 0.02
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: str = "none"  # "full": recompute the block; "dots": keep matmul outputs
   scan_layers: bool = True
+  # Low-rank adapters (rlhf_jax/models/lora.py): rank 0 means none. Each projection named in
+  # lora_targets (comma-separated: q, k, v, o, up, gate, down) adds (alpha / rank) x A B,
+  # with dropout on the adapter's input in training.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: str = "q,k,v,o,up,gate,down"
 
   def __post_init__(self):
     for field, choices in _CHOICES.items():
@@ -86,6 +119,18 @@ class ModelConfig:
       )
     if self.position == "rope" and self.head_size % 2:
       raise ValueError(f"RoPE needs an even head_dim, got {self.head_size}.")
+    if self.zero_centered_norm and self.norm != "rmsnorm":
+      raise ValueError("ModelConfig.zero_centered_norm needs norm='rmsnorm'.")
+    for field in _NON_NEGATIVE:
+      if getattr(self, field) < 0:
+        raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r} must be >= 0.")
+
+  def local_layers(self) -> tuple[bool, ...]:
+    """Per layer, whether it attends within the sliding window."""
+    p = self.sliding_window_pattern
+    return tuple(
+      bool(self.sliding_window) and (p == 0 or (i + 1) % p != 0) for i in range(self.num_layers)
+    )
 
   @property
   def kv_heads(self) -> int:
@@ -118,7 +163,7 @@ class ModelConfig:
     mlp = (3 if gated else 2) * d * f
     if self.use_bias:
       mlp += (2 * f if gated else f) + d
-    block = attn + mlp + 2 * norm
+    block = attn + mlp + (4 if self.post_norms else 2) * norm
     total = self.num_layers * block + norm
     if include_embeddings:
       total += self.vocab_size * d
@@ -282,11 +327,23 @@ CONFIG_SPEC = cs.Spec(
     "qk_norm": cs.Bool(),
     "use_bias": cs.Bool(),
     "embed_scale": cs.Bool(),
+    "zero_centered_norm": cs.Bool(),
+    "post_norms": cs.Bool(),
+    "query_pre_attn_scalar": cs.Float(min=0),
+    "attn_logit_softcap": cs.Float(min=0),
+    "final_logit_softcap": cs.Float(min=0),
+    "sliding_window": cs.Int(min=0),
+    "sliding_window_pattern": cs.Int(min=0),
+    "rope_local_theta": cs.Float(min=0),
     "init_std": cs.Float(gt=0),
     "dtype": cs.Choice(*_CHOICES["dtype"]),
     "param_dtype": cs.Choice(*_CHOICES["param_dtype"]),
     "remat": cs.Choice(*_CHOICES["remat"]),
     "scan_layers": cs.Bool(),
+    "lora_rank": cs.Int(min=0),
+    "lora_alpha": cs.Float(gt=0),
+    "lora_dropout": cs.Float(min=0, max=0.99),
+    "lora_targets": cs.Str(nonempty=True),
   },
   checks=(_check_model,),
   required=False,

@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.sharding import constrain
@@ -32,6 +33,8 @@ Cache = dict[str, jax.Array]
 # A large finite negative: a fully masked row (a left-pad query) then gets a
 # uniform softmax instead of NaN; its output is never used.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# The window of a global layer among local ones (a per-layer window is a scanned int32).
+_NO_WINDOW = int(np.iinfo(np.int32).max)
 
 
 def _param(module: nn.Module, name: str, init, shape, names, dtype):
@@ -93,7 +96,7 @@ CACHE_AXES = ("cache_layers", "cache_batch", "cache_len", "cache_kv_heads", "cac
 
 
 class Norm(nn.Module):
-  """LayerNorm or RMSNorm, computed in float32."""
+  """LayerNorm or RMSNorm, computed in float32 (RMSNorm by 1 + scale with zero_centered_norm)."""
 
   config: ModelConfig
 
@@ -107,7 +110,11 @@ class Norm(nn.Module):
       xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(xf), axis=-1, keepdims=True)
     y = xf * jax.lax.rsqrt(var + cfg.norm_eps)
-    y = y * _param(self, "scale", nn.initializers.ones, (d,), ("norm",), pdt).astype(jnp.float32)
+    if cfg.zero_centered_norm:
+      scale = _param(self, "scale", nn.initializers.zeros, (d,), ("norm",), pdt)
+      y = y * (1.0 + scale.astype(jnp.float32))
+    else:
+      y = y * _param(self, "scale", nn.initializers.ones, (d,), ("norm",), pdt).astype(jnp.float32)
     if cfg.norm == "layernorm":
       y = y + _param(self, "bias", nn.initializers.zeros, (d,), ("norm",), pdt).astype(jnp.float32)
     return y.astype(jnp.dtype(cfg.dtype))
@@ -152,11 +159,60 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
   return out.astype(x.dtype)
 
 
-def _rms(x: jax.Array, scale: jax.Array, eps: float, dtype) -> jax.Array:
-  """RMSNorm over the last axis in float32, scaled by `scale`, cast to `dtype`."""
+def _rms(x: jax.Array, scale: jax.Array, eps: float, dtype, zero_centered: bool) -> jax.Array:
+  """RMSNorm over the last axis in float32, scaled by `scale` (1 + `scale` when
+  `zero_centered`), cast to `dtype`."""
   xf = x.astype(jnp.float32)
   y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
-  return (y * scale.astype(jnp.float32)).astype(dtype)
+  scale = scale.astype(jnp.float32)
+  return (y * (1.0 + scale if zero_centered else scale)).astype(dtype)
+
+
+def _local_rope(cfg: ModelConfig) -> ModelConfig:
+  """The RoPE settings of the local layers when rope_local_theta is set (no scaling)."""
+  return cfg.replace(rope_theta=cfg.rope_local_theta, rope_scaling="none")
+
+
+def layer_inputs(cfg: ModelConfig) -> dict[str, jax.Array] | None:
+  """Per-layer attention settings when local and global layers alternate (Gemma 2/3),
+  scanned alongside the layers' parameters; None when all layers are alike.
+
+  "window": [L] int32, the sliding window (`_NO_WINDOW` on global layers); "inv_freq":
+  [L, H/2] float32 with rope_local_theta, each layer's RoPE inverse frequencies.
+  """
+  local = cfg.local_layers()
+  if all(local) or not any(local):
+    return None
+  windows = [cfg.sliding_window if is_local else _NO_WINDOW for is_local in local]
+  out = {"window": jnp.asarray(windows, jnp.int32)}
+  if cfg.rope_local_theta and cfg.position == "rope":
+    glob, loc = rope_inv_freq(cfg), rope_inv_freq(_local_rope(cfg))
+    out["inv_freq"] = jnp.stack([loc if is_local else glob for is_local in local])
+  return out
+
+
+def _attention_settings(cfg: ModelConfig, layer):
+  """(window or None, RoPE inverse frequencies or None) of a layer; `layer`: its slice of
+  `layer_inputs`, or None when every layer is alike."""
+  if layer is not None:
+    window, inv_freq = layer["window"], layer.get("inv_freq")
+  else:
+    local = cfg.sliding_window > 0 and all(cfg.local_layers())
+    window, inv_freq = (cfg.sliding_window if local else None), None
+    if local and cfg.rope_local_theta and cfg.position == "rope":
+      inv_freq = rope_inv_freq(_local_rope(cfg))
+  if inv_freq is None and cfg.position == "rope":
+    inv_freq = rope_inv_freq(cfg)
+  return window, inv_freq
+
+
+def _adapt(module, name, x, weight, y, in_names, out_names):
+  """`y` (the projection `name` of `x` by `weight`) plus its LoRA adapter's output, if the
+  config adapts `name` (`lora.delta`)."""
+  from rlhf_jax.models import lora  # imported late: lora imports the config checks
+
+  delta = lora.delta(module, name, x, weight, in_names, out_names)
+  return y if delta is None else y + delta.astype(y.dtype)
 
 
 class Attention(nn.Module):
@@ -165,8 +221,9 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, attn_mask, cache=None, cache_index=None):
-    """x: [B, T, D]; attn_mask: [B, T, S]; cache: {"k","v"} [B, S, K, H] or None."""
+  def __call__(self, x, positions, attn_mask, cache=None, cache_index=None, layer=None):
+    """x: [B, T, D]; attn_mask: [B, T, S]; cache: {"k","v"} [B, S, K, H] or None; layer:
+    this layer's slice of `layer_inputs` or None."""
     cfg = self.config
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
@@ -181,17 +238,22 @@ class Attention(nn.Module):
     q = jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt))
     key = jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt))
     val = jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt))
+    if cfg.lora_rank:  # low-rank adapters (models/lora.py), x A B added to each projection
+      q = _adapt(self, "q", x, wq, q, ("embed",), ("heads", "head_dim"))
+      key = _adapt(self, "k", x, wk, key, ("embed",), ("kv_heads", "head_dim"))
+      val = _adapt(self, "v", x, wv, val, ("embed",), ("kv_heads", "head_dim"))
     if cfg.qkv_bias:
       zeros = nn.initializers.zeros
       q = q + _param(self, "q_bias", zeros, (n, h), ("heads", "head_dim"), pdt).astype(dt)
       key = key + _param(self, "k_bias", zeros, (k, h), ("kv_heads", "head_dim"), pdt).astype(dt)
       val = val + _param(self, "v_bias", zeros, (k, h), ("kv_heads", "head_dim"), pdt).astype(dt)
     if cfg.qk_norm:  # per head, over head_dim, in float32 (as Norm)
-      ones = nn.initializers.ones
-      q = _rms(q, _param(self, "q_norm", ones, (h,), ("norm",), pdt), cfg.norm_eps, dt)
-      key = _rms(key, _param(self, "k_norm", ones, (h,), ("norm",), pdt), cfg.norm_eps, dt)
+      zc = cfg.zero_centered_norm
+      one = nn.initializers.zeros if zc else nn.initializers.ones
+      q = _rms(q, _param(self, "q_norm", one, (h,), ("norm",), pdt), cfg.norm_eps, dt, zc)
+      key = _rms(key, _param(self, "k_norm", one, (h,), ("norm",), pdt), cfg.norm_eps, dt, zc)
+    window, inv_freq = _attention_settings(cfg, layer)
     if cfg.position == "rope":
-      inv_freq = rope_inv_freq(cfg)
       q = apply_rope(q, positions, inv_freq)
       key = apply_rope(key, positions, inv_freq)
     q = constrain(q, ("act_batch", "act_len", "act_heads", "act_head_dim"))
@@ -209,11 +271,24 @@ class Attention(nn.Module):
     b, t = q.shape[:2]
     q = q.reshape(b, t, k, n // k, h)  # query head n uses kv head n // G
     logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key, preferred_element_type=jnp.float32)
-    logits = logits * h**-0.5
+    logits = logits * (cfg.query_pre_attn_scalar or h) ** -0.5
+    if cfg.attn_logit_softcap:
+      logits = jnp.tanh(logits / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
+    if window is not None:
+      # Query slot i (cache_index + t) sees key slots i - window + 1 .. i, as transformers'
+      # sliding window. A row's tokens fill contiguous slots (left-padded prompts, packed
+      # segments), so slot distances are position distances.
+      start = 0 if cache_index is None else cache_index
+      query_slot = start + jnp.arange(t)[:, None]
+      near = jnp.arange(attn_mask.shape[-1])[None, :] > query_slot - window  # [T, S]
+      attn_mask = attn_mask & near[None]
     logits = jnp.where(attn_mask[:, None, None, :, :], logits, _MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, val).reshape(b, t, n, h)
+    heads_out = out
     out = jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt))
+    if cfg.lora_rank:
+      out = _adapt(self, "o", heads_out, wo, out, ("heads", "head_dim"), ("embed",))
     if cfg.use_bias:
       out = out + _param(self, "o_bias", nn.initializers.zeros, (d,), ("embed",), pdt).astype(dt)
     return out, new_cache
@@ -234,6 +309,8 @@ class Mlp(nn.Module):
     zeros = nn.initializers.zeros
     w_up = _param(self, "up", init, (d, f), ("embed", "mlp"), pdt)
     up = jnp.einsum("BTD,DF->BTF", x, w_up.astype(dt))
+    if cfg.lora_rank:
+      up = _adapt(self, "up", x, w_up, up, ("embed",), ("mlp",))
     if cfg.use_bias:
       up = up + _param(self, "up_bias", zeros, (f,), ("mlp",), pdt).astype(dt)
     if cfg.mlp == "gelu":
@@ -241,6 +318,8 @@ class Mlp(nn.Module):
     else:
       w_gate = _param(self, "gate", init, (d, f), ("embed", "mlp"), pdt)
       gate = jnp.einsum("BTD,DF->BTF", x, w_gate.astype(dt))
+      if cfg.lora_rank:
+        gate = _adapt(self, "gate", x, w_gate, gate, ("embed",), ("mlp",))
       if cfg.use_bias:
         gate = gate + _param(self, "gate_bias", zeros, (f,), ("mlp",), pdt).astype(dt)
       act = nn.silu if cfg.mlp == "swiglu" else lambda z: nn.gelu(z, approximate=True)
@@ -248,23 +327,32 @@ class Mlp(nn.Module):
     hidden = constrain(hidden, ("act_batch", "act_len", "act_mlp"))
     w_down = _param(self, "down", out_init, (f, d), ("mlp", "embed"), pdt)
     out = jnp.einsum("BTF,FD->BTD", hidden, w_down.astype(dt))
+    if cfg.lora_rank:
+      out = _adapt(self, "down", hidden, w_down, out, ("mlp",), ("embed",))
     if cfg.use_bias:
       out = out + _param(self, "down_bias", zeros, (d,), ("embed",), pdt).astype(dt)
     return out
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block. Signature fits nn.scan: (x, cache) -> (x, cache)."""
+  """Pre-norm transformer block (with post_norms, also norms on the branch outputs).
+  Signature fits nn.scan: (x, cache) -> (x, cache)."""
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, cache, positions, attn_mask, cache_index):
-    attn_out, cache = Attention(self.config, name="attn")(
-      Norm(self.config, name="attn_norm")(x), positions, attn_mask, cache, cache_index
+  def __call__(self, x, cache, positions, attn_mask, cache_index, layer=None):
+    cfg = self.config
+    attn_out, cache = Attention(cfg, name="attn")(
+      Norm(cfg, name="attn_norm")(x), positions, attn_mask, cache, cache_index, layer
     )
+    if cfg.post_norms:
+      attn_out = Norm(cfg, name="attn_post_norm")(attn_out)
     x = x + attn_out
-    x = x + Mlp(self.config, name="mlp")(Norm(self.config, name="mlp_norm")(x))
+    mlp_out = Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x))
+    if cfg.post_norms:
+      mlp_out = Norm(cfg, name="mlp_post_norm")(mlp_out)
+    x = x + mlp_out
     x = constrain(x, ("act_batch", "act_len", "act_embed"))
     return x, cache
 
@@ -303,8 +391,8 @@ class Transformer(nn.Module):
       self.layers = nn.scan(
         block,
         variable_axes={"params": 0},
-        split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+        split_rngs={"params": True, "dropout": True},  # LoRA dropout: its own masks per layer
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, 0),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
       )(cfg, name="layers")
@@ -324,13 +412,15 @@ class Transformer(nn.Module):
     x = constrain(x, ("act_batch", "act_len", "act_embed"))
     if cache is not None:
       cache = {name: constrain(c, CACHE_AXES) for name, c in cache.items()}
+    per_layer = layer_inputs(cfg)
     if cfg.scan_layers:
-      x, cache = self.layers(x, cache, positions, attn_mask, cache_index)
+      x, cache = self.layers(x, cache, positions, attn_mask, cache_index, per_layer)
     else:
       new = []
       for i, layer in enumerate(self.layers):
         layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-        x, layer_cache = layer(x, layer_cache, positions, attn_mask, cache_index)
+        settings = None if per_layer is None else jax.tree.map(lambda a: a[i], per_layer)
+        x, layer_cache = layer(x, layer_cache, positions, attn_mask, cache_index, settings)
         new.append(layer_cache)
       if cache is not None:
         cache = jax.tree.map(lambda *c: jnp.stack(c), *new)
@@ -407,6 +497,9 @@ class LanguageModel(nn.Module):
       logits = jnp.einsum(
         "BTD,DV->BTV", head_in, self.lm_head.astype(dt), preferred_element_type=jnp.float32
       )
+    if self.config.final_logit_softcap:
+      cap = self.config.final_logit_softcap
+      logits = jnp.tanh(logits / cap) * cap
     logits = constrain(logits, ("act_batch", "act_len", "act_vocab"))
     if self.value_head:
       return logits, cache, self.value(hidden)

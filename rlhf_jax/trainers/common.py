@@ -392,3 +392,21 @@ def save_if_due(run: Run, loop: LoopBookkeeping, step: int, state, clock: StageC
   if loop.should_save:
     meta = {"loader": run.loader.get_state(), "wall_time_s": clock.elapsed()}
     run.ckpt.save(step, state, meta, force=True)
+
+
+def add_lora(module, params, section, key, mesh, rules):
+  """(module, params, shardings) of a loaded model with fresh LoRA adapters (a `lora`
+  config section with rank > 0; `models.lora`): the module's config gains the adapters,
+  the parameters gain them next to the weights they adapt (B = 0, so the model computes
+  what it did), sharded by their logical axes. Other parameters are the same arrays."""
+  from rlhf_jax.models import lora
+
+  module = module.clone(config=lora.with_adapters(module.config, section))
+  boxed = jax.eval_shape(lambda: models.init_params(module, key))
+  shapes = sharding.unbox(boxed)
+  shardings = sharding.tree_shardings(shapes, sharding.logical_specs(boxed), mesh, rules)
+  fresh = jax.jit(
+    lambda k: lora.adapters(sharding.unbox(models.init_params(module, k))),
+    out_shardings=lora.adapters(shardings),
+  )(key)
+  return module, lora.attach(params, fresh), shardings

@@ -68,6 +68,7 @@ from rlhf_jax.data import chat, lengths, preferences
 from rlhf_jax.data import loader as loader_lib
 from rlhf_jax.data import pairs as pairs_lib
 from rlhf_jax.data import prompts as prompts_lib
+from rlhf_jax.models import lora
 from rlhf_jax.rl import dpo as dpo_lib
 from rlhf_jax.rl import reward as reward_lib
 from rlhf_jax.trainers import common, rl_common
@@ -127,6 +128,7 @@ CONFIG_SPEC = cs.Spec(
     "confidence_range": cs.Seq(cs.Float(), length=2),
     "batch_size": cs.Int(min=1),
     "optim": optim.CONFIG_SPEC,
+    "lora": lora.CONFIG_SPEC,
     # The generation eval's prompts: prompt files, or (by default) the testbed's
     # held-out prompts for testbed pairs and the eval pairs' prompts for files.
     "eval": rl_common.EVAL_SPEC.extend({"prompts": cs.Str()}),
@@ -378,14 +380,18 @@ class Settings:
   loss_type: str
   label_smoothing: float
   soft_ties: bool  # config.ties == "soft": a tie is a 1/2 preference, else weight 0
+  seed: int = 0  # of LoRA dropout's masks (the only randomness of an update)
 
   @staticmethod
   def from_config(config) -> Settings:
-    return Settings(config.beta, config.loss_type, config.label_smoothing, config.ties == "soft")
+    return Settings(
+      config.beta, config.loss_type, config.label_smoothing, config.ties == "soft", config.seed
+    )
 
 
-def pair_logps(params, batch, *, module):
-  """Sequence log-prob sums and token counts [B] of chosen and rejected rows, one pass."""
+def pair_logps(params, batch, *, module, rngs=None):
+  """Sequence log-prob sums and token counts [B] of chosen and rejected rows, one pass
+  (`rngs`: {"dropout": key} in training, for LoRA dropout)."""
   cat = lambda name: jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]])
   tokens, mask = cat("tokens"), cat("mask")
   logits, *_ = module.apply(
@@ -393,6 +399,7 @@ def pair_logps(params, batch, *, module):
     tokens,
     models.positions_from_mask(mask),
     models.causal_attention_mask(mask),
+    rngs=rngs,
   )
   sums, counts = dpo_lib.response_logps(logits, tokens, cat("loss_mask"))
   b = batch["chosen_tokens"].shape[0]
@@ -430,8 +437,12 @@ def init_state(params, *, tx) -> dict[str, Any]:
 def update(state, batch, *, module, tx, schedule, s: Settings):
   """One optimizer step on a batch of pairs (rows and stored reference log-probs)."""
 
+  rngs = None
+  if module.config.lora_rank and module.config.lora_dropout:
+    rngs = {"dropout": jax.random.fold_in(rng.key(s.seed, "lora_dropout"), state["step"])}
+
   def loss_fn(params):
-    logps = pair_logps(params, batch, module=module)
+    logps = pair_logps(params, batch, module=module, rngs=rngs)
     loss, pair_metrics, weight, strict = pair_terms(logps, batch, s=s)
     return weighted_mean(loss, weight), (pair_metrics, weight, strict)
 
@@ -475,7 +486,9 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   """Runs DPO; returns the final eval metrics and writes `<workdir>/summary.json`."""
   # Config errors surface before any stage trains.
   check_config(config)
-  tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+  tx, schedule = optim.make_optimizer(
+    config.optim, config.total_steps, trainable=lora.TRAINABLE if config.lora.rank else None
+  )
   os.makedirs(workdir, exist_ok=True)
   mesh, rules = common.mesh_from_config(config), config.sharding_rules
   batch_size = config.batch_size
@@ -487,6 +500,14 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   sft = stages.load_policy(sft_dir, mesh, rules)
   rm = stages.load_reward_model(reward_dir, mesh, rules)
   tok = sft.tokenizer
+  # The policy trained: the SFT policy, or it with fresh LoRA adapters (B = 0: it computes
+  # what the SFT policy computes, so it serves as the reference too, without a copy).
+  policy = sft
+  if config.lora.rank:
+    module, params, shardings = common.add_lora(
+      sft.module, sft.params, config.lora, rng.key(config.seed, "lora"), mesh, rules
+    )
+    policy = stages.Policy(module, params, shardings, tok, sft.meta)
   if jax.process_index() == 0:
     tok.save(os.path.join(workdir, tok.filename))
   train_source, eval_source, data_info = prepare_pairs(
@@ -512,10 +533,10 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     data_info[f"num_{split}_too_long"] = int((~table["valid"]).sum())
   common.check_batch_fits(len(tables["train"]["tie"]), batch_size, "training pairs")
   # One compiled forward pass serves the reference pass and the held-out pair eval.
-  logps = PairLogps(sft.module, sft.shardings, batch_size, mesh, rules)
+  logps = PairLogps(policy.module, policy.shardings, batch_size, mesh, rules)
   ref_path = os.path.join(workdir, "data", REF_LOGPS_FILE)
   data_info["ref_logps"] = attach_reference(
-    tables, ref_path, sft_dir, lambda table: logps(sft.params, table)
+    tables, ref_path, sft_dir, lambda table: logps(policy.params, table)
   )
   if jax.process_index() == 0:
     common.write_json_atomic(os.path.join(workdir, "data_info.json"), data_info)
@@ -533,13 +554,15 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     # ------------------------------------------------- state, jitted programs
     s = Settings.from_config(config)
     init = functools.partial(init_state, tx=tx)
-    abstract = jax.eval_shape(init, sft.params)
+    abstract = jax.eval_shape(init, policy.params)
     rep = common.replicated(mesh)
-    opt_sh = common.mirror_shardings(abstract["opt_state"], abstract["params"], sft.shardings, mesh)
-    state_sh = dict(params=sft.shardings, opt_state=opt_sh, step=rep)
+    opt_sh = common.mirror_shardings(
+      abstract["opt_state"], abstract["params"], policy.shardings, mesh
+    )
+    state_sh = dict(params=policy.shardings, opt_state=opt_sh, step=rep)
     table_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in train_table.items()}
     update_fn = jax.jit(
-      functools.partial(update, module=sft.module, tx=tx, schedule=schedule, s=s),
+      functools.partial(update, module=policy.module, tx=tx, schedule=schedule, s=s),
       in_shardings=(state_sh, table_sh),
       out_shardings=(state_sh, rep),
       donate_argnums=(0,),
@@ -547,16 +570,17 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     state, clock = common.restore_or_init(
       run,
       common.with_shardings(abstract, state_sh),
-      lambda: jax.jit(init, out_shardings=state_sh)(sft.params),
+      lambda: jax.jit(init, out_shardings=state_sh)(policy.params),
     )
 
     # ----------------------------------------------------------- eval, loop
     terms_fn = jax.jit(functools.partial(pair_terms, s=s))
     generation_eval = rl_common.make_evaluator(
-      config, workdir, eval_prompts(config, sources["eval"], sources["train"], tok), sft=sft, rm=rm,
-      sample_fn=rl_common.sampler(sft, config, mesh, rules),
+      config, workdir, eval_prompts(config, sources["eval"], sources["train"], tok),
+      sft=policy, rm=rm,
+      sample_fn=rl_common.sampler(policy, config, mesh, rules),
       logps_fn=rl_common.response_logps_fn(
-        sft.module, config.prompt_len, config.max_new_tokens, config.temperature
+        policy.module, config.prompt_len, config.max_new_tokens, config.temperature
       ),
       mesh=mesh, rules=rules, testbed_prompts=testbed_eval(config),
     )  # fmt: skip
@@ -565,7 +589,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       pairs = pair_eval(params, tables["eval"], logps, terms_fn) if "eval" in tables else {}
       return {**pairs, **generation_eval(params, step)}
 
-    cfg_model = sft.module.config
+    cfg_model = policy.module.config
     loop = common.bookkeeping(
       run,
       # Chosen and rejected rows, forward and backward.

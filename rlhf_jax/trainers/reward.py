@@ -53,6 +53,7 @@ from rlhf_jax.data import lengths, preferences
 from rlhf_jax.data import loader as loader_lib
 from rlhf_jax.data import pairs as pairs_lib
 from rlhf_jax.data import prompts as prompts_lib
+from rlhf_jax.models import lora
 from rlhf_jax.rl import reward as reward_lib
 from rlhf_jax.trainers import common
 
@@ -99,6 +100,7 @@ CONFIG_SPEC = cs.Spec(
     "confidence_range": cs.Seq(cs.Float(), length=2),
     "center_coef": cs.Float(min=0),
     "optim": optim.CONFIG_SPEC,
+    "lora": lora.CONFIG_SPEC,
     "normalize_samples": cs.Int(min=2),
     "eval": cs.Spec({"num_gold_samples": cs.Int(min=0)}),
   },
@@ -137,7 +139,9 @@ def init_state(
 
   def init_member(member_key):
     params = sharding.unbox(models.init_params(module, member_key))
-    grown = models.grow_trunk(params["trunk"], trunk, base_layers, cfg.scan_layers)
+    fresh = lora.base(params["trunk"])
+    grown = models.grow_trunk(fresh, trunk, base_layers, cfg.scan_layers)
+    grown = lora.attach(grown, lora.adapters(params["trunk"]))  # fresh adapters, if any
     if head is not None:
       params["head"] = jax.tree.map(lambda h, x: h.astype(x.dtype), head, params["head"])
     return {**params, "trunk": grown}
@@ -175,11 +179,15 @@ def batch_shardings(mesh) -> dict[str, Any]:
   )
 
 
-def pair_scores(params, batch, *, module):
+def pair_scores(params, batch, *, module, dropout_key=None):
   """Scores of each comparison's chosen and rejected rows: [E, G * P] each."""
   g, r, t = batch["tokens"].shape
   scores = stages.ensemble_scores(
-    module, params, batch["tokens"].reshape(g * r, t), batch["mask"].reshape(g * r, t)
+    module,
+    params,
+    batch["tokens"].reshape(g * r, t),
+    batch["mask"].reshape(g * r, t),
+    dropout_key,
   ).reshape(-1, g, r)  # every distinct response once: [E, G, R]
   read = lambda rows: jnp.take_along_axis(scores, rows[None], axis=2).reshape(-1, rows.size)
   return read(batch["chosen"]), read(batch["rejected"])
@@ -200,8 +208,13 @@ def update(state, batch, *, module, tx, schedule, s: Settings):
   else:
     weights = jnp.broadcast_to(valid, (1, b))
 
+  # LoRA dropout (the only dropout) draws from a key of its own; unused without adapters, so
+  # the bootstrap weights are what they were.
+  lora_dropout = module.config.lora_rank and module.config.lora_dropout
+  dropout_key = jax.random.fold_in(state["rng"], 1) if lora_dropout else None
+
   def loss_fn(params):
-    chosen, rejected = pair_scores(params, batch, module=module)
+    chosen, rejected = pair_scores(params, batch, module=module, dropout_key=dropout_key)
     member_loss = jax.vmap(
       lambda c, r, w: reward_lib.bradley_terry_loss(
         c,
@@ -429,7 +442,9 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   """Trains the reward-model ensemble; exports it for later stages."""
   # Config errors surface before any stage trains or any data is built.
   CONFIG_SPEC.validate(config)
-  tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+  # With LoRA, the adapters and the fresh scalar heads train; the trunk stays.
+  trainable = f"{lora.TRAINABLE}|head/.*" if config.lora.rank else None
+  tx, schedule = optim.make_optimizer(config.optim, config.total_steps, trainable=trainable)
   os.makedirs(workdir, exist_ok=True)
   mesh, rules = common.mesh_from_config(config), config.sharding_rules
 
@@ -466,6 +481,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     # ------------------------------------------- networks, state, jitted programs
     base_cfg, trunk, head = start_params(config, policy, mesh, rules)
     model_cfg = base_cfg.replace(num_layers=base_cfg.num_layers + config.extra_layers)
+    model_cfg = lora.with_adapters(model_cfg, config.lora)  # none at rank 0
     module = models.ScalarModel(model_cfg, head_init="reward")
     s = Settings.from_config(config)
     init = functools.partial(
@@ -520,7 +536,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     logging.info("Normalisation on %d SFT samples: gain %.4f, bias %.4f", len(raw), gain, bias)
     meta = {
       "kind": "reward",
-      "model": model_cfg.to_dict(),
+      "model": lora.plain(model_cfg).to_dict(),  # adapters are merged into the export
       "tokenizer": tok.filename,
       "ensemble_size": s.members,
       "gain": gain,
@@ -530,7 +546,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       "data_content_hash": data_info["content_hash"],
       "eval": loop.last_eval,
     }
-    stages.export(workdir, state["params"], meta)
+    stages.export(workdir, lora.merged(state["params"], model_cfg), meta)
   return loop.last_eval
 
 

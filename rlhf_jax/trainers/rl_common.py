@@ -32,6 +32,7 @@ from rlhf_jax import (
 )
 from rlhf_jax.data import loader as loader_lib
 from rlhf_jax.data import prompts as prompts_lib
+from rlhf_jax.models import lora
 from rlhf_jax.rl.logprobs import token_logprobs
 from rlhf_jax.trainers import common
 
@@ -370,13 +371,13 @@ def finish(
   if not exported:
     meta = {
       "kind": "policy",
-      "model": model_config.to_dict(),
+      "model": lora.plain(model_config).to_dict(),  # adapters are merged into the export
       "tokenizer": tokenizer_file,
       "step": step,
       "eval": loop.last_eval,
       **(export or {}),
     }
-    stages.export(run.workdir, params(), meta)
+    stages.export(run.workdir, lora.merged(params(), model_config), meta)
   return loop.last_eval
 
 

@@ -33,6 +33,7 @@ from rlhf_jax import distributed, hf, models, optim, rng, sharding, stages, util
 from rlhf_jax.data import builders, chat, lengths, packing
 from rlhf_jax.data import loader as loader_lib
 from rlhf_jax.data import prompts as prompts_lib
+from rlhf_jax.models import lora
 from rlhf_jax.rl import sampler as sampler_lib
 from rlhf_jax.rl.logprobs import shift_for_next_token, token_logprobs
 from rlhf_jax.trainers import common
@@ -76,6 +77,7 @@ CONFIG_SPEC = cs.Spec(
     "tokenizer": common.TOKENIZER_SPEC,
     "model": models.CONFIG_SPEC,
     "optim": optim.CONFIG_SPEC,
+    "lora": lora.CONFIG_SPEC,
     "eval": cs.Spec(
       {
         "num_samples": cs.Int(min=0),
@@ -88,11 +90,12 @@ CONFIG_SPEC = cs.Spec(
   checks=(
     optim.check_steps("optim", lambda c: c.total_steps),
     cs.mesh_batch("batch_size"),
+    lora.needs_start("policy_init"),
   ),
 )
 
 
-def sft_loss(module, params, batch):
+def sft_loss(module, params, batch, rngs=None):
   """Mean next-token NLL over the batch's target tokens (loss_mask), float32.
 
   batch: tokens [B, T] int32, input_mask [B, T] bool, loss_mask [B, T] bool
@@ -111,7 +114,7 @@ def sft_loss(module, params, batch):
   else:
     positions = models.positions_from_mask(input_mask)
     attn_mask = models.causal_attention_mask(input_mask)
-  logits, _ = module.apply({"params": params}, tokens, positions, attn_mask)
+  logits, _ = module.apply({"params": params}, tokens, positions, attn_mask, rngs=rngs)
   targets, target_mask = shift_for_next_token(tokens, batch["loss_mask"])
   nll = -token_logprobs(logits, targets)
   return common.masked_mean(nll, target_mask), jnp.sum(target_mask)
@@ -205,8 +208,10 @@ def update(state, batch, *, module, tx, schedule, accum: int = 1):
   `accum`: micro-steps per optimizer step (optax.MultiSteps), so the learning rate is
   read at step // accum.
   """
+  # LoRA dropout (the only dropout) draws from the step's key; a no-op without it.
+  rngs = {"dropout": jax.random.fold_in(state["rng"], state["step"])}
   (loss, num_targets), grads = jax.value_and_grad(
-    lambda p: sft_loss(module, p, batch), has_aux=True
+    lambda p: sft_loss(module, p, batch, rngs), has_aux=True
   )(state["params"])
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
@@ -331,7 +336,9 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   """Trains the policy with SFT; returns the final eval metrics."""
   # Config errors surface before any data is built.
   CONFIG_SPEC.validate(config)
-  tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
+  tx, schedule = optim.make_optimizer(
+    config.optim, config.total_steps, trainable=lora.TRAINABLE if config.lora.rank else None
+  )
   accum = int(config.optim.get("grad_accum_steps", 1) or 1)
   os.makedirs(workdir, exist_ok=True)
   clock_start = time.perf_counter()
@@ -376,13 +383,19 @@ def train(config: Any, workdir: str) -> dict[str, float]:
         init_fn = jax.jit(lambda k: sharding.unbox(init(k)), out_shardings=state_sh)
         abstract = common.with_shardings(jax.eval_shape(init_fn, key), state_sh)
     else:
-      module, model_cfg = start.module, start.module.config
+      module, params, param_sh = start.module, start.params, start.shardings
+      if config.lora.rank:  # fresh adapters on the starting policy; only they train
+        lora_key = rng.key(config.seed, "lora")
+        module, params, param_sh = common.add_lora(
+          module, params, config.lora, lora_key, mesh, rules
+        )
+      model_cfg = module.config
       init = functools.partial(init_from, tx=tx)
-      shapes = jax.eval_shape(init, start.params, key)
+      shapes = jax.eval_shape(init, params, key)
       rep = common.replicated(mesh)
-      opt_sh = common.mirror_shardings(shapes["opt_state"], start.params, start.shardings, mesh)
-      state_sh = dict(params=start.shardings, opt_state=opt_sh, step=rep, rng=rep)
-      init_fn = jax.jit(lambda k: init(start.params, k), out_shardings=state_sh)
+      opt_sh = common.mirror_shardings(shapes["opt_state"], params, param_sh, mesh)
+      state_sh = dict(params=param_sh, opt_state=opt_sh, step=rep, rng=rep)
+      init_fn = jax.jit(lambda k: init(params, k), out_shardings=state_sh)
       abstract = common.with_shardings(jax.eval_shape(init_fn, key), state_sh)
     logging.info("Model %s: %d parameters", model_cfg, common.tree_size(abstract["params"]))
     batch_sh = sharding.batch_sharding(mesh, 2)
@@ -425,13 +438,13 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     # The stage is done: later stages load this export (see rlhf_jax/stages.py).
     meta = {
       "kind": "policy",
-      "model": model_cfg.to_dict(),
+      "model": lora.plain(model_cfg).to_dict(),  # adapters are merged into the export
       "tokenizer": tok.filename,
       "step": step,
       "data_content_hash": data_info["content_hash"],
       "eval": loop.last_eval,
     }
-    stages.export(workdir, state["params"], meta)
+    stages.export(workdir, lora.merged(state["params"], model_cfg), meta)
   logging.info("Done at step %d: %s", step, loop.last_eval)
   return loop.last_eval
 

@@ -101,7 +101,9 @@ def test_pieces_are_the_rendering_cut_at_replies_and_eos(template, train_on, tmp
   """Context, reply, EOS, context, reply, EOS: joined (with the EOS text) the pieces are the
   template's rendering up to the last reply's EOS; replies are the trained pieces."""
   generation_eos = ["<eos>", "<end_of_turn>"] if template == TURNS else None
-  directory = FIXTURE if template == "fixture" else make_tokenizer(tmp_path, template, generation_eos)
+  directory = (
+    FIXTURE if template == "fixture" else make_tokenizer(tmp_path, template, generation_eos)
+  )
   tok = HfTokenizer(directory)
   fmt = tok.chat_format
   messages = [U1, A1, U2, A2]
@@ -129,15 +131,15 @@ def test_a_template_ending_turns_with_another_generation_eos_makes_it_the_eos(tm
   tok = HfTokenizer(make_tokenizer(tmp_path / "b", TURNS))
   assert tok.id_to_piece(tok.eos_id) == "<eos>"
   tok.chat_format.render_prompt([U1])  # prompts need no EOS
-  with pytest.raises(errors.DataError, match="tokenizer_config.json: the chat template ends an "
-                     "assistant turn with '<end_of_turn>"):  # fmt: skip
+  with pytest.raises(errors.DataError, match=r"tokenizer_config\.json: the chat template ends an "
+                     r"assistant turn with '<end_of_turn>"):  # fmt: skip
     tok.chat_format.sft_pieces([U1, A1])
 
 
 def test_template_errors_name_the_file(tmp_path):
   tok = HfTokenizer(make_tokenizer(tmp_path / "a", TURNS, ["<eos>", "<end_of_turn>"]))
-  with pytest.raises(errors.DataError, match="tokenizer_config.json: the chat template failed "
-                     "to render: System role not supported"):  # fmt: skip
+  with pytest.raises(errors.DataError, match=r"tokenizer_config\.json: the chat template failed "
+                     r"to render: System role not supported"):  # fmt: skip
     tok.chat_format.render_prompt([SYSTEM, U1])
   broken = make_tokenizer(tmp_path / "b", CHATML)
   with open(os.path.join(broken, "tokenizer_config.json")) as f:
@@ -146,8 +148,8 @@ def test_template_errors_name_the_file(tmp_path):
   with open(os.path.join(broken, "tokenizer_config.json"), "w") as f:
     json.dump(config, f)
   tok = HfTokenizer(broken)  # reading the tokenizer does not need the template
-  with pytest.raises(errors.DataError, match="tokenizer_config.json: the chat template is not "
-                     "valid Jinja"):  # fmt: skip
+  with pytest.raises(errors.DataError, match=r"tokenizer_config\.json: the chat template is not "
+                     r"valid Jinja"):  # fmt: skip
     tok.chat_format.render_prompt([U1])
 
 

@@ -1,5 +1,7 @@
 """Tests for the transformer: layouts, equivalences, cached decoding, heads."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 from flax.core import meta
 
 from rlhf_jax import models
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.models import transformer
 
 STYLES = {
@@ -15,6 +18,21 @@ STYLES = {
   # Every optional feature at once: untied head, GeGLU, embedding scale, q/k/v biases,
   # per-head q/k norms (Qwen3).
   "untied": dict(tie_embeddings=False, mlp="geglu", embed_scale=True, qkv_bias=True, qk_norm=True),
+  # Gemma 2/3: zero-centred and post norms, soft-caps, a local layer (3-token window, its own
+  # RoPE base) then a global one.
+  "gemma": dict(
+    mlp="geglu",
+    embed_scale=True,
+    qk_norm=True,
+    zero_centered_norm=True,
+    post_norms=True,
+    query_pre_attn_scalar=24.0,
+    attn_logit_softcap=5.0,
+    final_logit_softcap=10.0,
+    sliding_window=3,
+    sliding_window_pattern=2,
+    rope_local_theta=1000.0,
+  ),
 }
 
 
@@ -66,7 +84,7 @@ def _unstack_layers(params, num_layers):
   return {**params, "trunk": trunk}
 
 
-@pytest.mark.parametrize("style", ["llama", "gpt2"])
+@pytest.mark.parametrize("style", ["llama", "gpt2", "gemma"])
 def test_scan_and_unrolled_layers_agree(style):
   cfg = _config(style)
   params = _init(models.LanguageModel(cfg))
@@ -203,6 +221,48 @@ def test_cached_decoding_matches_full_forward(style, scan):
   np.testing.assert_allclose(got[real], np.asarray(ref)[:, : p + n - 1][real], atol=3e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pattern", [0, 2])
+def test_a_query_sees_the_sliding_window_and_its_own_token(pattern):
+  """With a window of 3, position t attends to t-2, t-1 and t (transformers' convention):
+  in a one-layer model, changing the token at t-3 leaves t's logits as they are, changing
+  the one at t-2 does not. In a global layer (pattern 2: layer 1) it does."""
+  cfg = _config(num_layers=2 if pattern else 1, sliding_window=3, sliding_window_pattern=pattern)
+  module = models.LanguageModel(cfg)
+  params = _init(module)
+  tokens = np.asarray(jax.random.randint(jax.random.key(1), (1, 8), 4, cfg.vocab_size))
+  base, _ = module.apply({"params": params}, tokens)
+
+  def changed_at(j):
+    other = tokens.copy()
+    other[0, j] = 3
+    out, _ = module.apply({"params": params}, other)
+    return np.abs(np.asarray(out - base))[0, 7].max()
+
+  assert changed_at(6) > 1e-3
+  assert changed_at(5) > 1e-3
+  if pattern:  # a global layer above the local one: nothing is out of reach
+    assert changed_at(4) > 1e-3
+  else:
+    assert changed_at(4) == 0.0
+    assert changed_at(0) == 0.0
+
+
+def test_per_layer_settings_only_when_layers_differ():
+  assert transformer.layer_inputs(_config()) is None
+  assert transformer.layer_inputs(_config(sliding_window=4)) is None  # all local
+  gemma = _config("gemma", num_layers=4)
+  assert gemma.local_layers() == (True, False, True, False)
+  per_layer = transformer.layer_inputs(gemma)
+  np.testing.assert_array_equal(per_layer["window"][::2], 3)
+  assert per_layer["inv_freq"].shape == (4, gemma.head_size // 2)
+  np.testing.assert_allclose(
+    per_layer["inv_freq"][1], transformer.rope_inv_freq(gemma), rtol=0, atol=0
+  )
+  assert float(per_layer["inv_freq"][0, 1]) > float(per_layer["inv_freq"][1, 1])  # base 1000
+  assert gemma.replace(sliding_window_pattern=5).local_layers() == (True,) * 4
+  assert gemma.replace(sliding_window=0).local_layers() == (False,) * 4
+
+
 def test_scalar_heads():
   cfg = _config(d_model=256, mlp_dim=256, num_heads=4)
   reward = models.reward_model(cfg)
@@ -239,6 +299,21 @@ def test_config_validation_names_the_field():
     models.get_model_config("gpt5")
   with pytest.raises(ValueError, match="d_modle"):
     models.get_model_config("tiny", d_modle=3)
+  with pytest.raises(ValueError, match="zero_centered_norm"):
+    models.get_model_config("tiny-gpt2", zero_centered_norm=True)
+  with pytest.raises(ValueError, match="sliding_window=-1"):
+    models.ModelConfig(sliding_window=-1)
+
+
+def test_the_model_section_declares_every_field():
+  fields = {f.name for f in dataclasses.fields(models.ModelConfig)}
+  assert fields == set(models.CONFIG_SPEC.fields) - {"preset"}
+  gemma = {"preset": "tiny", **STYLES["gemma"]}
+  models.CONFIG_SPEC.validate(gemma, "config.model")
+  with pytest.raises(ConfigError, match=r"config\.model\.sliding_window=-2"):
+    models.CONFIG_SPEC.validate({**gemma, "sliding_window": -2}, "config.model")
+  with pytest.raises(ConfigError, match="zero_centered_norm"):  # the cross-field check
+    models.CONFIG_SPEC.validate({**gemma, "norm": "layernorm"}, "config.model")
 
 
 def test_published_presets_have_published_sizes():
@@ -286,12 +361,14 @@ def test_positions_restart_and_attention_stays_within_each_segment():
   )
 
 
-def test_packed_examples_do_not_see_each_other():
-  """An example's logits in a packed row are those it has alone, whatever its neighbours hold.
+@pytest.mark.parametrize("style", ["llama", "gemma"])
+def test_packed_examples_do_not_see_each_other(style):
+  """An example's logits in a packed row are those it has alone, whatever its neighbours hold
+  (a sliding window too: it counts slots, and an example's slots are contiguous).
 
   RoPE here; learned positions are covered by tests/data/test_packing.py's loss test.
   """
-  cfg = _config("llama")
+  cfg = _config(style)
   module = models.LanguageModel(cfg)
   params = _init(module)
   rng = np.random.default_rng(0)
@@ -316,7 +393,7 @@ def test_packed_examples_do_not_see_each_other():
   np.testing.assert_allclose(out[0, 5:9], out[1, :4], atol=1e-5)  # and is as if alone
 
 
-@pytest.mark.parametrize("style", ["llama", "gpt2"])
+@pytest.mark.parametrize("style", ["llama", "gpt2", "gemma"])
 @pytest.mark.parametrize("scan", [True, False])
 def test_grown_trunk_starts_as_the_base_and_its_new_layers_train(style, scan):
   base_cfg = _config(style, scan_layers=scan)
