@@ -424,3 +424,18 @@ def test_sft_and_ppo_from_hf_models_then_export(tmp_path):
   assert np.abs(after - before).max() > 1e-2  # trained, not the starting weights
   policy = stages.load_policy(ppo_dir, sharding.make_mesh((1, -1, 1)))
   np.testing.assert_allclose(after, logits_of(policy, input_ids), atol=1e-4, rtol=0)
+
+
+def test_every_checkpoint_tensor_is_read_once(monkeypatch, mesh):
+  """Shards of one parameter (the fake devices split every layer's tensor) share one read."""
+  counts: dict[str, int] = {}
+  get = weights.Reader.get
+
+  def counting(self, name):
+    counts[name] = counts.get(name, 0) + 1
+    return get(self, name)
+
+  monkeypatch.setattr(weights.Reader, "get", counting)
+  policy = hf.load_policy(f"hf:{fixture('llama')}", mesh)
+  assert len(policy.params["trunk"]["layers"]["attn"]["q"].sharding.device_set) == mesh.size
+  assert counts and set(counts.values()) == {1}, {k: v for k, v in counts.items() if v > 1}

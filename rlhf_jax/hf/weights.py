@@ -307,8 +307,14 @@ def load(directory: str, kind: str, cfg: ModelConfig, abstract, *, classifier: b
     if src is None:
       raise ValueError(f"No Hugging Face tensor maps to parameter {'/'.join(path)}.")
     stacked = layers is not None and len(path) > 1 and path[1] == "layers"
+    # Each layer's tensor, read once for all the shards of this parameter (the devices that
+    # hold the same rows, or other columns of them, reuse it) and dropped with it: the host
+    # holds at most one parameter in its storage dtype.
+    read: dict[int | None, np.ndarray] = {}
 
     def one(i: int | None) -> np.ndarray:
+      if i in read:
+        return read[i]
       names = [name.format(i=i) for name in src.names]
       used.update(names)
       value = src.fn(*(reader.get(name) for name in names))
@@ -318,6 +324,7 @@ def load(directory: str, kind: str, cfg: ModelConfig, abstract, *, classifier: b
           directory, 0, f"tensor {names[0]!r} has shape {reader.get(names[0]).shape}; "
           f"config.json implies {tuple(expected)} for it"
         )  # fmt: skip
+      read[i] = value
       return value
 
     def callback(index):
@@ -332,7 +339,9 @@ def load(directory: str, kind: str, cfg: ModelConfig, abstract, *, classifier: b
         out[j] = part
       return out
 
-    return jax.make_array_from_callback(leaf.shape, leaf.sharding, callback)
+    array = jax.make_array_from_callback(leaf.shape, leaf.sharding, callback)
+    read.clear()
+    return array
 
   params = jax.tree_util.tree_map_with_path(build, abstract)
   leftover = sorted(
