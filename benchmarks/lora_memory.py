@@ -12,6 +12,13 @@ out: they are transient and depend on the batch. A DPO stage keeps the same stat
 reference log-probs are precomputed, a few floats per pair); a reward model keeps it per
 ensemble member.
 
+PPO (`ppo_*` keys) keeps the policy's state, a separate critic of the same shape with its
+own optimizer (trained in full either way) and the reference policy: a copy of the
+starting parameters in full fine-tuning, nothing with LoRA (the reference is the frozen
+base inside the state, `rl_common.LoraPolicy`); `ppo_head_*` is the same with
+`value_model="policy_head"` (a value head on the policy: no critic; the head is negligible).
+The reward model, the same in both, is left out.
+
 Prints one JSON line per (preset, mode).
 """
 
@@ -50,11 +57,23 @@ def state_bytes(cfg, rank: int) -> dict[str, float]:
 
   state = jax.eval_shape(init, jax.random.key(0))
   params, opt = state["params"], state["opt_state"]
+  plain = jax.eval_shape(
+    lambda k: sharding.unbox(models.init_params(models.LanguageModel(lora.plain(cfg)), k)),
+    jax.random.key(0),
+  )
+  full_tx, _ = optim.make_optimizer({}, 100)
+  critic = _gib(plain) + _gib(jax.eval_shape(full_tx.init, plain))
+  reference = 0.0 if rank else _gib(plain)
+  sft_state = _gib(params) + _gib(opt)
   return {
     "params_gib": round(_gib(params), 3),
     "trained_params": lora.num_params(lora.adapters(params)) if rank else lora.num_params(params),
     "opt_state_gib": round(_gib(opt), 3),
-    "state_gib": round(_gib(params) + _gib(opt), 3),
+    "state_gib": round(sft_state, 3),
+    "ppo_reference_gib": round(reference, 3),
+    "ppo_critic_gib": round(critic, 3),
+    "ppo_state_gib": round(sft_state + critic + reference, 3),
+    "ppo_head_state_gib": round(sft_state + reference, 3),  # value_model="policy_head"
   }
 
 
@@ -67,6 +86,8 @@ def main(argv) -> None:
     for rank in (int(r) for r in FLAGS.ranks):
       out = state_bytes(cfg, rank)
       out["vs_full"] = round(out["state_gib"] / full["state_gib"], 3)
+      out["ppo_vs_full"] = round(out["ppo_state_gib"] / full["ppo_state_gib"], 3)
+      out["ppo_head_vs_full"] = round(out["ppo_head_state_gib"] / full["ppo_head_state_gib"], 3)
       print(json.dumps({"preset": preset, "mode": f"lora_r{rank}", **out}))
 
 

@@ -78,6 +78,10 @@ def get_config(arg=None):
   config.kl.estimator = "k3"
   config.kl.coef = 0.04
 
+  # Low-rank adapters (LoRA) on the policy: rank > 0 trains only them (and a value head
+  # on the policy); the reference is then the policy's own frozen base (configs/common.py).
+  config.lora = common.lora_section()
+
   # Optimizer (learning rate annealed linearly to 0)
   config.optim = ml_collections.ConfigDict()
   config.optim.name = "adam_tf"

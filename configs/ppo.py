@@ -71,6 +71,10 @@ def get_config(arg=None):
   config.kl.target = 6.0
   config.kl.horizon = 10000.0
 
+  # Low-rank adapters (LoRA) on the policy: rank > 0 trains only them (and a value head
+  # on the policy); the reference is then the policy's own frozen base (configs/common.py).
+  config.lora = common.lora_section()
+
   # Optimizers: policy and value network (learning rate annealed linearly to 0)
   config.optim = ml_collections.ConfigDict()
   config.optim.name = "adam_tf"

@@ -42,6 +42,7 @@ from absl import logging
 
 from rlhf_jax import config_spec as cs
 from rlhf_jax import evaluation, optim, rng, sharding
+from rlhf_jax.models import lora
 from rlhf_jax.rl import advantages as adv_lib
 from rlhf_jax.rl import grpo as grpo_lib
 from rlhf_jax.rl import kl as kl_lib
@@ -133,6 +134,7 @@ CONFIG_SPEC = cs.Spec(
       }
     ),
     "optim": optim.CONFIG_SPEC,
+    "lora": lora.CONFIG_SPEC,
     "eval": rl_common.EVAL_SPEC,
   },
   checks=(
@@ -207,6 +209,8 @@ def make_experience(
   fmask = jnp.concatenate([pmask, rmask], axis=1)
   logps = logps_fn(module, s)
   logp, _ = logps(state["policy"], full, fmask, response)
+  if ref_params is None:  # LoRA: the reference is the policy with its adapters off
+    ref_params = lora.switched_off(state["policy"])
   ref_logp = jax.lax.stop_gradient(logps(ref_params, full, fmask, response)[0])
   raw = rm_score(full, fmask, rmask) if host_scores is None else host_scores
   scores = adv_lib.penalize_missing_eos(raw, sample.has_eos, s.missing_eos_score)
@@ -306,7 +310,11 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   check_config(config)
   s = Settings.from_config(config)
   reward_fn = resolve_reward_fn(config)
-  tx, lr_schedule = optim.make_optimizer(config.optim, config.total_steps * s.updates_per_iteration)
+  tx, lr_schedule = optim.make_optimizer(
+    config.optim,
+    config.total_steps * s.updates_per_iteration,
+    trainable=lora.TRAINABLE if config.lora.rank else None,  # LoRA: only the adapters train
+  )
   # A host reward needs no reward model; one given is still loaded for the eval's proxy.
   run = rl_common.start(
     config,
@@ -317,27 +325,34 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   )
   with run:  # closes the checkpointer and the metric writer on the way out
     mesh, rules, sft, rm, tok = run.mesh, run.rules, run.sft, run.rm, run.sft.tokenizer
+    # The policy trained: the SFT policy, or it with fresh LoRA adapters, whose base then is
+    # the reference too (one copy: `rl_common.LoraPolicy`).
+    adapted = None
+    if config.lora.rank:
+      adapted = rl_common.LoraPolicy(sft, config.lora, config.seed, mesh, rules)
+    policy = adapted.policy if adapted else sft
 
     # ------------------------------------------------ state, jitted programs
     init = functools.partial(init_state, tx=tx)
     key = rng.key(config.seed, "init")
-    abstract = jax.eval_shape(init, sft.params, key)
+    abstract = jax.eval_shape(init, policy.params, key)
     rep = common.replicated(mesh)
     opt_sh = common.mirror_shardings(
-      abstract["policy_opt"], abstract["policy"], sft.shardings, mesh
+      abstract["policy_opt"], abstract["policy"], policy.shardings, mesh
     )
-    state_sh = dict(policy=sft.shardings, policy_opt=opt_sh, step=rep, rng=rep)
+    state_sh = dict(policy=policy.shardings, policy_opt=opt_sh, step=rep, rng=rep)
     batch_sh, vec_sh = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
     sample_sh = sampler_lib.SampleOutput(batch_sh, batch_sh, batch_sh, batch_sh, vec_sh, vec_sh)
     host_sh = () if reward_fn is None else (vec_sh,)
-    sample_fn = rl_common.sampler(sft, config, mesh, rules)
+    sample_fn = rl_common.sampler(policy, config, mesh, rules)
     rm_score = rl_common.rm_score_fn(rm, s.prompt_len) if reward_fn is None else None
+    ref_sh = None if adapted else sft.shardings  # LoRA: the reference is in the state
     experience_fn = jax.jit(
-      functools.partial(make_experience, module=sft.module, rm_score=rm_score, s=s),
-      in_shardings=(state_sh, sft.shardings, batch_sh, batch_sh, sample_sh, *host_sh),
+      functools.partial(make_experience, module=policy.module, rm_score=rm_score, s=s),
+      in_shardings=(state_sh, ref_sh, batch_sh, batch_sh, sample_sh, *host_sh),
     )
     update_fn = jax.jit(
-      functools.partial(update, module=sft.module, tx=tx, lr_schedule=lr_schedule, s=s),
+      functools.partial(update, module=policy.module, tx=tx, lr_schedule=lr_schedule, s=s),
       in_shardings=(state_sh, None),
       out_shardings=(state_sh, rep),
       donate_argnums=(0,),
@@ -352,16 +367,22 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       scores = host_rewards(reward_fn, config.reward_fn, prompts, responses)
       return (sharding.global_from_full(scores, mesh),)
 
+    # With LoRA the SFT parameters are given to the state (donated) and then released.
+    donate = (0,) if adapted else ()
     state, clock = common.restore_or_init(
       run,
       common.with_shardings(abstract, state_sh),
-      lambda: jax.jit(init, out_shardings=state_sh)(sft.params, key),
+      lambda: jax.jit(init, out_shardings=state_sh, donate_argnums=donate)(policy.params, key),
     )
+    reference = sft
+    if adapted:
+      adapted.release(sft)
+      reference = adapted.reference_view(lambda: state["policy"])
 
     # ------------------------------------------------------ evaluator, loop
     evaluate = rl_common.make_evaluator(
-      config, workdir, run.prompt_set.eval, sft=sft, rm=rm, sample_fn=sample_fn,
-      logps_fn=logps_fn(sft.module, s), mesh=mesh, rules=rules, proxy_host=reward_fn,
+      config, workdir, run.prompt_set.eval, sft=reference, rm=rm, sample_fn=sample_fn,
+      logps_fn=logps_fn(policy.module, s), mesh=mesh, rules=rules, proxy_host=reward_fn,
     )  # fmt: skip
     ensemble = rm.ensemble_size if reward_fn is None else 0
     loop = common.bookkeeping(
@@ -406,7 +427,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     method=config.advantage,
     clock=clock,
     evaluator=evaluate.judge.name,
-    model_config=sft.module.config,
+    model_config=policy.module.config,
     tokenizer_file=sft.tokenizer.filename,
     summary={
       "kl_coef": float(config.kl.coef),

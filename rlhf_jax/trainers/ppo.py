@@ -38,6 +38,7 @@ from absl import logging
 
 from rlhf_jax import config_spec as cs
 from rlhf_jax import errors, hf, models, optim, rng, sharding
+from rlhf_jax.models import lora
 from rlhf_jax.rl import advantages as adv_lib
 from rlhf_jax.rl import kl as kl_lib
 from rlhf_jax.rl import ppo_losses
@@ -100,6 +101,7 @@ CONFIG_SPEC = cs.Spec(
     "whiten_rewards": cs.Bool(),
     "value_model": cs.Choice(*VALUE_MODELS),
     "value_init": cs.HfModel(),
+    "lora": lora.CONFIG_SPEC,
     "loss_aggregation": cs.Choice(*rl_common.LOSS_AGGREGATIONS),
     "kl": cs.Spec(
       {
@@ -178,13 +180,16 @@ def lm_params(policy: dict) -> dict:
   return {k: v for k, v in policy.items() if k != "value"}
 
 
-def networks(sft, rm, value_model: str, mesh, rules, value_init: str = ""):
+def networks(sft, rm, value_model: str, mesh, rules, value_init: str = "", reference=None):
   """(Networks, (policy params, shardings), (value params, shardings)) at the start.
 
-  "separate": the critic is a value network initialised from reward member 0 (trunk and
-  head), or from `value_init` (`critic_start`); "policy_head": a zero-initialised value
-  head joins the policy's params as a "value" subtree and the critic's slot stays empty.
+  `sft`: the policy to train (the SFT policy, or it with LoRA adapters); `reference`: the
+  frozen reference's module (default: the policy's). "separate": the critic is a value
+  network initialised from reward member 0 (trunk and head), or from `value_init`
+  (`critic_start`); "policy_head": a zero-initialised value head joins the policy's params
+  as a "value" subtree and the critic's slot stays empty.
   """
+  reference = reference or sft.module
   if value_model == "policy_head":
     policy = models.LanguageModel(sft.module.config, value_head=True)
     boxed = jax.eval_shape(lambda: models.init_params(policy, jax.random.key(0)))
@@ -193,7 +198,7 @@ def networks(sft, rm, value_model: str, mesh, rules, value_init: str = ""):
       head_shapes, sharding.logical_specs(boxed["value"]), mesh, rules
     )
     head = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), head_shapes)
-    nets = Networks(policy, None, sft.module)
+    nets = Networks(policy, None, reference)
     return nets, ({**sft.params, "value": head}, {**sft.shardings, "value": head_sh}), ({}, {})
   if value_init:
     value, params, value_sh = critic_start(value_init, sft.tokenizer, mesh, rules)
@@ -202,7 +207,7 @@ def networks(sft, rm, value_model: str, mesh, rules, value_init: str = ""):
     params = jax.tree.map(lambda x: x[0], rm.params)
     value_sh = jax.tree.map(lambda s: rl_common.drop_leading(s, mesh), rm.shardings)
   return (
-    Networks(sft.module, value, sft.module),
+    Networks(sft.module, value, reference),
     (sft.params, sft.shardings),
     (params, value_sh),
   )
@@ -296,6 +301,8 @@ def make_experience(state, ref_params, prompt, pmask, sample, *, nets: Networks,
   ref_fn = rl_common.response_logps_fn(
     nets.reference, s.prompt_len, s.max_new_tokens, s.temperature
   )
+  if ref_params is None:  # LoRA: the reference is the policy's own frozen base
+    ref_params = lora.base(lm_params(state["policy"]))
   ref_logp = jax.lax.stop_gradient(ref_fn(ref_params, full, fmask, response)[0])
   scores = rm_score(full, fmask, rmask)
   kl = kl_lib.kl_penalty(logp, ref_logp, s.kl_estimator, rmask)
@@ -437,15 +444,23 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   CONFIG_SPEC.validate(config)
   s = Settings.from_config(config)
   total_updates = config.total_steps * s.updates_per_iteration
-  policy_tx, lr_schedule = optim.make_optimizer(config.optim, total_updates)
+  # With LoRA only the adapters (and a value head on the policy) train.
+  trainable = f"{lora.TRAINABLE}|value/.*" if config.lora.rank else None
+  policy_tx, lr_schedule = optim.make_optimizer(config.optim, total_updates, trainable=trainable)
   value_tx, _ = optim.make_optimizer(config.value_optim, total_updates)
   run = rl_common.start(config, workdir, batch_size=s.rollout_batch_size)
   with run:  # closes the checkpointer and the metric writer on the way out
     mesh, rules, sft, rm = run.mesh, run.rules, run.sft, run.rm
+    # The policy trained: the SFT policy, or it with fresh LoRA adapters, whose base then is
+    # the reference too (one copy: `rl_common.LoraPolicy`).
+    adapted = (
+      rl_common.LoraPolicy(sft, config.lora, config.seed, mesh, rules) if config.lora.rank else None
+    )
+    policy = adapted.policy if adapted else sft
 
     # ------------------------------------------- networks, state, jitted programs
     nets, (policy_init, policy_sh), (value_init, value_sh) = networks(
-      sft, rm, config.value_model, mesh, rules, config.value_init
+      policy, rm, config.value_model, mesh, rules, config.value_init, reference=sft.module
     )
     init = functools.partial(
       init_state, policy_tx=policy_tx, value_tx=value_tx, kl_coef=config.kl.init_coef
@@ -456,11 +471,11 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     rep = common.replicated(mesh)
     batch_sh, vec_sh = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
     sample_sh = sampler_lib.SampleOutput(batch_sh, batch_sh, batch_sh, batch_sh, vec_sh, vec_sh)
-    sample_fn = rl_common.sampler(sft, config, mesh, rules)
+    sample_fn = rl_common.sampler(policy, config, mesh, rules)
     rm_score = rl_common.rm_score_fn(rm, s.prompt_len)
     experience_fn = jax.jit(
       functools.partial(make_experience, nets=nets, rm_score=rm_score, s=s),
-      in_shardings=(state_sh, sft.shardings, batch_sh, batch_sh, sample_sh),
+      in_shardings=(state_sh, None if adapted else sft.shardings, batch_sh, batch_sh, sample_sh),
     )
     update_fn = jax.jit(
       functools.partial(
@@ -470,18 +485,27 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       out_shardings=(state_sh, rep),
       donate_argnums=(0,),
     )
+    # With LoRA the SFT parameters are given to the state (donated) and then released.
+    donate = (0,) if adapted else ()
     state, clock = common.restore_or_init(
       run,
       common.with_shardings(abstract, state_sh),
-      lambda: jax.jit(init, out_shardings=state_sh)(policy_init, value_init, key),
+      lambda: jax.jit(init, out_shardings=state_sh, donate_argnums=donate)(
+        policy_init, value_init, key
+      ),
     )
+    reference = sft
+    if adapted:
+      policy_init = None
+      adapted.release(sft)
+      reference = adapted.reference_view(lambda: lm_params(state["policy"]))
 
     # ------------------------------------------------------ evaluator, loop
     logps_fn = rl_common.response_logps_fn(
-      sft.module, s.prompt_len, s.max_new_tokens, s.temperature
+      policy.module, s.prompt_len, s.max_new_tokens, s.temperature
     )
     evaluate = rl_common.make_evaluator(
-      config, workdir, run.prompt_set.eval, sft=sft, rm=rm, sample_fn=sample_fn,
+      config, workdir, run.prompt_set.eval, sft=reference, rm=rm, sample_fn=sample_fn,
       logps_fn=logps_fn, mesh=mesh, rules=rules,
     )  # fmt: skip
     flops = flops_per_iteration(sft.module.config, s, nets.value is not None, rm.ensemble_size)
@@ -524,7 +548,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     method="ppo",
     clock=clock,
     evaluator=evaluate.judge.name,
-    model_config=sft.module.config,
+    model_config=policy.module.config,
     tokenizer_file=sft.tokenizer.filename,
     summary={"kl_coef": float(jax.device_get(state["kl"].kl_coef))},
   )

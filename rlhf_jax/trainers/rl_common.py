@@ -343,6 +343,50 @@ def start(
   )  # fmt: skip
 
 
+class LoraPolicy:
+  """The policy an RL stage trains with LoRA (`config.lora.rank > 0`), and the views of
+  its frozen base the stage needs, so the base weights exist once.
+
+  `policy`: a `stages.Policy` whose module has the adapters and whose params are the SFT
+  policy's with fresh adapters (B = 0: it computes what the SFT policy computes). Once the
+  train state holds them, `release(sft)` drops every other reference to the SFT
+  parameters; from then on the reference is the state's own base (`lora.base`), and
+  `reference_view(current)` is what the evaluator treats as the SFT policy: the adapted
+  module with the state's base and zero adapters (exactly the SFT policy), read anew at
+  every evaluation.
+  """
+
+  def __init__(self, sft: stages.Policy, section, seed: int, mesh, rules):
+    module, params, shardings = common.add_lora(
+      sft.module, sft.params, section, rng.key(seed, "lora"), mesh, rules
+    )
+    self.policy = stages.Policy(module, params, shardings, sft.tokenizer, sft.meta)
+    self.zero = jax.jit(
+      lambda t: jax.tree.map(jnp.zeros_like, t), out_shardings=lora.adapters(shardings)
+    )(lora.adapters(params))
+
+  def release(self, sft: stages.Policy) -> None:
+    self.policy.params = None
+    sft.params = None
+
+  def reference_view(self, current: Callable[[], Any]) -> ReferenceView:
+    return ReferenceView(self.policy, current, self.zero)
+
+
+class ReferenceView:
+  """The SFT policy as the evaluator sees it under LoRA (`LoraPolicy.reference_view`):
+  the adapted module and tokenizer, and params that are the current state's base
+  (`current()`: the policy's params now) with zero adapters."""
+
+  def __init__(self, policy: stages.Policy, current: Callable[[], Any], zero: Any):
+    self.module, self.shardings, self.tokenizer = policy.module, policy.shardings, policy.tokenizer
+    self._current, self._zero = current, zero
+
+  @property
+  def params(self) -> Any:
+    return lora.attach(lora.base(self._current()), self._zero)
+
+
 def finish(
   run: Run,
   loop,

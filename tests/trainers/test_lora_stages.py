@@ -4,6 +4,7 @@ later stages and transformers load."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -21,7 +22,9 @@ pytestmark = pytest.mark.slow
 
 def _config(name: str, **changes):
   config = config_utils.load_config(os.path.join(REPO, f"configs/{name}.py:runlocal"))
-  config.update(total_steps=2, eval_every=2, log_every=1, checkpoint_every=2, batch_size=8)
+  config.update(total_steps=2, eval_every=2, log_every=1, checkpoint_every=2)
+  if "batch_size" in config:
+    config.batch_size = 8
   config.update(changes)
   config.optim.warmup_steps = 1
   config.optim.lr = 1e-2
@@ -34,6 +37,12 @@ def _leaves(tree):
     "/".join(str(k.key) for k in path): np.asarray(x)
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
   }
+
+
+def _kls(workdir: str) -> list[float]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [r["objective/kl"] for r in rows if "objective/kl" in r]
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +113,41 @@ def test_reward_model_with_adapters_trains_them_and_its_heads(mesh, tmp_path):
   # The members' adapters differ (each its own A), so their scores do too.
   trunks = jax.tree.map(lambda x: np.asarray(x[0] != x[1]).any(), rm.params["trunk"])
   assert any(jax.tree.leaves(trunks))
+
+
+def test_ppo_with_adapters_uses_its_base_as_the_reference(sft_stage, mesh, tmp_path):
+  """One copy of the base: the SFT parameters are released once the state holds them, the
+  reference is the state's frozen base (KL 0 at the start), and the export is merged."""
+  config = _config("ppo", policy_init=sft_stage, reward_init=f"hf:{FIXTURES}/qwen2_rm")
+  config.data.update(source="jsonl", prompts=os.path.join(EXAMPLES, "prompts.jsonl"))
+  config.update(prompt_len=40, rollout_batch_size=8, minibatch_size=8, max_new_tokens=8,
+                value_model="policy_head", total_steps=2)  # fmt: skip
+  config.eval.num_prompts = 8
+  workdir = str(tmp_path / "ppo")
+  final = config_utils.run(config, workdir)
+  assert np.isfinite(final["eval/kl_to_ref"])
+  kls = _kls(workdir)
+  # The policy starts as its reference, then moves away from it (a reference that followed
+  # the policy would keep the KL at 0).
+  assert abs(kls[0]) < 1e-5 and abs(kls[-1]) > 1e-7, kls
+  before = _leaves(stages.load_policy(sft_stage, mesh).params)
+  after = _leaves(stages.load_policy(workdir, mesh).params)
+  changed = {k.rsplit("/", 1)[1] for k in before if not np.array_equal(before[k], after[k])}
+  assert changed == {"q", "v", "o", "up", "down"}
+
+
+def test_rloo_with_adapters_uses_its_switched_off_policy_as_the_reference(sft_stage, tmp_path):
+  config = _config("rloo", policy_init=sft_stage, reward_init=f"hf:{FIXTURES}/qwen2_rm")
+  config.data.update(source="jsonl", prompts=os.path.join(EXAMPLES, "prompts.jsonl"))
+  # Scored as they are: 8 new tokens rarely end with EOS, and a constant missing-EOS score
+  # for a whole group would leave no advantage to learn from.
+  config.update(prompt_len=40, prompts_per_iter=4, max_new_tokens=8, missing_eos_penalty=False)
+  config.optim.warmup_steps = 0  # the first update moves the policy already
+  config.eval.num_prompts = 8
+  workdir = str(tmp_path / "rloo")
+  config_utils.run(config, workdir)
+  kls = _kls(workdir)
+  # The policy starts as its reference, then moves away from it (a reference that followed
+  # the policy would keep the KL at 0).
+  assert abs(kls[0]) < 1e-5 and abs(kls[-1]) > 1e-7, kls
+  assert stages.read_meta(workdir)["model"]["lora_rank"] == 0
