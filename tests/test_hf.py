@@ -385,15 +385,16 @@ def test_reward_model_export_is_a_classifier_with_the_same_scores(tmp_path, mesh
 # ------------------------------------------------------------------- end to end
 
 
-def test_sft_and_ppo_from_hf_models_then_export(tmp_path):
-  """SFT starts from `hf:DIR` (its weights and tokenizer), PPO continues from it against a
-  Hugging Face reward model (`reward_init=hf:DIR`), and `experiments.export` writes the
-  PPO policy as a directory transformers loads, with the trained weights."""
+def test_sft_reward_and_ppo_from_hf_models_then_export(tmp_path):
+  """SFT starts from `hf:DIR` (its weights and tokenizer, chat records rendered with its
+  template), the reward model is fine-tuned from a published one (`reward_init=hf:DIR`) on
+  preference files, PPO continues from the SFT stage against it, and `experiments.export`
+  writes the PPO policy as a directory transformers loads, with the trained weights."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   from rlhf_jax import config_utils, stages
 
-  sft_dir, ppo_dir, out = (str(tmp_path / name) for name in ("sft", "ppo", "hf"))
+  sft_dir, rm_dir, ppo_dir, out = (str(tmp_path / n) for n in ("sft", "rm", "ppo", "hf"))
   examples = os.path.join(REPO, "docs", "examples", "own_data")
   sft = config_utils.load_config(os.path.join(REPO, "configs/sft.py:runlocal"))
   sft.update(policy_init=f"hf:{fixture('qwen2')}", total_steps=4, eval_every=4, log_every=2,
@@ -403,15 +404,24 @@ def test_sft_and_ppo_from_hf_models_then_export(tmp_path):
   sft.eval.num_samples = 0
   config_utils.run(sft, sft_dir)
   assert os.path.exists(os.path.join(sft_dir, "tokenizer", "tokenizer.json"))
+  rm = config_utils.load_config(os.path.join(REPO, "configs/reward.py:runlocal"))
+  rm.update(policy_init=sft_dir, reward_init=f"hf:{fixture('qwen2_rm')}", ensemble_size=1,
+            max_len=64, total_steps=2, eval_every=2, checkpoint_every=2, log_every=1,
+            batch_size=8, normalize_samples=16)  # fmt: skip
+  prefs = (os.path.join(examples, "prefs.jsonl"),)
+  rm.data.update(source="jsonl", train_files=prefs, responses_per_prompt=3, prompt_len=48,
+                 max_new_tokens=8, sample_batch=16)  # fmt: skip
+  rm.optim.warmup_steps = 1
+  config_utils.run(rm, rm_dir)
   ppo = config_utils.load_config(os.path.join(REPO, "configs/ppo.py:runlocal"))
-  ppo.update(policy_init=sft_dir, reward_init=f"hf:{fixture('qwen2_rm')}", prompt_len=40,
+  ppo.update(policy_init=sft_dir, reward_init=rm_dir, prompt_len=40,
              total_steps=1, rollout_batch_size=8, minibatch_size=8,
              value_model="policy_head")  # fmt: skip
   ppo.data.update(source="jsonl", prompts=os.path.join(examples, "prompts.jsonl"))
   ppo.eval.num_prompts = 4
   config_utils.run(ppo, ppo_dir)
   with open(os.path.join(ppo_dir, "summary.json")) as f:
-    assert json.load(f)["evaluator"] == "proxy"  # no gold: the Hugging Face RM judges
+    assert json.load(f)["evaluator"] == "proxy"  # no gold: the reward model judges
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
   export = [sys.executable, "-m", "experiments.export", f"--workdir={ppo_dir}", f"--out={out}"]
   proc = subprocess.run(export, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -21,6 +21,9 @@ from rlhf_jax.hf import spm as hf_spm
 from rlhf_jax.hf.tokenizer import HfTokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The model the sentencepiece package ships (tests/fixtures/spm/README.md): unigram, NFKC,
+# no PAD piece, as Llama 2's and Mistral's.
+SHIPPED = os.path.join(REPO, "tests", "fixtures", "spm", "test_model.model")
 _WORDS = "the a cat dog sat on mat red big and café naïve 12 7, . ! ?".split()
 
 # Leading, trailing and repeated spaces, other whitespace, digits, punctuation, non-ASCII
@@ -173,9 +176,26 @@ def test_reward_model_on_a_tokenizer_without_pad_exports_to_transformers(tmp_pat
 
 
 @pytest.mark.slow
+def test_a_shipped_model_without_pad_reads_and_exports_as_sentencepiece(tmp_path):
+  transformers = pytest.importorskip("transformers")
+  tok = Tokenizer.load(SHIPPED)
+  raw = spm.SentencePieceProcessor(model_file=SHIPPED)
+  assert raw.pad_id() == -1 and tok.pad_id == raw.vocab_size() == tok.vocab_size - 1
+  hf_spm.save(tok, str(tmp_path))
+  auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  story = ("I saw a girl with a telescope. It was a fine day, and the master said to me: "
+           "\"Do not be idle!\" 1,200 yen.")  # fmt: skip
+  for text in [*TEXTS, story]:
+    ids = raw.encode(text)
+    assert tok.encode(text) == ids and auto(text, add_special_tokens=False)["input_ids"] == ids
+    assert auto.decode(ids) == raw.decode(ids) == tok.decode(ids), text
+  assert auto.pad_token_id == tok.pad_id
+
+
 def test_sft_stage_on_the_testbed_tokenizer_exports_to_transformers(tmp_path):
-  """A stage trained here (its own SentencePiece vocabulary) exports; transformers loads the
-  model and the tokenizer, and computes this framework's logits for an encoded prompt."""
+  """A stage trained here on a SentencePiece model a user brings (`tokenizer.path`: the
+  shipped one, without PAD) exports; transformers loads the model and the tokenizer, and
+  computes this framework's logits for an encoded prompt."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   from experiments import export
@@ -189,10 +209,12 @@ def test_sft_stage_on_the_testbed_tokenizer_exports_to_transformers(tmp_path):
   config.model.num_layers = 1
   config.data.update(num_train=200, num_eval=8)
   config.eval.num_samples = 0
+  config.tokenizer.path = SHIPPED
   config_utils.run(config, workdir)
   policy = stages.load_policy(workdir, sharding.make_mesh((1, -1, 1)))
   tok = policy.tokenizer
-  assert isinstance(tok, Tokenizer)
+  assert isinstance(tok, Tokenizer) and tok.pad_id == 1000  # past the shipped model's pieces
+  assert policy.module.config.vocab_size >= 1001
 
   assert export.export(workdir, out) == "llama"
   model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
