@@ -55,7 +55,8 @@ def get_config(arg=None):
   # ("bfloat16" halves its memory), remat and scan_layers.
   config.policy_init = ""
 
-  # Tokenizer: trained on the training texts unless a .model path is given.
+  # Tokenizer: trained on the training texts unless a SentencePiece .model path is given
+  # (one without a PAD piece, as Llama 2's, pads with the id past its pieces).
   config.tokenizer = ml_collections.ConfigDict()
   config.tokenizer.path = ""
   config.tokenizer.vocab_size = 512

@@ -70,6 +70,16 @@ def needs_start(field: str):
   return check
 
 
+def check_no_dropout(config, prefix: str) -> None:
+  """A config check for the trainers whose updates draw no dropout masks (PPO, GRPO)."""
+  if config.lora.rank and config.lora.dropout:
+    raise cs.ConfigError(
+      f"{prefix}.lora.dropout={config.lora.dropout!r}: this trainer applies no dropout in "
+      "its updates (PPO and GRPO compare log-probs of the same policy across passes); "
+      "set it to 0."
+    )
+
+
 def with_adapters(cfg, section):
   """`cfg` with the adapters a `lora` config section asks for (none when rank is 0)."""
   return cfg.replace(

@@ -141,6 +141,7 @@ CONFIG_SPEC = cs.Spec(
     cs.divides("minibatch_size", "prompts_per_iter*group_size"),
     _check_kl,
     _check_reward_fn,
+    lora.check_no_dropout,
     optim.check_steps("optim", _updates),
     rl_common.check_eval,
     cs.mesh_batch("prompts_per_iter*group_size", "minibatch_size"),

@@ -120,6 +120,7 @@ CONFIG_SPEC = cs.Spec(
     cs.divides("minibatch_size", "rollout_batch_size"),
     check_kl_controller,
     check_value_init,
+    lora.check_no_dropout,
     optim.check_steps("optim", _updates),
     rl_common.check_eval,
     optim.check_steps("value_optim", _updates),

@@ -104,3 +104,17 @@ def test_a_lora_section_needs_a_starting_model():
   config.lora.update(rank=0, targets="q,x")
   with pytest.raises(errors.ConfigError, match=r"config\.lora\.targets='q,x': unknown"):
     sft.CONFIG_SPEC.validate(config)
+
+
+def test_ppo_and_grpo_refuse_adapter_dropout():
+  from rlhf_jax import config_utils
+  from rlhf_jax.trainers import grpo, ppo
+
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  for name, spec in (("ppo", ppo.CONFIG_SPEC), ("grpo", grpo.CONFIG_SPEC)):
+    config = config_utils.load_config(os.path.join(repo, f"configs/{name}.py:runlocal"))
+    config.lora.update(rank=4, dropout=0.1)
+    with pytest.raises(errors.ConfigError, match=r"config\.lora\.dropout=0\.1: this trainer"):
+      spec.validate(config)
+    config.lora.dropout = 0.0
+    spec.validate(config)
