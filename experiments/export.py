@@ -34,7 +34,7 @@ import sys
 
 from absl import app, flags
 
-from rlhf_jax import errors, hf, sharding, stages
+from rlhf_jax import errors, hf
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished stage's workdir.")
 _FORMAT = flags.DEFINE_enum("format", "hf", ["hf"], "Output format.")
@@ -44,31 +44,11 @@ _MEMBER = flags.DEFINE_integer("member", None, "The reward-model ensemble member
 flags.mark_flags_as_required(["workdir", "out"])
 
 
-def export(workdir: str, out: str, dtype: str = "float32", member: int | None = None) -> str:
-  """Writes the stage of `workdir` to `out` as a Hugging Face model; returns its type."""
-  meta = stages.read_meta(workdir)  # a StageError names what is missing
-  mesh = sharding.make_mesh((1, -1, 1))
-  if meta.get("kind") == "policy":
-    policy = stages.load_policy(workdir, mesh)
-    cfg = policy.module.config
-    return hf.export_policy(policy.params, cfg, policy.tokenizer, out, dtype=dtype)
-  size = int(meta.get("ensemble_size", 1))
-  if member is None and size > 1:
-    raise errors.StageError(
-      f"{workdir} is an ensemble of {size} reward models; a classifier holds one.",
-      hint=f"Choose one with --member=K (0 to {size - 1}).",
-    )
-  if member is not None and not 0 <= member < size:
-    raise errors.StageError(f"--member={member} is outside 0..{size - 1} ({workdir}).")
-  rm = stages.load_reward_model(workdir, mesh)
-  return hf.export_reward_model(rm, out, member=member or 0, dtype=dtype)
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}", exitcode=errors.EXIT_CODE)
   try:
-    kind = export(_WORKDIR.value, _OUT.value, _DTYPE.value, _MEMBER.value)
+    kind = hf.export_stage(_WORKDIR.value, _OUT.value, _DTYPE.value, _MEMBER.value)
   except (errors.Error, ValueError) as error:
     lines = error.lines() if isinstance(error, errors.Error) else [f"FATAL: {error}"]
     sys.stderr.write("\n".join(lines) + "\n")

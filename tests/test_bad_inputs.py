@@ -194,7 +194,7 @@ CASES = [
   # -- Hugging Face models in ({tmp} holds a config.json) and the export ---------------------
   C("hf_missing_dir", [SFT, "--config.policy_init=hf:{tmp}/none"], "config.policy_init", "no such directory"),
   C("hf_unsupported_model", [SFT, "--config.policy_init=hf:{tmp}"], "config.policy_init", "{tmp}/config.json", "model_type 'gemma3' is not supported"),
-  C("hf_sliding_window", [PPO, "--config.policy_init=hf:{tmp}"], "config.policy_init", "sliding_window=4096 is not supported"),
+  C("hf_sliding_window", [PPO, "--config.policy_init=hf:{tmp}"], "config.policy_init", "use_sliding_window=True is not supported", "Qwen's sliding-window layers"),
   C("hf_policy_as_reward", [PPO, "--config.policy_init=hf:{tmp}", "--config.reward_init=hf:{tmp}"], "config.reward_init", "not a reward model"),
   C("export_missing_stage", ["--workdir={tmp}/none", "--out={tmp}/o"], "{tmp}/none", entry="experiments.export"),
   C("export_ensemble_member", ["--workdir={fake_reward}", "--out={tmp}/o"], "ensemble of 2 reward models", "--member=K", entry="experiments.export"),
@@ -248,7 +248,11 @@ FILES = {
   "report_bad_record": {"p.jsonl": _pairs({"chosen": 5})},
   "report_no_raters": {"p.jsonl": _pairs().replace('"rater_id": 1, ', "") * 2},
   "hf_unsupported_model": {"config.json": json.dumps({"model_type": "gemma3", "vocab_size": 9})},
-  "hf_sliding_window": {"config.json": json.dumps(HF_MISTRAL | {"sliding_window": 4096})},
+  "hf_sliding_window": {
+    "config.json": json.dumps(
+      HF_MISTRAL | {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4096}
+    )
+  },
   "hf_policy_as_reward": {"config.json": json.dumps(HF_MISTRAL), "tokenizer.json": "{}"},
 }
 

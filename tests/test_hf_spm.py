@@ -198,8 +198,7 @@ def test_sft_stage_on_the_testbed_tokenizer_exports_to_transformers(tmp_path):
   computes this framework's logits for an encoded prompt."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  from experiments import export
-  from rlhf_jax import config_utils, sharding, stages
+  from rlhf_jax import config_utils, hf, sharding, stages
 
   workdir, out = str(tmp_path / "sft"), str(tmp_path / "hf")
   config = config_utils.load_config(os.path.join(REPO, "configs/sft.py:runlocal"))
@@ -216,7 +215,7 @@ def test_sft_stage_on_the_testbed_tokenizer_exports_to_transformers(tmp_path):
   assert isinstance(tok, Tokenizer) and tok.pad_id == 1000  # past the shipped model's pieces
   assert policy.module.config.vocab_size >= 1001
 
-  assert export.export(workdir, out) == "llama"
+  assert hf.export_stage(workdir, out) == "llama"
   model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
   auto = transformers.AutoTokenizer.from_pretrained(out)
   prompt = "Review of the lamp:  it glows, 5 stars!"

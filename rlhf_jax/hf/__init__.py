@@ -249,3 +249,27 @@ def _copy_tokenizer(tok, out: str) -> None:
     if os.path.exists(source):
       with open(source, "rb") as src, open(os.path.join(out, name), "wb") as dst:
         dst.write(src.read())
+
+
+def export_stage(workdir: str, out: str, dtype: str = "float32", member: int | None = None) -> str:
+  """Writes the finished stage of `workdir` to `out` as a Hugging Face model (a policy as a
+  causal LM, reward-model member `member` as a one-label classifier); returns its type.
+  `experiments/export.py` is its command line."""
+  from rlhf_jax import stages
+
+  meta = stages.read_meta(workdir)  # a StageError names what is missing
+  mesh = sharding.make_mesh((1, -1, 1))
+  if meta.get("kind") == "policy":
+    policy = stages.load_policy(workdir, mesh)
+    cfg = policy.module.config
+    return export_policy(policy.params, cfg, policy.tokenizer, out, dtype=dtype)
+  size = int(meta.get("ensemble_size", 1))
+  if member is None and size > 1:
+    raise errors.StageError(
+      f"{workdir} is an ensemble of {size} reward models; a classifier holds one.",
+      hint=f"Choose one with --member=K (0 to {size - 1}).",
+    )
+  if member is not None and not 0 <= member < size:
+    raise errors.StageError(f"--member={member} is outside 0..{size - 1} ({workdir}).")
+  rm = stages.load_reward_model(workdir, mesh)
+  return export_reward_model(rm, out, member=member or 0, dtype=dtype)

@@ -136,7 +136,8 @@ def test_testbed_source_builds_labelled_pairs(tmp_path, monkeypatch):
   monkeypatch.setattr(pairs_lib, "sample_comparisons", fake_samples)
   config = config_utils.load_config(os.path.join(REPO, "configs/dpo.py:runlocal"))
   config.data.source, config.data.num_train, config.data.num_eval = "testbed", 24, 8
-  no_policy = types.SimpleNamespace(generator=lambda **settings: None)  # sampling is faked
+  # Sampling is faked; testbed prompts are plain text (no chat template to render with).
+  no_policy = types.SimpleNamespace(generator=lambda **settings: None, tokenizer=None)
   train, evals, info = dpo.prepare_pairs(config, str(tmp_path), "unused", no_policy, None, None)
   assert asked == [("train", 24, 2), ("eval", 8, 2)]
   assert info["source"] == "testbed" and "noise_ceiling" in info

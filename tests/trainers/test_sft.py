@@ -89,8 +89,8 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeyp
   """Updates turn NaN after 5 optimizer steps: the run stops naming the step and metric."""
   make = optim.make_optimizer
 
-  def poisoned(config, total_steps):
-    tx, schedule = make(config, total_steps)
+  def poisoned(config, total_steps, **kwargs):
+    tx, schedule = make(config, total_steps, **kwargs)
 
     def update(updates, state, params=None):
       inner, count = state
