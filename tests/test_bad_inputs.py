@@ -194,7 +194,7 @@ CASES = [
   # -- Hugging Face models in ({tmp} holds a config.json) and the export ---------------------
   C("hf_missing_dir", [SFT, "--config.policy_init=hf:{tmp}/none"], "config.policy_init", "no such directory"),
   C("hf_unsupported_model", [SFT, "--config.policy_init=hf:{tmp}"], "config.policy_init", "{tmp}/config.json", "model_type 'gemma3' is not supported"),
-  C("hf_sliding_window", [PPO, "--config.policy_init=hf:{tmp}"], "config.policy_init", "use_sliding_window=True is not supported", "Qwen's sliding-window layers"),
+  C("hf_sliding_window", [PPO, "--config.policy_init=hf:{tmp}"], "config.policy_init", "sliding_window=4096 is not supported", "implemented for Mistral and Gemma only"),
   C("hf_policy_as_reward", [PPO, "--config.policy_init=hf:{tmp}", "--config.reward_init=hf:{tmp}"], "config.reward_init", "not a reward model"),
   C("export_missing_stage", ["--workdir={tmp}/none", "--out={tmp}/o"], "{tmp}/none", entry="experiments.export"),
   C("export_ensemble_member", ["--workdir={fake_reward}", "--out={tmp}/o"], "ensemble of 2 reward models", "--member=K", entry="experiments.export"),
