@@ -1,12 +1,13 @@
 """Peak host memory of importing a Hugging Face checkpoint (`hf.load_policy`).
 
   python -m benchmarks.hf_import_memory                       # a 168M-parameter Llama, bf16
-  python -m benchmarks.hf_import_memory --d_model=2048 --layers=16 --devices=8
+  python -m benchmarks.hf_import_memory --d_model=2048 --layers=16 --vocab=128256  # ~1.2B
 
 Writes a random Llama-architecture checkpoint in bfloat16 (config.json, one safetensors
 file, the tiny test fixture's tokenizer) to a temporary folder, then imports it in a fresh
 process on `--devices` fake CPU devices (fsdp: every parameter split across them) and
-reports that process's peak resident memory above its state just before the import,
+reports the import's wall time and that process's peak resident memory above its state
+just before the import,
 against the sizes that bound it: the checkpoint in its storage dtype, the parameters in
 float32 on the devices (on CPU, device memory is host memory) and the largest tensor.
 
@@ -39,16 +40,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "hf", "llama")
 
 _CHILD = r"""
-import json, os, resource, sys
+import json, os, resource, sys, time
 import jax
 from rlhf_jax import hf, sharding
 mesh = sharding.make_mesh((1, -1, 1))
 kib = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 jax.block_until_ready(jax.numpy.zeros(1))
 before = kib()
+start = time.perf_counter()
 policy = hf.load_policy("hf:" + sys.argv[1], mesh)
 jax.block_until_ready(policy.params)
-print(json.dumps({"rss_before_mib": before / 1024, "peak_mib": kib() / 1024}))
+seconds = time.perf_counter() - start
+print(json.dumps({"rss_before_mib": before / 1024, "peak_mib": kib() / 1024, "seconds": seconds}))
 """
 
 
@@ -125,6 +128,7 @@ def main(argv) -> None:
     "devices": FLAGS.devices,
     "peak_growth_mib": round(growth, 1),
     "peak_growth_over_f32_params": round(growth / sizes["params_f32_mib"], 2),
+    "import_s": round(child["seconds"], 1),
   }))  # fmt: skip
 
 

@@ -3,6 +3,7 @@ unmerged, only adapters train, dropout only with its RNG, and stages export merg
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -39,12 +40,13 @@ def _randomize_b(params, key):
 def test_fresh_adapters_change_nothing_and_merged_equals_unmerged(scan_layers):
   module, params = _model(scan_layers)
   plain = models.LanguageModel(lora.plain(module.config))
-  base_logits, _ = plain.apply({"params": lora.base(params)}, TOKENS)
-  fresh_logits, _ = module.apply({"params": params}, TOKENS)
-  np.testing.assert_array_equal(fresh_logits, base_logits)  # B = 0: exactly the base
+  adapted_fn = jax.jit(lambda p: module.apply({"params": p}, TOKENS)[0])
+  plain_fn = jax.jit(lambda p: plain.apply({"params": p}, TOKENS)[0])
+  base_logits = plain_fn(lora.base(params))
+  np.testing.assert_array_equal(adapted_fn(params), base_logits)  # B = 0: exactly the base
   trained = _randomize_b(params, jax.random.key(1))
-  unmerged, _ = module.apply({"params": trained}, TOKENS)
-  merged, _ = plain.apply({"params": lora.merge(trained, module.config)}, TOKENS)
+  unmerged = adapted_fn(trained)
+  merged = plain_fn(lora.merge(trained, module.config))
   assert np.abs(unmerged - base_logits).max() > 1e-2  # the adapters do something
   np.testing.assert_allclose(merged, unmerged, atol=2e-5, rtol=0)
   assert not jax.tree.leaves(lora.adapters(lora.merge(trained, module.config)))
@@ -71,8 +73,9 @@ def test_only_adapters_train_and_hold_optimizer_state():
   assert moments == 2 * lora.num_params(lora.adapters(params))
   batch = {"tokens": TOKENS, "input_mask": jnp.ones(TOKENS.shape, bool),
            "loss_mask": jnp.ones(TOKENS.shape, bool)}  # fmt: skip
+  update = jax.jit(functools.partial(sft.update, module=module, tx=tx, schedule=schedule))
   for _ in range(2):  # the first step moves B off zero, the second then moves A too
-    state, metrics = sft.update(state, batch, module=module, tx=tx, schedule=schedule)
+    state, metrics = update(state, batch)
   assert np.isfinite(metrics["loss"])
   changed = jax.tree.map(lambda a, b: bool((a != b).any()), params, state["params"])
   flat = jax.tree_util.tree_flatten_with_path(changed)[0]
@@ -84,11 +87,11 @@ def test_only_adapters_train_and_hold_optimizer_state():
 def test_dropout_needs_its_rng():
   module, params = _model(lora_dropout=0.5)
   params = _randomize_b(params, jax.random.key(3))
-  a, _ = module.apply({"params": params}, TOKENS)
-  b, _ = module.apply({"params": params}, TOKENS)
+  apply = jax.jit(lambda p, rngs: module.apply({"params": p}, TOKENS, rngs=rngs)[0])
+  a, b = apply(params, None), apply(params, None)
   np.testing.assert_array_equal(a, b)  # evaluation: no dropout
-  c, _ = module.apply({"params": params}, TOKENS, rngs={"dropout": jax.random.key(4)})
-  d, _ = module.apply({"params": params}, TOKENS, rngs={"dropout": jax.random.key(5)})
+  c = apply(params, {"dropout": jax.random.key(4)})
+  d = apply(params, {"dropout": jax.random.key(5)})
   assert np.abs(c - a).max() > 1e-4 and np.abs(c - d).max() > 1e-4
 
 
