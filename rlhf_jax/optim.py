@@ -341,7 +341,7 @@ def make_optimizer(
 
     def labels(tree):
       frozen = frozen_mask(tree, freeze) if _as_patterns(freeze) else None
-      keep = _trainable_mask(tree, trainable) if trainable else None
+      keep = trainable_mask(tree, trainable) if trainable else None
       pick = lambda f, k: "frozen" if f is True or k is False else "trainable"
       if frozen is None:
         return jax.tree.map(lambda k: pick(None, k), keep)
@@ -353,7 +353,7 @@ def make_optimizer(
   return tx, schedule
 
 
-def _trainable_mask(params: Any, pattern: str) -> Any:
+def trainable_mask(params: Any, pattern: str) -> Any:
   """Which params `pattern` full-matches by '/'-joined path (the rest are frozen)."""
   compiled = re.compile(pattern)
   return jax.tree.map(lambda path: compiled.fullmatch(path) is not None, param_paths(params))

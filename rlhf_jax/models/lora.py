@@ -142,6 +142,27 @@ def plain(cfg):
   return cfg.replace(lora_rank=0)
 
 
+def trainable(cfg, *also: str) -> str | None:
+  """The regex of the parameters that train when `cfg` has adapters (theirs, and `also`:
+  e.g. a reward model's heads), or None when every parameter trains."""
+  return "|".join((TRAINABLE, *also)) if cfg.lora_rank else None
+
+
+def stop_frozen(params: Any, pattern: str | None) -> Any:
+  """`params` with a stop-gradient on every leaf `pattern` does not match (None: none).
+
+  Applied inside a loss, it keeps the backward pass from computing the frozen weights'
+  gradients (the matmuls that would give dW), so only the trainable parameters get
+  gradients; the others come out as zeros, which the optimizer's frozen branch ignores.
+  """
+  if pattern is None:
+    return params
+  from rlhf_jax import optim  # imported late: optim's config checks import config_spec too
+
+  keep = optim.trainable_mask(params, pattern)
+  return jax.tree.map(lambda k, x: x if k else jax.lax.stop_gradient(x), keep, params)
+
+
 def switched_off(params: Any) -> Any:
   """The same tree with every B zero: the adapted module then computes the base model."""
   return _walk(

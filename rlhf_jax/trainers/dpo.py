@@ -441,7 +441,10 @@ def update(state, batch, *, module, tx, schedule, s: Settings):
   if module.config.lora_rank and module.config.lora_dropout:
     rngs = {"dropout": jax.random.fold_in(rng.key(s.seed, "lora_dropout"), state["step"])}
 
+  trainable = lora.trainable(module.config)  # LoRA: gradients of the adapters only
+
   def loss_fn(params):
+    params = lora.stop_frozen(params, trainable)
     logps = pair_logps(params, batch, module=module, rngs=rngs)
     loss, pair_metrics, weight, strict = pair_terms(logps, batch, s=s)
     return weighted_mean(loss, weight), (pair_metrics, weight, strict)

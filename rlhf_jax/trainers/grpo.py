@@ -276,7 +276,8 @@ def update(state, exp, *, module, tx, lr_schedule, s: Settings):
   """`s.epochs` passes of minibatch updates; rows are shuffled across groups (the
   advantages already hold the baseline)."""
   rng, perm_rng = jax.random.split(state["rng"])
-  loss_fn = functools.partial(minibatch_loss, module=module, s=s)
+  trainable = lora.trainable(module.config)  # LoRA: gradients of the adapters only
+  loss_fn = lambda p, mb: minibatch_loss(lora.stop_frozen(p, trainable), mb, module=module, s=s)
 
   def step(carry, mb):
     policy, policy_opt = carry

@@ -382,11 +382,15 @@ def update(state, exp, kl, *, nets: Networks, policy_tx, value_tx, lr_schedule, 
   """`s.epochs` passes of minibatch updates of policy and critic, then the KL controller
   (adaptive: towards `s.kl_target` with the rollout's KL `kl`)."""
   rng, perm_rng = jax.random.split(state["rng"])
+  # LoRA: gradients of the adapters (and a value head on the policy) only.
+  trainable = lora.trainable(nets.policy.config, "value/.*")
 
   def step(carry, mb):
     policy, value, policy_opt, value_opt = carry
     (_, stats), (g_policy, g_value) = jax.value_and_grad(
-      functools.partial(minibatch_loss, nets=nets, s=s), argnums=(0, 1), has_aux=True
+      lambda p, v, mb: minibatch_loss(lora.stop_frozen(p, trainable), v, mb, nets=nets, s=s),
+      argnums=(0, 1),
+      has_aux=True,
     )(policy, value, mb)
     u_policy, policy_opt = policy_tx.update(g_policy, policy_opt, policy)
     u_value, value_opt = value_tx.update(g_value, value_opt, value)

@@ -213,7 +213,10 @@ def update(state, batch, *, module, tx, schedule, s: Settings):
   lora_dropout = module.config.lora_rank and module.config.lora_dropout
   dropout_key = jax.random.fold_in(state["rng"], 1) if lora_dropout else None
 
+  trainable = lora.trainable(module.config, "head/.*")  # LoRA: adapters and heads only
+
   def loss_fn(params):
+    params = lora.stop_frozen(params, trainable)
     chosen, rejected = pair_scores(params, batch, module=module, dropout_key=dropout_key)
     member_loss = jax.vmap(
       lambda c, r, w: reward_lib.bradley_terry_loss(
@@ -443,7 +446,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   # Config errors surface before any stage trains or any data is built.
   CONFIG_SPEC.validate(config)
   # With LoRA, the adapters and the fresh scalar heads train; the trunk stays.
-  trainable = f"{lora.TRAINABLE}|head/.*" if config.lora.rank else None
+  trainable = f"{lora.TRAINABLE}|head/.*" if config.lora.rank else None  # as `update`'s
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps, trainable=trainable)
   os.makedirs(workdir, exist_ok=True)
   mesh, rules = common.mesh_from_config(config), config.sharding_rules

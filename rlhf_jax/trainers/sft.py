@@ -210,8 +210,9 @@ def update(state, batch, *, module, tx, schedule, accum: int = 1):
   """
   # LoRA dropout (the only dropout) draws from the step's key; a no-op without it.
   rngs = {"dropout": jax.random.fold_in(state["rng"], state["step"])}
+  frozen = lora.trainable(module.config)  # LoRA: gradients of the adapters only
   (loss, num_targets), grads = jax.value_and_grad(
-    lambda p: sft_loss(module, p, batch, rngs), has_aux=True
+    lambda p: sft_loss(module, lora.stop_frozen(p, frozen), batch, rngs), has_aux=True
   )(state["params"])
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)

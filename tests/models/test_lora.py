@@ -121,3 +121,23 @@ def test_ppo_and_grpo_refuse_adapter_dropout():
       spec.validate(config)
     config.lora.dropout = 0.0
     spec.validate(config)
+
+
+def test_only_adapters_get_gradients():
+  """Frozen weights are behind a stop-gradient: zero gradients, and the backward pass has
+  no matmul that would compute them (fewer dot products than full fine-tuning's)."""
+  module, params = _model(lora_targets="q,v")
+  params = _randomize_b(params, jax.random.key(6))
+
+  def loss(p, pattern):
+    logits, _ = module.apply({"params": lora.stop_frozen(p, pattern)}, TOKENS)
+    return jnp.mean(jax.nn.logsumexp(logits, axis=-1))
+
+  grads = jax.jit(jax.grad(lambda p: loss(p, lora.trainable(module.config))))(params)
+  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+  for path, g in flat:
+    assert bool(np.asarray(g).any()) == lora.is_adapter(path[-1].key), path
+  count = lambda pattern: str(jax.make_jaxpr(jax.grad(lambda p: loss(p, pattern)))(params)).count(
+    "dot_general"
+  )
+  assert count(lora.TRAINABLE) < count(None)
