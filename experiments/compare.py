@@ -279,6 +279,7 @@ def main(argv: list[str]) -> None:
   except ValueError as error:  # an unknown method, size or --set key
     sys.stderr.write(f"FATAL config error: {error}\n")
     sys.exit(errors.EXIT_CODE)
+  config_utils.enable_compilation_cache(config_utils.compilation_cache_dir())
   try:
     rows = compare(_WORKDIR.value, runs, _SIZE.value, shared)
   except errors.Error as error:  # bad input, reported as the launcher reports it

@@ -16,6 +16,13 @@ r"""Launches one run: a config file and its overrides go to the trainer the conf
                         processes on one machine; on CPU they talk through gloo).
   --verbose             also print the traceback of rlhf_jax's own errors.
 
+Compilation cache: compiled programs are kept in JAX's persistent cache, by default
+~/.cache/rlhf_jax/jax_compilation (shared by every stage and run of the user), so a stage
+that compiles what an earlier one did (the same sampler, the same shapes) loads it instead.
+RLHF_JAX_COMPILATION_CACHE=DIR moves it, RLHF_JAX_COMPILATION_CACHE=off switches it off.
+At the end, the wall time of each stage (trained or reused) is printed and written to
+<workdir>/timing.json.
+
 Errors: bad input (a malformed data file, a config value out of range, a damaged checkpoint,
 a missing upstream stage, a NaN in training) is printed as one or two lines, `FATAL <kind>:
 <what and where>` and what to do, with exit status 2 and no traceback; a mistyped flag or
@@ -111,6 +118,8 @@ def main(argv: list[str]) -> None:
   if jax.process_index() != 0 and not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   config_utils.log_environment()
+  cache = config_utils.enable_compilation_cache(config_utils.compilation_cache_dir())
+  logging.info("Persistent compilation cache: %s", cache or "off")
 
   spec = flags.FLAGS["config"].config_filename
   workdir = _WORKDIR.value or config_utils.default_workdir(spec)

@@ -37,6 +37,7 @@ import os
 import pkgutil
 import re
 import sys
+import time
 import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -547,19 +548,107 @@ def log_environment() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Compilation cache.
+# ------------------------------------------------------------------------------------------------
+
+COMPILATION_CACHE_ENV = "RLHF_JAX_COMPILATION_CACHE"
+COMPILATION_CACHE_MAX_BYTES = 4 << 30
+_OFF = ("0", "off", "false", "no", "none")
+
+
+def compilation_cache_dir(environ: Mapping[str, str] | None = None) -> str | None:
+  """Where JAX's persistent compilation cache lives for a run; None when it is off.
+
+  `RLHF_JAX_COMPILATION_CACHE` decides: a folder, or 0/off to switch the cache off. Unset,
+  it is JAX's own `JAX_COMPILATION_CACHE_DIR` when that is set, else
+  `$XDG_CACHE_HOME/rlhf_jax/jax_compilation` (`~/.cache/...`): one cache per user, shared
+  by every stage and run, so a stage that compiles what an earlier stage or run compiled
+  (the same sampler, the same model shapes) loads the executable instead. The cache key is
+  the program, the JAX version, the devices and the XLA flags, so a hit is the same
+  executable a compile would give and results are unchanged.
+  """
+  env = os.environ if environ is None else environ
+  value = env.get(COMPILATION_CACHE_ENV, "").strip()
+  if value.lower() in _OFF:
+    return None
+  if value:
+    return os.path.expanduser(value)
+  if env.get("JAX_COMPILATION_CACHE_DIR"):
+    return env["JAX_COMPILATION_CACHE_DIR"]
+  base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "rlhf_jax", "jax_compilation")
+
+
+def enable_compilation_cache(directory: str | None) -> str | None:
+  """Points JAX's persistent compilation cache at `directory` (None: leaves it alone).
+
+  Every compilation is cached (JAX's default keeps only those over 1 s; a stage's many
+  small programs add up to seconds at every start), and the cache is capped at 4 GiB,
+  least recently used first out. The cap also makes JAX take a file lock around reads and
+  writes, which processes sharing the folder (a multi-process job on one host, parallel
+  test workers) need. Settings the environment already gives JAX are kept.
+  """
+  if directory is None:
+    return None
+  os.makedirs(directory, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", directory)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
+  return directory
+
+
+# ------------------------------------------------------------------------------------------------
 # Run.
 # ------------------------------------------------------------------------------------------------
 
+TIMING_FILENAME = "timing.json"
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
+
+def _duration(seconds: float) -> str:
+  minutes, secs = divmod(round(seconds), 60)
+  return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def timing_table(timings: Sequence[Mapping[str, Any]]) -> str:
+  """The per-stage wall times of a run as printed at its end (one line per stage)."""
+  lines = []
+  for t in timings:
+    what = "reused" if t["reused"] else _duration(t["seconds"])
+    lines.append(f"  {t['stage']:<12} {what:>8}  {t['workdir']}")
+  total = sum(t["seconds"] for t in timings if not t["reused"])
+  lines.append(f"  {'total':<12} {_duration(total):>8}")
+  return "\n".join(lines)
+
+
+def _report_timings(timings: list[dict[str, Any]], workdir: str) -> None:
+  """Logs the stage table and writes it to `<workdir>/timing.json` (process 0)."""
+  logging.info(
+    "Wall time by stage (this invocation; a resumed stage counts from its resume):\n%s",
+    timing_table(timings),
+  )
+  if jax.process_index() != 0:
+    return
+  total = sum(t["seconds"] for t in timings if not t["reused"])
+  record = {"stages": timings, "total_s": total}
+  utils.write_json_atomic(os.path.join(workdir, TIMING_FILENAME), record)
+
+
+def run(
+  config: ml_collections.ConfigDict, workdir: str, *, timings: list[dict[str, Any]] | None = None
+) -> Any:
   """Validates `config`, writes `<workdir>/config.json` (process 0) and calls its trainer.
 
   Everything that can be checked before training is checked first, so a bad config leaves
-  no config.json behind.
+  no config.json behind. At the end, the wall time of every stage of the graph (trained or
+  reused) is logged as a table and written to `<workdir>/timing.json`.
 
   Args:
     config: a resolved ConfigDict with a `trainer` field.
     workdir: the run's folder (created if missing).
+    timings: the list an enclosing run collects stage times in (for upstream stages);
+      None for the run that reports them.
   Returns:
     What the trainer's `train(config, workdir)` returns.
   Raises:
@@ -583,10 +672,24 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Any:
   if jax.process_index() == 0:
     path = write_config_json(config, workdir)
     logging.info("Wrote %s", path)
+  top = timings is None
+  timings = [] if timings is None else timings
   try:
-    config = resolve_upstream(config, workdir)
+    config = resolve_upstream(config, workdir, timings=timings)
     logging.info("Running %s.train with workdir %s", config.trainer, workdir)
-    return train(config, workdir)
+    start = time.perf_counter()
+    result = train(config, workdir)
+    timings.append(
+      dict(
+        stage=str(config.trainer),
+        workdir=workdir,
+        seconds=round(time.perf_counter() - start, 2),
+        reused=False,
+      )
+    )
+    if top:
+      _report_timings(timings, workdir)
+    return result
   except errors.Error as error:
     # The innermost stage is the one at fault (an upstream stage trained on demand).
     if getattr(error, "stage", None) is None:
@@ -619,7 +722,12 @@ def upstream_stages(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:
   return out
 
 
-def resolve_upstream(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+def resolve_upstream(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  timings: list[dict[str, Any]] | None = None,
+) -> ml_collections.ConfigDict:
   """`config` with every upstream stage it needs finished: found, or trained, in the graph.
 
   Each stage in `upstream_stages` lives in `<workdir>/<section>`: reused when it holds a
@@ -628,7 +736,7 @@ def resolve_upstream(config: ml_collections.ConfigDict, workdir: str) -> ml_coll
   later stage's config that names an earlier one is filled in, so the reward model of a
   PPO run is trained on that run's SFT policy. Returns a copy with the init fields set to
   the finished stages' workdirs (the trainer only loads them); `config` is unchanged, and
-  so is the `config.json` written from it.
+  so is the `config.json` written from it. `timings` collects each stage's wall time.
   """
   from rlhf_jax import stages  # imported late: stages needs JAX and the models
 
@@ -641,7 +749,9 @@ def resolve_upstream(config: ml_collections.ConfigDict, workdir: str) -> ml_coll
         if field in child and not child[field]:
           child[field] = value
       logging.info("Training the upstream stage %s into %s", section, stage_dir)
-      run(child, stage_dir)
+      run(child, stage_dir, timings=timings)
+    elif timings is not None:
+      timings.append(dict(stage=section, workdir=stage_dir, seconds=0.0, reused=True))
     resolved[init_field] = stage_dir
   if not resolved:
     return config

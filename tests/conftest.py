@@ -6,3 +6,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+
+# One persistent compilation cache for the whole suite (in-process tests and the launcher
+# runs they start inherit it): tests that compile the same programs (the runlocal stages,
+# the same tiny models) load them instead. It lives in .pytest_cache, so a second local run
+# starts warm; CI's clean clone starts cold. The size cap makes JAX lock the folder, which
+# the processes tests start in parallel need.
+_cache = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_cache, "jax_compilation"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))

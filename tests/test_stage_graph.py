@@ -32,15 +32,18 @@ def test_resolve_trains_missing_stages_in_order_and_hands_the_sft_down(tmp_path,
   trained = []
   finished = {str(tmp_path / "sft")}  # found: not trained again
 
-  def fake_run(config, workdir):
+  def fake_run(config, workdir, timings):
     trained.append((config.trainer, workdir, config.get("policy_init")))
+    timings.append(dict(stage=config.trainer, workdir=workdir, seconds=1.0, reused=False))
     finished.add(workdir)
 
   monkeypatch.setattr(config_utils, "run", fake_run)
   monkeypatch.setattr(stages, "is_complete", lambda workdir: workdir in finished)
   config = _load("ppo")
-  resolved = config_utils.resolve_upstream(config, str(tmp_path))
+  timings = []
+  resolved = config_utils.resolve_upstream(config, str(tmp_path), timings=timings)
   assert trained == [("reward", str(tmp_path / "reward"), str(tmp_path / "sft"))]
+  assert [(t["stage"], t["reused"]) for t in timings] == [("sft", True), ("reward", False)]
   assert resolved.policy_init == str(tmp_path / "sft")
   assert resolved.reward_init == str(tmp_path / "reward")
   assert config.policy_init == "" and config.reward_init == ""  # the given config is unchanged
