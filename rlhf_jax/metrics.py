@@ -11,6 +11,8 @@ The trainer-facing pieces, all usable on their own:
   StepTimer         seconds per step between calls, with the compiling first call left out.
   PEAK_FLOPS, peak_flops_per_device, mfu
                     model FLOPs utilisation against vendor peak figures.
+  MEMORY_BANDWIDTH, peak_memory_bandwidth
+                    memory bandwidth per device, for the decode roofline.
 
 A typical loop:
 
@@ -682,6 +684,54 @@ def peak_flops_per_device(device: Any = None, dtype: Any = "bfloat16") -> tuple[
     if match is not None:
       return match[1], f"{match[0]} bf16 peak (vendor datasheet, dense)"
   return float("nan"), f"unknown device kind {kind!r}: no peak FLOP/s, MFU not available"
+
+
+# Memory bandwidth (HBM; GDDR6 on the L-series) in bytes/s per JAX device, matched as
+# PEAK_FLOPS is (`_lookup`, first match wins). Decoding reads every weight and the KV cache
+# once per step, so bytes / bandwidth is the fastest a decode step can be (the roofline of
+# benchmarks/device_check.py).
+# Sources: vendor datasheets. NVIDIA H100 SXM 3.35 TB/s, PCIe 2.0 TB/s, NVL 3.9 TB/s; H200
+# 4.8 TB/s; A100 80GB 2.0 TB/s, 40GB 1.555 TB/s (JAX names the 40GB parts "A100-SXM4-40GB"
+# and "A100-PCIE-40GB"); L40S and L40 864 GB/s, L4 300 GB/s; Google Cloud TPU pages, per
+# chip: v4 1.2 TB/s, v5e 819 GB/s, v5p 2.76 TB/s, v6e 1.64 TB/s.
+MEMORY_BANDWIDTH: dict[str, float] = {
+  "H100 PCIe": 2.0e12,
+  "H100 NVL": 3.9e12,
+  "H100": 3.35e12,
+  "H200": 4.8e12,
+  "A100-SXM4-40GB": 1.555e12,
+  "A100-PCIE-40GB": 1.555e12,
+  "A100": 2.0e12,
+  "L40S": 0.864e12,
+  "L40": 0.864e12,
+  "L4": 0.3e12,
+  "TPU v4": 1.2e12,
+  "TPU v5 lite": 0.82e12,
+  "TPU v5e": 0.82e12,
+  "TPU v5p": 2.76e12,
+  "TPU v5": 2.76e12,
+  "TPU v6 lite": 1.64e12,
+  "TPU v6e": 1.64e12,
+  "Trillium": 1.64e12,
+}
+
+
+def peak_memory_bandwidth(device: Any = None) -> tuple[float | None, str]:
+  """Memory bandwidth of one device in bytes/s and where the number came from.
+
+  (None, reason) for CPUs and unknown kinds: host memory bandwidth depends on the machine's
+  channels and sockets, so there is no honest table entry, and a roofline fraction against
+  a guess would read as a measurement. `device` defaults to `jax.devices()[0]`.
+  """
+  if device is None:
+    device = jax.devices()[0]
+  kind = str(getattr(device, "device_kind", ""))
+  if getattr(device, "platform", None) == "cpu":
+    return None, "CPU: no memory bandwidth figure, roofline not available"
+  match = _lookup(MEMORY_BANDWIDTH, kind)
+  if match is None:
+    return None, f"unknown device kind {kind!r}: no memory bandwidth, roofline not available"
+  return match[1], f"{match[0]} memory bandwidth (vendor datasheet)"
 
 
 def mfu(

@@ -85,7 +85,7 @@ def tokenizer_mismatch(path: str, tok) -> str | None:
 
 # ModelConfig fields a run may choose for an imported model: how it computes and stores,
 # not what it computes.
-COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers")
+COMPUTE_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl")
 
 
 def load_policy(path: str, mesh, rules: str = "fsdp", **compute):

@@ -22,6 +22,7 @@ _CHOICES = {
   "remat": ("none", "full", "dots"),
   "dtype": ("float32", "bfloat16", "float16"),
   "param_dtype": ("float32", "bfloat16"),
+  "attention_impl": ("xla", "fused", "auto"),
 }
 _NON_NEGATIVE = (
   "query_pre_attn_scalar",
@@ -94,6 +95,12 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: str = "none"  # "full": recompute the block; "dots": keep matmul outputs
   scan_layers: bool = True
+  # The attention kernel (transformer.attention_kernel). "xla": einsums and a float32
+  # softmax, every feature. "fused": jax.nn.dot_product_attention, as cuDNN's flash attention
+  # where that takes the case (a CUDA GPU, 16-bit dtype, head_dim a multiple of 8, even
+  # lengths), else as JAX's XLA implementation; no attention soft-cap. "auto": "fused" where
+  # cuDNN takes the case, else "xla", so one config runs anywhere.
+  attention_impl: str = "xla"
   # Low-rank adapters (rlhf_jax/models/lora.py): rank 0 means none. Each projection named in
   # lora_targets (comma-separated: q, k, v, o, up, gate, down) adds (alpha / rank) x A B,
   # with dropout on the adapter's input in training.
@@ -124,6 +131,13 @@ class ModelConfig:
     for field in _NON_NEGATIVE:
       if getattr(self, field) < 0:
         raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r} must be >= 0.")
+    if self.attention_impl == "fused" and self.attn_logit_softcap:
+      # Never expressible: the kernel takes logits only through an additive bias.
+      raise ValueError(
+        f"ModelConfig.attention_impl='fused' cannot soft-cap attention logits "
+        f"(attn_logit_softcap={self.attn_logit_softcap}): jax.nn.dot_product_attention has no "
+        "soft-cap. Use attention_impl='auto' (the einsum path wherever the cap is on) or 'xla'."
+      )
 
   def local_layers(self) -> tuple[bool, ...]:
     """Per layer, whether it attends within the sliding window."""
@@ -340,6 +354,7 @@ CONFIG_SPEC = cs.Spec(
     "param_dtype": cs.Choice(*_CHOICES["param_dtype"]),
     "remat": cs.Choice(*_CHOICES["remat"]),
     "scan_layers": cs.Bool(),
+    "attention_impl": cs.Choice(*_CHOICES["attention_impl"]),
     "lora_rank": cs.Int(min=0),
     "lora_alpha": cs.Float(gt=0),
     "lora_dropout": cs.Float(min=0, max=0.99),

@@ -18,6 +18,7 @@ float32 whatever the compute dtype.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.sharding import constrain
+from rlhf_jax.sharding import constrain, logical_to_spec
 
 Cache = dict[str, jax.Array]
 
@@ -215,8 +216,102 @@ def _adapt(module, name, x, weight, y, in_names, out_names):
   return y if delta is None else y + delta.astype(y.dtype)
 
 
+_Q_AXES = ("act_batch", "act_len", "act_heads", "act_head_dim")
+_KV_AXES = ("act_batch", "act_len", "act_kv_heads", "act_head_dim")
+
+
+@functools.cache
+def _cuda_capability() -> tuple[int, ...] | None:
+  """The default device's CUDA compute capability, or None off CUDA GPUs (CPU, TPU, ROCm),
+  where cuDNN's kernels do not exist."""
+  device = jax.devices()[0]
+  if device.platform != "gpu" or "cuda" not in device.client.platform_version.lower():
+    return None
+  return tuple(int(part) for part in device.compute_capability.split("."))
+
+
+def _cudnn_takes(cfg: ModelConfig, q: jax.Array, key: jax.Array) -> bool:
+  """Whether cuDNN's flash attention runs this layer's q [B, T, N, H], key [B, S, K, H].
+
+  These are the kernel's own conditions in JAX, checked here because JAX checks some only
+  when it differentiates or partitions the program (under remat, or at compile time), too
+  late to choose another kernel: a CUDA GPU; 16-bit inputs; head_dim a multiple of 8, at
+  most 128 (256 from Hopper on); even T and S (our mask reaches cuDNN as an additive bias,
+  whose backward needs them, so one-token decoding steps never qualify); and q, k, v split
+  alike over the mesh (its partitioner splits batch and heads only, all three the same
+  way: with fewer kv heads than the tensor axis, k and v stay whole while q is split).
+  """
+  capability = _cuda_capability()
+  if capability is None or cfg.dtype not in ("bfloat16", "float16"):
+    return False
+  h = cfg.head_size
+  if h % 8 or h > (256 if capability >= (9, 0) else 128):
+    return False
+  if q.shape[1] % 2 or key.shape[1] % 2:
+    return False
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return True
+  q_spec = logical_to_spec(_Q_AXES, q.shape, mesh)
+  return q_spec == logical_to_spec(_KV_AXES, key.shape, mesh)
+
+
+def attention_kernel(cfg: ModelConfig, q: jax.Array, key: jax.Array) -> str:
+  """The kernel a layer runs: "xla" (the einsum path), "cudnn" (flash attention through
+  jax.nn.dot_product_attention) or "jax" (jax.nn.dot_product_attention, JAX's choice of
+  implementation: XLA in JAX 0.10, whose implementation=None never picks cuDNN).
+
+  Chosen at trace time from `cfg.attention_impl` and the shapes: "auto" falls back to the
+  einsums wherever cuDNN does not take the case (see `_cudnn_takes`) or the logits are
+  soft-capped, so the default program is unchanged off GPU; "fused" always goes through
+  jax.nn.dot_product_attention (ModelConfig refuses it with a soft-cap).
+  """
+  if cfg.attention_impl == "xla" or cfg.attn_logit_softcap:
+    return "xla"
+  if _cudnn_takes(cfg, q, key):
+    return "cudnn"
+  return "jax" if cfg.attention_impl == "fused" else "xla"
+
+
+def _fused_attention(q, key, val, attn_mask, scale: float, kernel: str) -> jax.Array:
+  """jax.nn.dot_product_attention: q [B, T, N, H], key/val [B, S, K, H] (grouped-query
+  heads as they are), attn_mask [B, T, S] bool -> [B, T, N, H] in q's dtype.
+
+  Masked logits get a large finite negative in both implementations, never -inf, so a fully
+  masked row (a left-pad query) gets a finite output: XLA's is `_MASK_VALUE` exactly (the
+  same uniform softmax as the einsum path), cuDNN's a bias of -2**41.
+  """
+  return jax.nn.dot_product_attention(
+    q,
+    key.astype(q.dtype),  # a cache kept in another dtype; the kernel wants one dtype
+    val.astype(q.dtype),
+    bias=None,
+    mask=attn_mask[:, None, :, :].astype(jnp.bool_),  # [B, 1, T, S]: the same for every head
+    scale=scale,
+    is_causal=False,  # causality, padding, packing and windows are all in the mask
+    implementation="cudnn" if kernel == "cudnn" else None,
+  )
+
+
+def _windowed(attn_mask: jax.Array, window, cache_index, t: int) -> jax.Array:
+  """`attn_mask` [B, T, S] restricted to the sliding window (None: unchanged).
+
+  Query slot i (cache_index + t) sees key slots i - window + 1 .. i, as transformers'
+  sliding window. A row's tokens fill contiguous slots (left-padded prompts, packed
+  segments), so slot distances are position distances. (jax.nn.dot_product_attention's
+  own local_window_size counts from slot 0 and so misses the cache offset.)
+  """
+  if window is None:
+    return attn_mask
+  start = 0 if cache_index is None else cache_index
+  query_slot = start + jnp.arange(t)[:, None]
+  near = jnp.arange(attn_mask.shape[-1])[None, :] > query_slot - window  # [T, S]
+  return attn_mask & near[None]
+
+
 class Attention(nn.Module):
-  """Grouped-query attention with an optional KV cache."""
+  """Grouped-query attention with an optional KV cache, through einsums or a fused kernel
+  (`attention_kernel`)."""
 
   config: ModelConfig
 
@@ -269,22 +364,22 @@ class Attention(nn.Module):
       new_cache = {"k": key, "v": val}
 
     b, t = q.shape[:2]
-    q = q.reshape(b, t, k, n // k, h)  # query head n uses kv head n // G
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key, preferred_element_type=jnp.float32)
-    logits = logits * (cfg.query_pre_attn_scalar or h) ** -0.5
-    if cfg.attn_logit_softcap:
-      logits = jnp.tanh(logits / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
-    if window is not None:
-      # Query slot i (cache_index + t) sees key slots i - window + 1 .. i, as transformers'
-      # sliding window. A row's tokens fill contiguous slots (left-padded prompts, packed
-      # segments), so slot distances are position distances.
-      start = 0 if cache_index is None else cache_index
-      query_slot = start + jnp.arange(t)[:, None]
-      near = jnp.arange(attn_mask.shape[-1])[None, :] > query_slot - window  # [T, S]
-      attn_mask = attn_mask & near[None]
-    logits = jnp.where(attn_mask[:, None, None, :, :], logits, _MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, val).reshape(b, t, n, h)
+    scale = (cfg.query_pre_attn_scalar or h) ** -0.5
+    kernel = attention_kernel(cfg, q, key)
+    if kernel != "xla":
+      out = _fused_attention(
+        q, key, val, _windowed(attn_mask, window, cache_index, t), scale, kernel
+      )
+    else:
+      q = q.reshape(b, t, k, n // k, h)  # query head n uses kv head n // G
+      logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key, preferred_element_type=jnp.float32)
+      logits = logits * scale
+      if cfg.attn_logit_softcap:
+        logits = jnp.tanh(logits / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
+      attn_mask = _windowed(attn_mask, window, cache_index, t)
+      logits = jnp.where(attn_mask[:, None, None, :, :], logits, _MASK_VALUE)
+      probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+      out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, val).reshape(b, t, n, h)
     heads_out = out
     out = jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt))
     if cfg.lora_rank:

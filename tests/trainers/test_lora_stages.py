@@ -61,9 +61,10 @@ def sft_stage(tmp_path_factory):
 
 
 def test_sft_trains_adapters_only_and_exports_them_merged(sft_stage, mesh, tmp_path):
-  start = _leaves(hf.load_policy(f"hf:{FIXTURES}/qwen2", mesh).params)
   policy = stages.load_policy(sft_stage, mesh)
   assert policy.module.config.lora_rank == 0  # a plain model: the adapters are merged
+  layout = dict(scan_layers=policy.module.config.scan_layers)  # the SFT config's layer layout
+  start = _leaves(hf.load_policy(f"hf:{FIXTURES}/qwen2", mesh, **layout).params)
   after = _leaves(policy.params)
   assert set(after) == set(start)
   changed = {k for k in start if not np.array_equal(start[k], after[k])}
@@ -106,7 +107,8 @@ def test_reward_model_with_adapters_trains_them_and_its_heads(mesh, tmp_path):
   config_utils.run(config, workdir)
   rm = stages.load_reward_model(workdir, mesh)
   assert rm.module.config.lora_rank == 0 and not jax.tree.leaves(lora.adapters(rm.params))
-  start = _leaves(hf.load_policy(f"hf:{FIXTURES}/qwen2", mesh).params["trunk"])
+  layout = dict(scan_layers=rm.module.config.scan_layers)
+  start = _leaves(hf.load_policy(f"hf:{FIXTURES}/qwen2", mesh, **layout).params["trunk"])
   member = _leaves(jax.tree.map(lambda x: x[0], rm.params["trunk"]))
   changed = {k.rsplit("/", 1)[1] for k in start if not np.array_equal(start[k], member[k])}
   assert changed == {"q", "v", "o", "up", "down"}
