@@ -164,16 +164,10 @@ def probe() -> dict:
 
 
 def _time(fn, steps: int) -> float:
-  """Mean seconds of `fn()` over `steps` calls after one compiling call, blocking on results."""
-  import jax
+  """benchmarks.train_step.time_fn, imported late (it imports JAX)."""
+  from benchmarks.train_step import time_fn
 
-  jax.block_until_ready(fn())
-  start = time.perf_counter()
-  out = None
-  for _ in range(steps):
-    out = fn()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / steps
+  return time_fn(fn, steps)
 
 
 def _is_oom(error: Exception) -> bool:
@@ -339,12 +333,9 @@ def correctness(size: Size, device: dict) -> dict:
 def train_step(size: Size, steps: int) -> dict:
   """Tokens/s and MFU of one AdamW step (next-token loss) on all devices, FSDP."""
   import jax
-  import jax.numpy as jnp
-  import numpy as np
-  import optax
 
-  from rlhf_jax import metrics, models, sharding
-  from rlhf_jax.rl.logprobs import shift_for_next_token, token_logprobs
+  from benchmarks.train_step import time_train_step
+  from rlhf_jax import metrics, sharding
 
   mesh, rules = sharding.make_mesh((1, -1, 1)), "fsdp"
   n = mesh.size
@@ -352,45 +343,10 @@ def train_step(size: Size, steps: int) -> dict:
   # float32 params, gradients and two Adam moments: 16 bytes a parameter.
   param_dtype, why = choose_param_dtype(probe_cfg.num_params(), 16, n)
   cfg = model_config(size, dtype="bfloat16", param_dtype=param_dtype, remat=size.remat)
-  module = models.LanguageModel(cfg)
   seq = size.train_seq_len
 
   def run(batch):
-    params, shardings = sharding.init_sharded(
-      lambda r: models.init_params(module, r), mesh, rules, jax.random.key(0)
-    )
-    tx = optax.adamw(1e-4, weight_decay=0.01)
-    opt_shardings = jax.tree.map(lambda x: x.sharding, jax.eval_shape(tx.init, params))
-
-    def update(params, opt_state, tokens):
-      def loss_fn(p):
-        logits, _ = module.apply({"params": p}, tokens)
-        targets, mask = shift_for_next_token(tokens, jnp.ones_like(tokens, jnp.bool_))
-        return -jnp.sum(token_logprobs(logits, targets) * mask) / jnp.sum(mask)
-
-      loss, grads = jax.value_and_grad(loss_fn)(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, loss
-
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, cfg.vocab_size, (batch, seq), dtype=np.int32)
-    with sharding.use_mesh(mesh, rules):
-      opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-      tokens = sharding.host_to_global(tokens, mesh)
-      step = jax.jit(
-        update,
-        in_shardings=(shardings, opt_shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(shardings, opt_shardings, None),
-        donate_argnums=(0, 1),
-      )
-      state = [params, opt_state]
-      del params, opt_state
-
-      def one():
-        state[0], state[1], loss = step(state[0], state[1], tokens)
-        return loss
-
-      return batch, _time(one, steps)
+    return batch, time_train_step(cfg, mesh, rules, batch, seq, steps)
 
   batch, seconds = halving_on_oom(run, size.train_batch_per_device * n, floor=n)
   n_tokens = batch * seq

@@ -15,17 +15,15 @@ All devices are used, on a mesh of (1, -1, 1) with the FSDP rules, unless
 from __future__ import annotations
 
 import json
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags
 
+from benchmarks.train_step import time_fn as _time
+from benchmarks.train_step import time_train_step
 from rlhf_jax import metrics, models, sharding
 from rlhf_jax.rl import sampler
-from rlhf_jax.rl.logprobs import shift_for_next_token, token_logprobs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "tiny", f"Model preset: {sorted(models.PRESETS)}.")
@@ -43,52 +41,8 @@ flags.DEFINE_string("rules", "fsdp", f"Sharding rules preset: {sorted(sharding.R
 flags.DEFINE_bool("skip_decode", False, "Only benchmark the training step.")
 
 
-def _time(fn, steps):
-  out = fn()  # compile
-  jax.block_until_ready(out)
-  start = time.perf_counter()
-  for _ in range(steps):
-    out = fn()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / steps
-
-
 def bench_train(cfg, mesh, rules) -> dict:
-  module = models.LanguageModel(cfg)
-  params, shardings = sharding.init_sharded(
-    lambda r: models.init_params(module, r), mesh, rules, jax.random.key(0)
-  )
-  tx = optax.adamw(1e-4, weight_decay=0.01)
-  opt_shardings = jax.tree.map(lambda x: x.sharding, jax.eval_shape(tx.init, params))
-
-  def update(params, opt_state, tokens):
-    def loss_fn(p):
-      logits, _ = module.apply({"params": p}, tokens)
-      targets, mask = shift_for_next_token(tokens, jnp.ones_like(tokens, jnp.bool_))
-      return -jnp.sum(token_logprobs(logits, targets) * mask) / jnp.sum(mask)
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, cfg.vocab_size, (FLAGS.batch, FLAGS.seq_len), dtype=np.int32)
-  with sharding.use_mesh(mesh, rules):
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    tokens = sharding.host_to_global(tokens, mesh)
-    step = jax.jit(
-      update,
-      in_shardings=(shardings, opt_shardings, sharding.batch_sharding(mesh)),
-      out_shardings=(shardings, opt_shardings, None),
-      donate_argnums=(0, 1),
-    )
-    state = [params, opt_state]
-
-    def run():
-      state[0], state[1], loss = step(state[0], state[1], tokens)
-      return loss
-
-    seconds = _time(run, FLAGS.steps)
+  seconds = time_train_step(cfg, mesh, rules, FLAGS.batch, FLAGS.seq_len, FLAGS.steps)
   n_tokens = FLAGS.batch * FLAGS.seq_len
   flops = cfg.train_flops_per_token(FLAGS.seq_len) * n_tokens
   peak, peak_note = metrics.peak_flops_per_device(jax.devices()[0], cfg.dtype)
