@@ -50,12 +50,19 @@ MFU_GOAL = 0.5
 DECODE_ROOFLINE_GOAL = 0.6
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("size", "auto", ["auto", "full", "tiny"], "auto: full on GPU/TPU, tiny on CPU.")
-flags.DEFINE_list("figures", list(FIGURES), f"Which figures to produce, of {FIGURES}.")
-flags.DEFINE_integer("steps", 0, "Timed repetitions per figure (0: the size's default).")
-flags.DEFINE_multi_string(
-  "model_override", [], "FIELD=VALUE of ModelConfig for every figure (e.g. remat=full); repeatable."
-)
+
+
+def define_flags() -> None:
+  """The command line's flags, defined only when the script runs: absl flags are global,
+  and tests import this module next to others that define `size` or `steps`."""
+  flags.DEFINE_enum("size", "auto", ["auto", "full", "tiny"], "auto: full on GPU/TPU, tiny on CPU.")
+  flags.DEFINE_list("figures", list(FIGURES), f"Which figures to produce, of {FIGURES}.")
+  flags.DEFINE_integer("steps", 0, "Timed repetitions per figure (0: the size's default).")
+  flags.DEFINE_multi_string(
+    "model_override",
+    [],
+    "FIELD=VALUE of ModelConfig for every figure (e.g. remat=full); repeatable.",
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -665,4 +672,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
