@@ -238,6 +238,14 @@ def model_config(size: Size, **overrides):
   return models.get_model_config(size.model, **{**dict(size.model_overrides), **overrides, **user})
 
 
+def training_config(size: Size, bytes_per_param: int, num_devices: int):
+  """(config, why): the size's model in bfloat16 compute, its master weights in float32
+  where `bytes_per_param` of float32 state fit the devices (`choose_param_dtype`)."""
+  params = model_config(size).num_params()
+  param_dtype, why = choose_param_dtype(params, bytes_per_param, num_devices)
+  return model_config(size, dtype="bfloat16", param_dtype=param_dtype, remat=size.remat), why
+
+
 def _common(size: Size, cfg) -> dict:
   import jax
 
@@ -346,10 +354,8 @@ def train_step(size: Size, steps: int) -> dict:
 
   mesh, rules = sharding.make_mesh((1, -1, 1)), "fsdp"
   n = mesh.size
-  probe_cfg = model_config(size)
   # float32 params, gradients and two Adam moments: 16 bytes a parameter.
-  param_dtype, why = choose_param_dtype(probe_cfg.num_params(), 16, n)
-  cfg = model_config(size, dtype="bfloat16", param_dtype=param_dtype, remat=size.remat)
+  cfg, why = training_config(size, 16, n)
   seq = size.train_seq_len
 
   def run(batch):
@@ -503,8 +509,7 @@ def ppo_iteration(size: Size, steps: int) -> dict:
   n = mesh.size
   # Policy and critic with gradients and two Adam moments (16 bytes each), reference and
   # reward model (4 each): 40 bytes a parameter at float32.
-  param_dtype, why = choose_param_dtype(model_config(size).num_params(), 40, n)
-  cfg = model_config(size, dtype="bfloat16", param_dtype=param_dtype, remat=size.remat)
+  cfg, why = training_config(size, 40, n)
   iterations = max(1, steps // 2)
 
   def run(rollout):

@@ -6,12 +6,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   _flags += " --xla_force_host_platform_device_count=8"
-# The 8 fake devices are 8 threads on 2 cores: a collective waits until all 8 reach it, and
-# XLA:CPU aborts the process when one is more than 40 s late (seen under load, with other
-# jobs on the cores: "Termination timeout for `all gather` ... only 7 of them arrived").
-# Lateness is not a bug here; a real hang still ends, after 15 minutes.
+# The 8 fake devices share one XLA:CPU worker pool of max(PJRT_NPROC, 8) threads. A collective
+# blocks its thread until all 8 devices reach it, and a device may run two collectives at once
+# when its program has one inside a loop (a scanned layer stack under fsdp) besides another one
+# it does not depend on. With 8 threads, all of them can end up waiting in one collective while
+# the device still missing from it waits for a free thread: a deadlock, seen in CI as XLA's
+# "Termination timeout for `all gather` ... only 7 of them arrived" and an abort (a stack dump
+# showed 7 threads in an all-gather and the 8th device in an all-reduce inside a while loop).
+# A pool of 4 threads per device leaves room. The rendezvous timeout is raised because 8
+# threads on 2 cores can be late under load; a real hang still ends, after 5 minutes.
+os.environ.setdefault("PJRT_NPROC", "32")
 if "collective_call_terminate_timeout" not in _flags:
-  _flags += " --xla_cpu_collective_call_terminate_timeout_seconds=900"
+  _flags += " --xla_cpu_collective_call_terminate_timeout_seconds=300"
   _flags += " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120"
 os.environ["XLA_FLAGS"] = _flags.strip()
 

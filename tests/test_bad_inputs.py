@@ -28,6 +28,7 @@ import dataclasses
 import glob
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -36,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests import cli_runner
+from tests import cli_runner, shared
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -439,8 +440,14 @@ SLOWEST = "sft_nan_loss"
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
+  """Every case's result, run once per test run (also under xdist): see `_run_cases`."""
+  return shared.once(
+    tmp_path_factory, "bad_inputs", lambda folder: _run_cases(pathlib.Path(folder))
+  )
+
+
+def _run_cases(root: pathlib.Path) -> dict[str, Result]:
   """Runs every case: those in COLD as subprocesses, beside the rest forked 3 at a time."""
-  root = tmp_path_factory.mktemp("bad_inputs")
   sft_dir = str(root / "sft")
   trained = subprocess.run(
     [sys.executable, "-m", "experiments.launch", *SFT_SMALL, f"--workdir={sft_dir}"],

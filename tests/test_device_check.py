@@ -15,6 +15,7 @@ import pytest
 
 from benchmarks import device_check
 from rlhf_jax import config_utils, metrics
+from tests import shared
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +28,12 @@ _CLUSTER_VARS = (
 
 
 @pytest.fixture(scope="module")
-def tiny_run():
+def tiny_run(tmp_path_factory):
+  """The script's JSON lines by figure, run once per test run (also under xdist)."""
+  return shared.once(tmp_path_factory, "device_check_tiny", lambda _: _run_tiny())
+
+
+def _run_tiny():
   env = {k: v for k, v in os.environ.items() if k not in _CLUSTER_VARS}
   env["JAX_PLATFORMS"] = "cpu"
   # One CPU device for the figures (a third faster to compile than conftest's 8 fake ones);

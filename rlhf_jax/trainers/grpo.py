@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -297,6 +297,54 @@ def update(state, exp, *, module, tx, lr_schedule, s: Settings):
   return new, stats
 
 
+class Programs(NamedTuple):
+  """One GRPO/RLOO iteration's jitted programs, laid out as `train` lays them out."""
+
+  sample: Callable  # (params, prompt, pmask, key) -> SampleOutput
+  experience: Callable  # (state, ref params, prompt, pmask, sample, *host scores) -> (exp, stats)
+  update: Callable  # (state, exp) -> (state, stats); donates the state
+
+
+def make_programs(
+  module, sample_fn, rm_score, state_sh, ref_sh, mesh, *, tx, lr_schedule, s: Settings
+) -> Programs:
+  """Jits `make_experience` and `update` for the state's shardings `state_sh`. `rm_score`
+  None: the scores come from the host (`iteration`'s `score_on_host`), sharded by row."""
+  rep = common.replicated(mesh)
+  batch_sh, vec_sh = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
+  sample_sh = sampler_lib.SampleOutput(batch_sh, batch_sh, batch_sh, batch_sh, vec_sh, vec_sh)
+  host_sh = () if rm_score is not None else (vec_sh,)
+  experience = jax.jit(
+    functools.partial(make_experience, module=module, rm_score=rm_score, s=s),
+    in_shardings=(state_sh, ref_sh, batch_sh, batch_sh, sample_sh, *host_sh),
+  )
+  update_fn = jax.jit(
+    functools.partial(update, module=module, tx=tx, lr_schedule=lr_schedule, s=s),
+    in_shardings=(state_sh, None),
+    out_shardings=(state_sh, rep),
+    donate_argnums=(0,),
+  )
+  return Programs(sample_fn, experience, update_fn)
+
+
+def iteration(
+  programs: Programs, state, ref_params, prompt, pmask, key, score_on_host=None, phases=None
+):
+  """One iteration: sample, score, make the group-baseline experience, update.
+
+  On device throughout, except `score_on_host(prompt, sample)` for a host reward: the rows
+  go to the host to be scored there and it returns the [B] scores on the mesh, by row.
+  Call it under the mesh with the prompts on it; `phases` sees each program's output (the
+  phase clock of log steps). Returns the new state and the statistics, still on device.
+  """
+  phases = phases or (lambda out: out)
+  sample = phases(programs.sample(state["policy"], prompt, pmask, key))
+  scores = score_on_host(prompt, sample) if score_on_host else ()
+  exp, exp_stats = phases(programs.experience(state, ref_params, prompt, pmask, sample, *scores))
+  state, upd_stats = phases(programs.update(state, exp))
+  return state, {**exp_stats, **upd_stats}
+
+
 def flops_per_iteration(model_config, s: Settings, rm_ensemble: int) -> float:
   """Policy forward-backward per epoch; forwards of the old policy, reference and RM."""
   seq = s.prompt_len + s.max_new_tokens
@@ -343,27 +391,16 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       abstract["policy_opt"], abstract["policy"], policy.shardings, mesh
     )
     state_sh = dict(policy=policy.shardings, policy_opt=opt_sh, step=rep, rng=rep)
-    batch_sh, vec_sh = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
-    sample_sh = sampler_lib.SampleOutput(batch_sh, batch_sh, batch_sh, batch_sh, vec_sh, vec_sh)
-    host_sh = () if reward_fn is None else (vec_sh,)
     sample_fn = rl_common.sampler(policy, config, mesh, rules)
     rm_score = rl_common.rm_score_fn(rm, s.prompt_len) if reward_fn is None else None
     ref_sh = None if adapted else sft.shardings  # LoRA: the reference is in the state
-    experience_fn = jax.jit(
-      functools.partial(make_experience, module=policy.module, rm_score=rm_score, s=s),
-      in_shardings=(state_sh, ref_sh, batch_sh, batch_sh, sample_sh, *host_sh),
-    )
-    update_fn = jax.jit(
-      functools.partial(update, module=policy.module, tx=tx, lr_schedule=lr_schedule, s=s),
-      in_shardings=(state_sh, None),
-      out_shardings=(state_sh, rep),
-      donate_argnums=(0,),
-    )
+    programs = make_programs(
+      policy.module, sample_fn, rm_score, state_sh, ref_sh, mesh, tx=tx,
+      lr_schedule=lr_schedule, s=s,
+    )  # fmt: skip
 
     def score_on_host(prompt, sample) -> tuple[jax.Array, ...]:
-      """The host reward of this rollout as a sharded [B] array (nothing for "model")."""
-      if reward_fn is None:
-        return ()
+      """The host reward of this rollout as a sharded [B] array."""
       prompts = tok.decode_batch(sharding.fetch(prompt))
       responses = tok.decode_batch(sharding.fetch(sample.tokens))
       scores = host_rewards(reward_fn, config.reward_fn, prompts, responses)
@@ -406,13 +443,13 @@ def train(config: Any, workdir: str) -> dict[str, float]:
         prompt = sharding.host_to_global(batch["tokens"], mesh)
         pmask = sharding.host_to_global(batch["mask"], mesh)
         key = jax.random.fold_in(rollout_key, step)
-        sample = phases(sample_fn(state["policy"], prompt, pmask, key))
-        scores = score_on_host(prompt, sample)
-        exp, exp_stats = phases(experience_fn(state, sft.params, prompt, pmask, sample, *scores))
-        state, upd_stats = phases(update_fn(state, exp))
+        state, stats = iteration(
+          programs, state, sft.params, prompt, pmask, key,
+          score_on_host if reward_fn is not None else None, phases,
+        )  # fmt: skip
       step += 1
       preempted = run.ckpt.preemption_requested(step)
-      stats = {**exp_stats, **upd_stats, **phases.metrics()}
+      stats = {**stats, **phases.metrics()}
       loop.after_update(
         step, stats, tokens, lambda: evaluate(state["policy"], step), preempted=preempted
       )

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -432,6 +433,52 @@ def update(state, exp, kl, *, nets: Networks, policy_tx, value_tx, lr_schedule, 
   return new, stats
 
 
+class Programs(NamedTuple):
+  """One PPO iteration's jitted programs, laid out as `train` lays them out (`iteration`)."""
+
+  sample: Callable  # (lm params, prompt, pmask, key) -> SampleOutput
+  experience: Callable  # (state, reference params, prompt, pmask, sample) -> (exp, stats)
+  update: Callable  # (state, exp, kl) -> (state, stats); donates the state
+
+
+def make_programs(
+  nets: Networks, sample_fn, rm_score, state_sh, ref_sh, mesh, *, policy_tx, value_tx,
+  lr_schedule, s: Settings,
+) -> Programs:  # fmt: skip
+  """Jits `make_experience` and `update` for the state's shardings `state_sh` (see
+  `state_shardings`); `ref_sh`: the reference parameters' (None: wherever they are)."""
+  rep = common.replicated(mesh)
+  batch_sh, vec_sh = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
+  sample_sh = sampler_lib.SampleOutput(batch_sh, batch_sh, batch_sh, batch_sh, vec_sh, vec_sh)
+  experience = jax.jit(
+    functools.partial(make_experience, nets=nets, rm_score=rm_score, s=s),
+    in_shardings=(state_sh, ref_sh, batch_sh, batch_sh, sample_sh),
+  )
+  update_fn = jax.jit(
+    functools.partial(
+      update, nets=nets, policy_tx=policy_tx, value_tx=value_tx, lr_schedule=lr_schedule, s=s
+    ),
+    in_shardings=(state_sh, None, rep),
+    out_shardings=(state_sh, rep),
+    donate_argnums=(0,),
+  )
+  return Programs(sample_fn, experience, update_fn)
+
+
+def iteration(programs: Programs, state, ref_params, prompt, pmask, key, phases=None):
+  """One iteration on device, no host round trip: sample, score into experience, update.
+
+  Call it under the mesh (`sharding.use_mesh`) with the prompts already on it. `phases`
+  (`rl_common.PhaseClock`) sees each program's output, to time the phases on log steps.
+  Returns the new state and the iteration's statistics, still on device.
+  """
+  phases = phases or (lambda out: out)
+  sample = phases(programs.sample(lm_params(state["policy"]), prompt, pmask, key))
+  exp, exp_stats = phases(programs.experience(state, ref_params, prompt, pmask, sample))
+  state, upd_stats = phases(programs.update(state, exp, exp_stats["objective/kl"]))
+  return state, {**exp_stats, **upd_stats}
+
+
 def flops_per_iteration(model_config, s: Settings, separate_critic: bool, ensemble: int) -> float:
   """Model FLOPs of one iteration: epochs of policy (+ critic) forward-backward, and the
   forwards of the old policy, (critic,) reference and reward ensemble."""
@@ -473,23 +520,12 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     key = rng.key(config.seed, "init")
     abstract = jax.eval_shape(init, policy_init, value_init, key)
     state_sh = state_shardings(abstract, policy_sh, value_sh, mesh)
-    rep = common.replicated(mesh)
-    batch_sh, vec_sh = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
-    sample_sh = sampler_lib.SampleOutput(batch_sh, batch_sh, batch_sh, batch_sh, vec_sh, vec_sh)
     sample_fn = rl_common.sampler(policy, config, mesh, rules)
-    rm_score = rl_common.rm_score_fn(rm, s.prompt_len)
-    experience_fn = jax.jit(
-      functools.partial(make_experience, nets=nets, rm_score=rm_score, s=s),
-      in_shardings=(state_sh, None if adapted else sft.shardings, batch_sh, batch_sh, sample_sh),
-    )
-    update_fn = jax.jit(
-      functools.partial(
-        update, nets=nets, policy_tx=policy_tx, value_tx=value_tx, lr_schedule=lr_schedule, s=s
-      ),
-      in_shardings=(state_sh, None, rep),
-      out_shardings=(state_sh, rep),
-      donate_argnums=(0,),
-    )
+    programs = make_programs(
+      nets, sample_fn, rl_common.rm_score_fn(rm, s.prompt_len), state_sh,
+      None if adapted else sft.shardings, mesh, policy_tx=policy_tx, value_tx=value_tx,
+      lr_schedule=lr_schedule, s=s,
+    )  # fmt: skip
     # With LoRA the SFT parameters are given to the state (donated) and then released.
     donate = (0,) if adapted else ()
     state, clock = common.restore_or_init(
@@ -531,12 +567,10 @@ def train(config: Any, workdir: str) -> dict[str, float]:
         prompt = sharding.host_to_global(batch["tokens"], mesh)
         pmask = sharding.host_to_global(batch["mask"], mesh)
         key = jax.random.fold_in(rollout_key, step)
-        sample = phases(sample_fn(lm_params(state["policy"]), prompt, pmask, key))
-        exp, exp_stats = phases(experience_fn(state, sft.params, prompt, pmask, sample))
-        state, upd_stats = phases(update_fn(state, exp, exp_stats["objective/kl"]))
+        state, stats = iteration(programs, state, sft.params, prompt, pmask, key, phases)
       step += 1
       preempted = run.ckpt.preemption_requested(step)
-      stats = {**exp_stats, **upd_stats, **phases.metrics()}
+      stats = {**stats, **phases.metrics()}
       loop.after_update(
         step, stats, tokens, lambda: evaluate(lm_params(state["policy"]), step), preempted=preempted
       )

@@ -34,8 +34,8 @@ from jax.extend import core as jex_core
 
 from rlhf_jax import models
 from rlhf_jax.trainers import rl_common
-from tests.trainers.test_donation import TRAINERS, VOCAB, _params, _rollout, build, tiny_config
-from tests.trainers.test_rl_parts import N, P
+from tests.trainers.test_donation import TRAINERS, VOCAB, _params, build, tiny_config
+from tests.trainers.test_rl_parts import N, P, fixed_rollout
 
 # bfloat16 keeps 8 significant bits: ~0.4% relative error per op, a few percent end to end.
 RTOL, ATOL = 0.05, 0.05
@@ -117,7 +117,7 @@ def test_bf16_compute_keeps_log_softmax_losses_and_weights_float32(name):
 def test_best_of_n_scores_and_logprobs_float32():
   """Best-of-n ranks samples by the reward model's score and reports the KL of the pick
   from the policy's log-probs: both float32 with a bfloat16 model."""
-  prompt, pmask, sample = _rollout()
+  prompt, pmask, sample = fixed_rollout(VOCAB)
   full = jnp.concatenate([prompt, sample.tokens], axis=1)
   fmask = jnp.concatenate([pmask, sample.response_mask], axis=1)
   members = [_params(models.ScalarModel(tiny_config()), seed) for seed in (2, 3)]

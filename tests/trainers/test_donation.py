@@ -34,9 +34,14 @@ from rlhf_jax import models, optim, sharding
 from rlhf_jax.data import pairs as pairs_lib
 from rlhf_jax.rl import reward as reward_lib
 from rlhf_jax.rl.logprobs import shift_for_next_token, token_logprobs
-from rlhf_jax.rl.sampler import SampleOutput
 from rlhf_jax.trainers import dpo, grpo, ppo, reward, sft
-from tests.trainers.test_rl_parts import B, N, P, _grpo_settings, _ppo_settings, _score
+from tests.trainers.test_rl_parts import (
+  B,
+  _grpo_settings,
+  _ppo_settings,
+  _score,
+  fixed_rollout,
+)
 
 # A vocabulary unlike every other width of the model, so test_bf16 can tell logits apart.
 VOCAB, T = 40, 12  # T: the SFT and DPO rows' length
@@ -243,25 +248,6 @@ def _dpo(f32, cfg, rng) -> Case:
   )  # fmt: skip
 
 
-def _rollout():
-  """Prompts and a fixed "sample" of responses (test_rl_parts' tiny rollout)."""
-  rng = np.random.default_rng(0)
-  prompt = jnp.asarray(rng.integers(3, VOCAB, (B, P)), jnp.int32)
-  pmask = jnp.ones((B, P), bool).at[:2, 0].set(False)
-  tokens = jnp.asarray(rng.integers(3, VOCAB, (B, N)), jnp.int32)
-  lengths = jnp.asarray([5, 3, 5, 1, 4, 5, 2, 5], jnp.int32)
-  rmask = jnp.arange(N)[None, :] < lengths[:, None]
-  sample = SampleOutput(
-    tokens=jnp.where(rmask, tokens, 0),
-    logprobs=jnp.zeros((B, N)),
-    sample_logprobs=jnp.zeros((B, N)),
-    response_mask=rmask,
-    lengths=lengths,
-    has_eos=lengths < N,
-  )
-  return prompt, pmask, sample
-
-
 def _ppo_networks(cfg, policy_head: bool):
   """(Networks, policy params, value params) as `ppo.networks` makes them."""
   lm = models.LanguageModel(cfg)
@@ -284,7 +270,7 @@ def _ppo_rollout(policy_head: bool):
   nets, policy, value = _ppo_networks(tiny_config(), policy_head)
   tx, _ = _optimizer()
   state = ppo.init_state(policy, value, jax.random.key(1), policy_tx=tx, value_tx=tx, kl_coef=0.1)
-  prompt, pmask, sample = _rollout()
+  prompt, pmask, sample = fixed_rollout(VOCAB)
   experience = jax.jit(functools.partial(ppo.make_experience, nets=nets, rm_score=_score, s=s))
   exp, stats = experience(state, ppo.lm_params(policy), prompt, pmask, sample)
   return policy, value, exp, stats["objective/kl"]
@@ -330,7 +316,7 @@ def _grpo_rollout(advantage: str):
   module = models.LanguageModel(tiny_config())
   params = _params(module)
   state = grpo.init_state(params, jax.random.key(1), tx=_optimizer()[0])
-  prompt, pmask, sample = _rollout()
+  prompt, pmask, sample = fixed_rollout(VOCAB)
   host = jnp.asarray([1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 8.0])
   experience = functools.partial(grpo.make_experience, module=module, rm_score=None, s=s)
   exp, _ = jax.jit(experience)(state, params, prompt, pmask, sample, host)

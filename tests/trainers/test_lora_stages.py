@@ -13,6 +13,7 @@ import pytest
 
 from rlhf_jax import config_utils, hf, sharding, stages
 from rlhf_jax.models import lora
+from tests import shared
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURES = os.path.join(REPO, "tests", "fixtures", "hf")
@@ -52,12 +53,14 @@ def mesh():
 
 @pytest.fixture(scope="module")
 def sft_stage(tmp_path_factory):
-  config = _config("sft", policy_init=f"hf:{FIXTURES}/qwen2")
-  config.data.update(source="jsonl", train_jsonl=os.path.join(EXAMPLES, "sft.jsonl"))
-  config.eval.num_samples = 4
-  workdir = str(tmp_path_factory.mktemp("lora") / "sft")
-  config_utils.run(config, workdir)
-  return workdir
+  def build(workdir):
+    config = _config("sft", policy_init=f"hf:{FIXTURES}/qwen2")
+    config.data.update(source="jsonl", train_jsonl=os.path.join(EXAMPLES, "sft.jsonl"))
+    config.eval.num_samples = 4
+    config_utils.run(config, workdir)
+    return workdir
+
+  return shared.once(tmp_path_factory, "lora_sft", build)
 
 
 def test_sft_trains_adapters_only_and_exports_them_merged(sft_stage, mesh, tmp_path):

@@ -39,10 +39,17 @@ def tiny():
   )
   lm_params = unbox(models.init_params(lm, jax.random.key(0)))
   critic_params = unbox(models.init_params(critic, jax.random.key(1)))
+  prompt, pmask, sample = fixed_rollout(vocab=32)
+  return dict(lm=lm, critic=critic, lm_params=lm_params, critic_params=critic_params,
+              prompt=prompt, pmask=pmask, sample=sample, rmask=sample.response_mask)  # fmt: skip
+
+
+def fixed_rollout(vocab: int):
+  """B prompts (two left-padded) and a fixed "sample" of responses of lengths 1 to N."""
   rng = np.random.default_rng(0)
-  prompt = jnp.asarray(rng.integers(3, 32, (B, P)), jnp.int32)
-  pmask = jnp.ones((B, P), bool).at[:2, 0].set(False)  # two left-padded prompts
-  tokens = jnp.asarray(rng.integers(3, 32, (B, N)), jnp.int32)
+  prompt = jnp.asarray(rng.integers(3, vocab, (B, P)), jnp.int32)
+  pmask = jnp.ones((B, P), bool).at[:2, 0].set(False)
+  tokens = jnp.asarray(rng.integers(3, vocab, (B, N)), jnp.int32)
   lengths = jnp.asarray([5, 3, 5, 1, 4, 5, 2, 5], jnp.int32)
   rmask = jnp.arange(N)[None, :] < lengths[:, None]
   sample = SampleOutput(
@@ -53,8 +60,7 @@ def tiny():
     lengths=lengths,
     has_eos=lengths < N,
   )
-  return dict(lm=lm, critic=critic, lm_params=lm_params, critic_params=critic_params,
-              prompt=prompt, pmask=pmask, sample=sample, rmask=rmask)  # fmt: skip
+  return prompt, pmask, sample
 
 
 def _ppo_settings(**changes):

@@ -7,19 +7,19 @@ then the device wait for the host, every iteration. The trainers keep the iterat
 device and read its statistics only at log steps, after it
 (`common.LoopBookkeeping.after_update`). These tests hold them to that.
 
-What runs under the guard is the device part of iterations 2 and 3 (the first one
-compiles), built from the trainers' module-level pieces on a tiny model and wired as
-`train` wires them (the same shardings, donation and loop body), on a 4-device mesh
+What runs under the guard is iterations 2 and 3 (the first one compiles) of the trainers'
+own loop body (`ppo.iteration`, `grpo.iteration`) on the programs `train` builds
+(`make_programs`: the same shardings and donation), for a tiny model on a 4-device mesh
 with data, FSDP and tensor axes:
 
   - PPO: sampling (the jitted KV-cache sampler), `make_experience` (the policy's,
     reference's and critic's forward passes, the reward-model score, the KL penalty, GAE,
     whitening) and `update` (every minibatch of every epoch, and the KL controller);
   - GRPO with the reward model as the reward: sampling, `make_experience`, `update`;
-  - GRPO with a host reward (`reward_fn="gold"` or a Python function): sampling under
-    the guard; then, outside it and by design, the prompts and responses go to the host
-    (`grpo.train`'s `score_on_host`: the gold reward reads text) and the scores come back
-    with one explicit transfer; then `make_experience` and `update` under the guard again.
+  - GRPO with a host reward (`reward_fn="gold"` or a Python function): the same, except
+    that by design the prompts and responses go to the host (`grpo.train`'s
+    `score_on_host`: the gold reward reads text) and the scores come back with one explicit
+    transfer; only that step lifts the guard (`host_allowed`).
 
 Outside the guard, before the device part, are the iteration's host inputs: the prompt
 batch (`sharding.host_to_global`, an explicit transfer) and the step's rollout key.
@@ -43,6 +43,7 @@ would be a host stall of its own.
 
 import contextlib
 import functools
+import inspect
 import logging
 import types
 
@@ -78,6 +79,18 @@ def device_only():
     # a GPU or TPU the transfer guard alone catches them.
     patch.setattr(array_impl.ArrayImpl, "_value", property(refuse))
     with jax.transfer_guard("disallow"):
+      yield
+
+
+_HOST_READ = inspect.getattr_static(array_impl.ArrayImpl, "_value")
+
+
+@contextlib.contextmanager
+def host_allowed():
+  """Lifts `device_only` for an explicit host step inside the iteration (a host reward)."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(array_impl.ArrayImpl, "_value", _HOST_READ)
+    with jax.transfer_guard("allow"):
       yield
 
 
@@ -184,41 +197,28 @@ def test_ppo_iteration_stays_on_device(tiny, value_model, caplog):
     nets = ppo.Networks(tiny["lm"], tiny["critic"], tiny["lm"])
     policy, policy_sh = tiny["lm_params"], tiny["lm_sh"]
     value, value_sh = tiny["critic_params"], tiny["critic_sh"]
-  # What `ppo.train` builds: the state's shardings, the two programs, the initial state.
+  # What `ppo.train` builds: the state's shardings, the programs, the initial state.
   tx = optax.adam(1e-3)
   init = functools.partial(ppo.init_state, policy_tx=tx, value_tx=tx, kl_coef=0.1)
   key = jax.random.key(3)
   state_sh = ppo.state_shardings(
     jax.eval_shape(init, policy, value, key), policy_sh, value_sh, mesh
   )
-  sample_fn = tiny["sample_fn"]
-  experience_fn = jax.jit(
-    functools.partial(ppo.make_experience, nets=nets, rm_score=tiny["rm_score"], s=s),
-    in_shardings=(state_sh, tiny["lm_sh"], tiny["batch_sh"], tiny["batch_sh"], tiny["sample_sh"]),
-  )
-  update_fn = jax.jit(
-    functools.partial(
-      ppo.update, nets=nets, policy_tx=tx, value_tx=tx, lr_schedule=lambda c: 1e-3, s=s
-    ),
-    in_shardings=(state_sh, None, tiny["rep"]),
-    out_shardings=(state_sh, tiny["rep"]),
-    donate_argnums=(0,),
-  )
+  programs = ppo.make_programs(
+    nets, tiny["sample_fn"], tiny["rm_score"], state_sh, tiny["lm_sh"], mesh, policy_tx=tx,
+    value_tx=tx, lr_schedule=lambda c: 1e-3, s=s,
+  )  # fmt: skip
   state = jax.jit(init, out_shardings=state_sh)(policy, value, key)
-  sft_params = tiny["lm_params"]
 
-  def iteration(state, prompt, pmask, key):  # `ppo.train`'s loop body (no phase clock)
+  def iteration(state, inputs):  # `ppo.train`'s loop body
     with sharding.use_mesh(mesh, RULES):
-      sample = sample_fn(ppo.lm_params(state["policy"]), prompt, pmask, key)
-      exp, exp_stats = experience_fn(state, sft_params, prompt, pmask, sample)
-      state, upd_stats = update_fn(state, exp, exp_stats["objective/kl"])
-    return state, {**exp_stats, **upd_stats}
+      return ppo.iteration(programs, state, tiny["lm_params"], *inputs)
 
-  state, _ = iteration(state, *_inputs(tiny, 0))  # compiles
+  state, _ = iteration(state, _inputs(tiny, 0))  # compiles
   for step in range(1, STEPS):
     inputs = _inputs(tiny, step)
     with no_compiles(caplog), device_only():
-      state, stats = iteration(state, *inputs)
+      state, stats = iteration(state, inputs)
   _finite(stats)
   assert int(jax.device_get(state["step"])) == STEPS
 
@@ -227,52 +227,39 @@ def test_ppo_iteration_stays_on_device(tiny, value_model, caplog):
 def test_grpo_iteration_stays_on_device(tiny, reward, caplog):
   s = _grpo_settings(epochs=2, missing_eos_score=-1.0)
   mesh, lm_sh = tiny["mesh"], tiny["lm_sh"]
-  # What `grpo.train` builds: the state's shardings, the two programs, the initial state.
+  # What `grpo.train` builds: the state's shardings, the programs, the initial state.
   tx = optax.adam(1e-3)
   init = functools.partial(grpo.init_state, tx=tx)
   key = jax.random.key(3)
   abstract = jax.eval_shape(init, tiny["lm_params"], key)
   opt_sh = common.mirror_shardings(abstract["policy_opt"], abstract["policy"], lm_sh, mesh)
   state_sh = dict(policy=lm_sh, policy_opt=opt_sh, step=tiny["rep"], rng=tiny["rep"])
-  host_sh = () if reward == "model" else (tiny["vec_sh"],)
-  rm_score = tiny["rm_score"] if reward == "model" else None
-  sample_fn = tiny["sample_fn"]
-  experience_fn = jax.jit(
-    functools.partial(grpo.make_experience, module=tiny["lm"], rm_score=rm_score, s=s),
-    in_shardings=(state_sh, lm_sh, tiny["batch_sh"], tiny["batch_sh"], tiny["sample_sh"], *host_sh),
-  )
-  update_fn = jax.jit(
-    functools.partial(grpo.update, module=tiny["lm"], tx=tx, lr_schedule=lambda c: 1e-3, s=s),
-    in_shardings=(state_sh, None),
-    out_shardings=(state_sh, tiny["rep"]),
-    donate_argnums=(0,),
-  )
+  programs = grpo.make_programs(
+    tiny["lm"], tiny["sample_fn"], tiny["rm_score"] if reward == "model" else None, state_sh,
+    lm_sh, mesh, tx=tx, lr_schedule=lambda c: 1e-3, s=s,
+  )  # fmt: skip
   state = jax.jit(init, out_shardings=state_sh)(tiny["lm_params"], key)
-  sft_params = tiny["lm_params"]
+  host_reads = []
 
   def score_on_host(prompt, sample):
     """`grpo.train`'s host reward: the rows go to the host (to be decoded and scored
-    there), the scores come back as a sharded [B] array; nothing for "model"."""
-    if reward == "model":
-      return ()
-    prompts, tokens = sharding.fetch(prompt), sharding.fetch(sample.tokens)
-    scores = np.sum(tokens > VOCAB // 2, axis=-1) + 0.1 * prompts[:, -1]
-    return (sharding.global_from_full(scores.astype(np.float32), mesh),)
+    there), the scores come back as a sharded [B] array. The host boundary, by design."""
+    with host_allowed():
+      prompts, tokens = sharding.fetch(prompt), sharding.fetch(sample.tokens)
+      scores = np.sum(tokens > VOCAB // 2, axis=-1) + 0.1 * prompts[:, -1]
+      host_reads.append(len(scores))
+      return (sharding.global_from_full(scores.astype(np.float32), mesh),)
 
-  def iteration(state, prompt, pmask, key, guard):  # `grpo.train`'s loop body (no clock)
+  def iteration(state, inputs):  # `grpo.train`'s loop body
     with sharding.use_mesh(mesh, RULES):
-      with guard():
-        sample = sample_fn(state["policy"], prompt, pmask, key)
-      scores = score_on_host(prompt, sample)  # the host boundary, by design
-      with guard():
-        exp, exp_stats = experience_fn(state, sft_params, prompt, pmask, sample, *scores)
-        state, upd_stats = update_fn(state, exp)
-    return state, {**exp_stats, **upd_stats}
+      host = score_on_host if reward == "host" else None
+      return grpo.iteration(programs, state, tiny["lm_params"], *inputs, host)
 
-  state, _ = iteration(state, *_inputs(tiny, 0), contextlib.nullcontext)  # compiles
+  state, _ = iteration(state, _inputs(tiny, 0))  # compiles
   for step in range(1, STEPS):
     inputs = _inputs(tiny, step)
-    with no_compiles(caplog):
-      state, stats = iteration(state, *inputs, device_only)
+    with no_compiles(caplog), device_only():
+      state, stats = iteration(state, inputs)
   _finite(stats)
   assert int(jax.device_get(state["step"])) == STEPS
+  assert host_reads == ([B] * STEPS if reward == "host" else [])
