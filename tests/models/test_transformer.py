@@ -42,6 +42,12 @@ def _config(style="llama", **overrides):
   return models.get_model_config(name, **{**kw, **overrides})
 
 
+def _jit_apply(module):
+  """`module.apply` compiled as one program: op-by-op (eager) dispatch of a whole model
+  compiles every op on its own, ~10x slower in a test than one jit."""
+  return jax.jit(module.apply)
+
+
 def _init(module, seed=0):
   return meta.unbox(models.init_params(module, jax.random.key(seed)))
 
@@ -106,8 +112,9 @@ def test_remat_gives_same_loss_and_gradients(remat):
     logits, _ = models.LanguageModel(c).apply({"params": p}, tokens)
     return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
 
-  ref = jax.value_and_grad(loss)(params, cfg)
-  got = jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, cfg.replace(remat=remat))
+  value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  ref = value_and_grad(params, cfg)
+  got = value_and_grad(params, cfg.replace(remat=remat))
   np.testing.assert_allclose(ref[0], got[0], rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), ref[1], got[1])
 
@@ -134,7 +141,8 @@ def test_left_padding_does_not_change_logits(style):
   params = _init(module)
   prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
   tokens, mask = _left_padded(prompts, 7)
-  logits, _ = module.apply(
+  apply = _jit_apply(module)
+  logits, _ = apply(
     {"params": params},
     tokens,
     models.positions_from_mask(mask),
@@ -142,7 +150,7 @@ def test_left_padding_does_not_change_logits(style):
   )
   assert np.all(np.isfinite(logits))
   for i, p in enumerate(prompts):
-    alone, _ = module.apply({"params": params}, jnp.array([p]))
+    alone, _ = apply({"params": params}, jnp.array([p]))
     np.testing.assert_allclose(logits[i, 7 - len(p) :], alone[0], atol=2e-5, rtol=1e-5)
 
 
@@ -195,7 +203,7 @@ def test_cached_decoding_matches_full_forward(style, scan):
   cont = np.asarray(jax.random.randint(jax.random.key(3), (2, n), 4, cfg.vocab_size))
   full = np.concatenate([prompt, cont], 1)
   fmask = np.concatenate([pmask, np.ones((2, n), bool)], 1)
-  ref, _ = module.apply(
+  ref, _ = _jit_apply(module)(
     {"params": params}, full, models.positions_from_mask(fmask), models.causal_attention_mask(fmask)
   )
 
@@ -203,7 +211,7 @@ def test_cached_decoding_matches_full_forward(style, scan):
   cache = models.init_cache(cfg, 2, s)
   key_mask = np.concatenate([pmask, np.zeros((2, n), bool)], 1)
   attn = (np.arange(s)[None, :] <= np.arange(p)[:, None])[None] & key_mask[:, None, :]
-  logits, cache = module.apply(
+  logits, cache = _jit_apply(module)(
     {"params": params}, prompt, models.positions_from_mask(pmask), attn, cache, 0
   )
   got = [logits]
@@ -408,13 +416,13 @@ def test_grown_trunk_starts_as_the_base_and_its_new_layers_train(style, scan):
   tokens = jnp.asarray(np.random.default_rng(0).integers(4, 200, (2, 9)), jnp.int32)
   # Identity-initialised blocks on top: the grown model computes what the base computes.
   np.testing.assert_allclose(
-    deep.apply({"params": params}, tokens),
-    models.ScalarModel(base_cfg).apply({"params": base}, tokens),
+    _jit_apply(deep)({"params": params}, tokens),
+    _jit_apply(models.ScalarModel(base_cfg))({"params": base}, tokens),
     rtol=1e-5,
     atol=1e-6,
   )
   # The new blocks are not stuck at the identity: their branch ends get gradients.
-  grads = jax.grad(lambda p: jnp.sum(deep.apply({"params": p}, tokens) ** 2))(params)
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(deep.apply({"params": p}, tokens) ** 2)))(params)
   trunk = grads["trunk"]
   top = (
     jax.tree.map(lambda g: g[2:], trunk["layers"])

@@ -35,7 +35,7 @@ def _recompute_logprobs(module, params, prompt, pmask, out, temperature):
   """The training path: one forward pass over prompt + response."""
   full = np.concatenate([prompt, np.asarray(out.tokens)], 1)
   fmask = np.concatenate([pmask, np.asarray(out.response_mask)], 1)
-  logits, _ = module.apply(
+  logits, _ = jax.jit(module.apply)(  # one program, not op-by-op dispatch
     {"params": params},
     full,
     models.positions_from_mask(fmask),
