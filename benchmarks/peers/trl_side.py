@@ -80,6 +80,9 @@ def common_args(steps: int, out: str) -> dict:
     output_dir=out, max_steps=steps, learning_rate=shape.LR, lr_scheduler_type="constant",
     optim="adamw_torch", weight_decay=0.0, logging_steps=10**6, save_strategy="no",
     report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True,
+    # TRL's defaults are bfloat16 autocast (a slow path of CPU matmuls) and gradient
+    # checkpointing; the shape here is float32 without recomputation on both sides.
+    bf16=False, gradient_checkpointing=False,
   )  # fmt: skip
 
 
@@ -129,11 +132,14 @@ def grpo(repeats: int, out: str) -> float:
     **common_args(steps, out), per_device_train_batch_size=rows,
     num_generations=shape.GRPO_GROUP, steps_per_generation=1, num_iterations=1,
     max_completion_length=shape.NEW_TOKENS, temperature=1.0, beta=0.04,
-    shuffle_dataset=False,
+    shuffle_dataset=False, model_init_kwargs={"dtype": torch.float32},
   )  # fmt: skip
+  # TRL builds the KL term's reference from the policy's path: save the policy there.
+  path = os.path.join(out, "policy")
+  model().save_pretrained(path)
   timer = StepTimes()
   trainer = GRPOTrainer(
-    model=model(), reward_funcs=[even_share], args=args, train_dataset=data,
+    model=path, reward_funcs=[even_share], args=args, train_dataset=data,
     processing_class=tokenizer(), callbacks=[timer],
   )  # fmt: skip
   trainer.train()

@@ -23,7 +23,6 @@ import optax
 import shape
 from flax import nnx
 from grain import python as grain
-from jax.interpreters import pxla
 from tunix.models.llama3 import model as llama3
 from tunix.rl import rl_cluster as rl_cluster_lib
 from tunix.rl import utils
@@ -51,6 +50,21 @@ def model(seed: int):
   return llama3.Llama3(config, rngs=nnx.Rngs(seed))
 
 
+class ScalarLlama(nnx.Module):
+  """A Llama trunk with a scalar head, called as Tunix calls a critic or reward model.
+
+  Tunix 0.1.7's `compute_score` passes `segment_ids`, which its Llama 3 does not take; with
+  unpacked rows they say no more than the attention mask, so they are dropped here.
+  """
+
+  def __init__(self, seed: int):
+    self.model = utils.create_critic_model(model(seed), seed=seed + 1)
+
+  def __call__(self, tokens, positions, cache=None, attention_mask=None, segment_ids=None):
+    del segment_ids
+    return self.model(tokens, positions, cache, attention_mask)
+
+
 class Prompts(grain.RandomAccessDataSource):
   def __init__(self, rows: int):
     rng = np.random.default_rng(0)
@@ -70,11 +84,10 @@ def main() -> None:
     raise SystemExit("tunix_side.py runs --task=ppo only")
   steps = WARMUP + repeats
   actor, reference = model(0), model(0)
-  critic = utils.create_critic_model(actor)
-  reward = utils.create_critic_model(model(2), seed=3)
-  mesh = pxla.thread_resources.env.physical_mesh
-  if mesh.empty:
-    mesh = jax.make_mesh((1, 1), ("fsdp", "tp"))
+  critic, reward = ScalarLlama(0), ScalarLlama(2)
+  # Tunix's models name the axes "fsdp" and "tp" and shard by them (Auto axes, as its tests).
+  auto = jax.sharding.AxisType.Auto
+  mesh = jax.make_mesh((1, 1), ("fsdp", "tp"), axis_types=(auto, auto))
   rollout = base_rollout.RolloutConfig(
     max_tokens_to_generate=shape.NEW_TOKENS, max_prompt_length=shape.PROMPT_LEN,
     kv_cache_size=shape.PROMPT_LEN + shape.NEW_TOKENS + 8, temperature=1.0,
