@@ -142,10 +142,16 @@ def plain(cfg):
   return cfg.replace(lora_rank=0)
 
 
-def trainable(cfg, *also: str) -> str | None:
-  """The regex of the parameters that train when `cfg` has adapters (theirs, and `also`:
-  e.g. a reward model's heads), or None when every parameter trains."""
-  return "|".join((TRAINABLE, *also)) if cfg.lora_rank else None
+def trainable(cfg_or_rank, *also: str) -> str | None:
+  """The regex of the parameters that train when the model has adapters (theirs, and `also`:
+  e.g. a reward model's heads), or None when every parameter trains.
+
+  `cfg_or_rank`: the model's config (its `lora_rank`) or the rank itself (`config.lora.rank`,
+  before the model exists). The optimizer and the update's `stop_frozen` take it from here,
+  so the two cannot disagree.
+  """
+  rank = getattr(cfg_or_rank, "lora_rank", cfg_or_rank)
+  return "|".join((TRAINABLE, *also)) if rank else None
 
 
 def stop_frozen(params: Any, pattern: str | None) -> Any:

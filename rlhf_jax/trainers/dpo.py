@@ -490,7 +490,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   # Config errors surface before any stage trains.
   check_config(config)
   tx, schedule = optim.make_optimizer(
-    config.optim, config.total_steps, trainable=lora.TRAINABLE if config.lora.rank else None
+    config.optim, config.total_steps, trainable=lora.trainable(config.lora.rank)
   )
   os.makedirs(workdir, exist_ok=True)
   mesh, rules = common.mesh_from_config(config), config.sharding_rules

@@ -363,7 +363,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   tx, lr_schedule = optim.make_optimizer(
     config.optim,
     config.total_steps * s.updates_per_iteration,
-    trainable=lora.TRAINABLE if config.lora.rank else None,  # LoRA: only the adapters train
+    trainable=lora.trainable(config.lora.rank),  # LoRA: only the adapters train
   )
   # A host reward needs no reward model; one given is still loaded for the eval's proxy.
   run = rl_common.start(

@@ -51,6 +51,8 @@ from rlhf_jax.trainers import common, rl_common
 TIMING_METRICS = rl_common.TIMING_METRICS
 
 VALUE_MODELS = ("separate", "policy_head")
+# Under LoRA the value head on the policy trains beside the adapters (`lora.trainable`).
+VALUE_HEAD = "value/.*"
 
 
 def _updates(config) -> int:
@@ -384,7 +386,7 @@ def update(state, exp, kl, *, nets: Networks, policy_tx, value_tx, lr_schedule, 
   (adaptive: towards `s.kl_target` with the rollout's KL `kl`)."""
   rng, perm_rng = jax.random.split(state["rng"])
   # LoRA: gradients of the adapters (and a value head on the policy) only.
-  trainable = lora.trainable(nets.policy.config, "value/.*")
+  trainable = lora.trainable(nets.policy.config, VALUE_HEAD)
 
   def step(carry, mb):
     policy, value, policy_opt, value_opt = carry
@@ -497,7 +499,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   s = Settings.from_config(config)
   total_updates = config.total_steps * s.updates_per_iteration
   # With LoRA only the adapters (and a value head on the policy) train.
-  trainable = f"{lora.TRAINABLE}|value/.*" if config.lora.rank else None
+  trainable = lora.trainable(config.lora.rank, VALUE_HEAD)
   policy_tx, lr_schedule = optim.make_optimizer(config.optim, total_updates, trainable=trainable)
   value_tx, _ = optim.make_optimizer(config.value_optim, total_updates)
   run = rl_common.start(config, workdir, batch_size=s.rollout_batch_size)

@@ -60,6 +60,8 @@ from rlhf_jax.trainers import common
 TIMING_METRICS = ("tokens_per_s", "steps_per_s", "mfu")
 
 DATA_SOURCES = ("testbed", "jsonl")
+# Under LoRA the reward heads train beside the adapters (`lora.trainable`).
+HEADS = "head/.*"
 
 
 # Sampling responses from the SFT policy for pairs (testbed) and for normalisation.
@@ -213,7 +215,7 @@ def update(state, batch, *, module, tx, schedule, s: Settings):
   lora_dropout = module.config.lora_rank and module.config.lora_dropout
   dropout_key = jax.random.fold_in(state["rng"], 1) if lora_dropout else None
 
-  trainable = lora.trainable(module.config, "head/.*")  # LoRA: adapters and heads only
+  trainable = lora.trainable(module.config, HEADS)  # LoRA: adapters and heads only
 
   def loss_fn(params):
     params = lora.stop_frozen(params, trainable)
@@ -446,7 +448,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   # Config errors surface before any stage trains or any data is built.
   CONFIG_SPEC.validate(config)
   # With LoRA, the adapters and the fresh scalar heads train; the trunk stays.
-  trainable = f"{lora.TRAINABLE}|head/.*" if config.lora.rank else None  # as `update`'s
+  trainable = lora.trainable(config.lora.rank, HEADS)  # as `update`'s
   tx, schedule = optim.make_optimizer(config.optim, config.total_steps, trainable=trainable)
   os.makedirs(workdir, exist_ok=True)
   mesh, rules = common.mesh_from_config(config), config.sharding_rules

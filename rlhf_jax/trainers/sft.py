@@ -338,7 +338,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   # Config errors surface before any data is built.
   CONFIG_SPEC.validate(config)
   tx, schedule = optim.make_optimizer(
-    config.optim, config.total_steps, trainable=lora.TRAINABLE if config.lora.rank else None
+    config.optim, config.total_steps, trainable=lora.trainable(config.lora.rank)
   )
   accum = int(config.optim.get("grad_accum_steps", 1) or 1)
   os.makedirs(workdir, exist_ok=True)
