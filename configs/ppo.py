@@ -29,6 +29,9 @@ def get_config(arg=None):
   # Upstream stages: finished workdirs, or "" to train them into <workdir>/{sft,reward}.
   config.policy_init = ""
   config.reward_init = ""
+  # The KL reference, when it is not the policy started from: a finished policy stage (e.g.
+  # the SFT policy, while policy_init continues an earlier RL stage); "" = policy_init.
+  config.reference_init = ""
   config.sft = sft_config.get_config(variant)
   config.reward = reward_config.get_config(variant)
 

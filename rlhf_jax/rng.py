@@ -27,6 +27,7 @@ MODEL_STREAMS = {
   "eval": 101,  # held-out evaluation samples of every RL method
   "lora": 103,  # fresh LoRA adapters on a loaded model (their A)
   "lora_dropout": 107,  # DPO's LoRA dropout masks (fold_in step)
+  "loop_samples": 109,  # the feedback loop's candidate responses (fold_in round, sample)
 }
 
 # config.data.seed + offset
@@ -37,6 +38,7 @@ DATA_STREAMS = {
   "eval_pairs": 1,  # testbed held-out preference pairs
   "normalization_prompts": 3,  # reward model: prompts of the normalisation samples
   "gold_prompts": 5,  # reward model: prompts of the gold correlation eval
+  "loop": 7,  # the feedback loop: per round, its prompts, pair selection and panel labels
 }
 
 

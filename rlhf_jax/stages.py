@@ -304,9 +304,18 @@ class RewardModel:
     return jnp.mean(raw, axis=0), jnp.std(raw, axis=0)
 
   def score_texts(
-    self, prompts, responses, *, mesh, rules, max_len: int, batch_size: int = 64
+    self,
+    prompts,
+    responses,
+    *,
+    mesh,
+    rules,
+    max_len: int,
+    batch_size: int = 64,
+    members: bool = False,
   ) -> np.ndarray:
-    """Normalised ensemble-mean scores [N] (float64) of (prompt, response) texts.
+    """Normalised ensemble-mean scores [N] (float64) of (prompt, response) texts; with
+    `members`, every member's normalised score [E, N] instead.
 
     Rows are made with this model's own tokenizer as it was trained: BOS + prompt +
     response + EOS, right-padded to `max_len`; a longer row loses the start of its prompt
@@ -326,11 +335,16 @@ class RewardModel:
       chunk = rows[start : start + batch_size]
       chunk = chunk + [chunk[0]] * (batch_size - len(chunk))
       tokens, mask = pad_batch(chunk, max_len, tok.pad_id, "right")
+      tokens, mask = sharding.global_from_full(tokens, mesh), sharding.global_from_full(mask, mesh)
       with sharding.use_mesh(mesh, rules):
-        mean, _ = self.score(
-          sharding.global_from_full(tokens, mesh), sharding.global_from_full(mask, mesh)
-        )
+        if members:
+          raw = np.asarray(sharding.fetch(self.raw_scores(tokens, mask)), np.float64)
+          out.append((self.gain * raw + self.bias)[:, : len(rows) - start])
+          continue
+        mean, _ = self.score(tokens, mask)
       out.append(np.asarray(sharding.fetch(mean), np.float64)[: len(rows) - start])
+    if members:
+      return np.concatenate(out, axis=1) if out else np.zeros((self.ensemble_size, 0))
     return np.concatenate(out) if out else np.zeros(0)
 
 

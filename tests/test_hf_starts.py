@@ -37,7 +37,7 @@ def setup():
 def test_a_classifier_brings_its_trunk_and_head(setup):
   mesh, policy = setup
   config = config_for(f"hf:{FIXTURES}/qwen2_rm", ensemble_size=1)
-  cfg, trunk, head = reward.start_params(config, policy, mesh, "fsdp")
+  cfg, trunk, head, _ = reward.start_params(config, policy, mesh, "fsdp")
   rm = hf.load_reward_model(f"hf:{FIXTURES}/qwen2_rm", mesh)
   assert cfg == rm.module.config
   expected = jax.tree.map(lambda x: np.asarray(x[0]), rm.params)
@@ -51,12 +51,14 @@ def test_a_classifier_brings_its_trunk_and_head(setup):
 
 def test_a_causal_lm_brings_its_trunk_and_fresh_heads(setup):
   mesh, policy = setup
-  cfg, trunk, head = reward.start_params(config_for(f"hf:{FIXTURES}/qwen3"), policy, mesh, "fsdp")
+  cfg, trunk, head, _ = reward.start_params(
+    config_for(f"hf:{FIXTURES}/qwen3"), policy, mesh, "fsdp"
+  )
   other = hf.load_policy(f"hf:{FIXTURES}/qwen3", mesh)
   assert head is None and cfg == other.module.config and cfg.qk_norm  # Qwen3's, not the policy's
   jax.tree.map(np.testing.assert_array_equal, trunk, other.params["trunk"])
   # Without reward_init: the policy's own trunk.
-  cfg, trunk, head = reward.start_params(config_for(""), policy, mesh, "fsdp")
+  cfg, trunk, head, _ = reward.start_params(config_for(""), policy, mesh, "fsdp")
   assert head is None and cfg == policy.module.config and trunk is policy.params["trunk"]
 
 
@@ -74,7 +76,10 @@ def test_a_model_with_another_tokenizer_is_refused(setup, tmp_path):
 
 
 def test_reward_init_is_checked_with_the_config():
-  for value, message in (("runs/rm", "must be hf:DIR"), ("hf:/nonexistent", "no such directory")):
+  for value, message in (
+    ("runs/rm", "no such directory"),
+    ("hf:/nonexistent", "no such directory"),
+  ):
     with pytest.raises(errors.ConfigError, match=f"reward_init='{value}': {message}"):
       reward.CONFIG_SPEC.validate(config_for(value))
 

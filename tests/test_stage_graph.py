@@ -56,7 +56,9 @@ def test_a_trainer_without_its_stage_says_how_to_run_it():
 
 
 def test_no_trainer_imports_a_trainer_or_runs_a_config():
-  """Trainers only train: the graph is the launcher's (config_utils.run)."""
+  """Trainers only train: the graph is the launcher's (config_utils.run). The one exception
+  is the feedback loop, whose rounds are stages: it runs them through config_utils.run, and
+  still imports no trainer."""
   folder = os.path.join(REPO, "rlhf_jax", "trainers")
   trainers = {name[:-3] for name in os.listdir(folder) if name.endswith(".py")}
   trainers -= {"__init__", "common", "rl_common"}
@@ -67,6 +69,8 @@ def test_no_trainer_imports_a_trainer_or_runs_a_config():
       if isinstance(node, ast.ImportFrom) and node.module == "rlhf_jax.trainers":
         imported = {alias.name for alias in node.names}
         assert not imported & trainers, (name, imported & trainers)
+      if name == "loop":
+        continue
       if isinstance(node, ast.Attribute) and node.attr in ("run", "resolve_upstream"):
         base = node.value
         assert not (isinstance(base, ast.Name) and base.id == "config_utils"), name

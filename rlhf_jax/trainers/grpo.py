@@ -112,6 +112,7 @@ CONFIG_SPEC = cs.Spec(
     **cs.RUN_FIELDS,
     **cs.LOOP_FIELDS,
     **rl_common.UPSTREAM_FIELDS,
+    **rl_common.REFERENCE_FIELDS,
     # A host reward function needs no reward model: the stage is trained only for "model".
     "reward": cs.Stage(unless="reward_init", when=lambda c: c.reward_fn == "model"),
     **rl_common.SAMPLING_FIELDS,
@@ -393,7 +394,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     state_sh = dict(policy=policy.shardings, policy_opt=opt_sh, step=rep, rng=rep)
     sample_fn = rl_common.sampler(policy, config, mesh, rules)
     rm_score = rl_common.rm_score_fn(rm, s.prompt_len) if reward_fn is None else None
-    ref_sh = None if adapted else sft.shardings  # LoRA: the reference is in the state
+    ref = run.reference  # the KL reference: sft, unless config.reference_init
+    ref_sh = None if adapted else ref.shardings  # LoRA: the reference is in the state
     programs = make_programs(
       policy.module, sample_fn, rm_score, state_sh, ref_sh, mesh, tx=tx,
       lr_schedule=lr_schedule, s=s,
@@ -413,7 +415,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       common.with_shardings(abstract, state_sh),
       lambda: jax.jit(init, out_shardings=state_sh, donate_argnums=donate)(policy.params, key),
     )
-    reference = sft
+    reference = ref
     if adapted:
       adapted.release(sft)
       reference = adapted.reference_view(lambda: state["policy"])
@@ -444,7 +446,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
         pmask = sharding.host_to_global(batch["mask"], mesh)
         key = jax.random.fold_in(rollout_key, step)
         state, stats = iteration(
-          programs, state, sft.params, prompt, pmask, key,
+          programs, state, ref.params, prompt, pmask, key,
           score_on_host if reward_fn is not None else None, phases,
         )  # fmt: skip
       step += 1

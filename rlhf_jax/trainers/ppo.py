@@ -90,6 +90,7 @@ CONFIG_SPEC = cs.Spec(
     **cs.RUN_FIELDS,
     **cs.LOOP_FIELDS,
     **rl_common.UPSTREAM_FIELDS,
+    **rl_common.REFERENCE_FIELDS,
     **rl_common.SAMPLING_FIELDS,
     **rl_common.MISSING_EOS_FIELDS,
     "data": rl_common.PROMPT_DATA_SPEC,
@@ -516,6 +517,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     nets, (policy_init, policy_sh), (value_init, value_sh) = networks(
       policy, rm, config.value_model, mesh, rules, config.value_init, reference=sft.module
     )
+    ref = run.reference  # the KL reference: sft, unless config.reference_init
     init = functools.partial(
       init_state, policy_tx=policy_tx, value_tx=value_tx, kl_coef=config.kl.init_coef
     )
@@ -525,7 +527,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     sample_fn = rl_common.sampler(policy, config, mesh, rules)
     programs = make_programs(
       nets, sample_fn, rl_common.rm_score_fn(rm, s.prompt_len), state_sh,
-      None if adapted else sft.shardings, mesh, policy_tx=policy_tx, value_tx=value_tx,
+      None if adapted else ref.shardings, mesh, policy_tx=policy_tx, value_tx=value_tx,
       lr_schedule=lr_schedule, s=s,
     )  # fmt: skip
     # With LoRA the SFT parameters are given to the state (donated) and then released.
@@ -537,7 +539,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
         policy_init, value_init, key
       ),
     )
-    reference = sft
+    reference = ref
     if adapted:
       policy_init = None
       adapted.release(sft)
@@ -569,7 +571,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
         prompt = sharding.host_to_global(batch["tokens"], mesh)
         pmask = sharding.host_to_global(batch["mask"], mesh)
         key = jax.random.fold_in(rollout_key, step)
-        state, stats = iteration(programs, state, sft.params, prompt, pmask, key, phases)
+        state, stats = iteration(programs, state, ref.params, prompt, pmask, key, phases)
       step += 1
       preempted = run.ckpt.preemption_requested(step)
       stats = {**stats, **phases.metrics()}

@@ -72,6 +72,17 @@ SAMPLING_FIELDS = {
   "sample_batch": cs.Int(min=1),
 }
 
+
+class RewardStart(cs.Check):
+  """`reward_init`: "", `hf:DIR` (a Hugging Face causal LM or one-label classifier), or a
+  finished reward stage's workdir (every member continues from its own trunk and head)."""
+
+  def problem(self, value):
+    if isinstance(value, str) and value and not value.startswith("hf:"):
+      return cs.FinishedStage("reward").problem(value)
+    return cs.HfModel().problem(value)
+
+
 # One declared check per field of configs/reward.py (see rlhf_jax/config_spec.py).
 CONFIG_SPEC = cs.Spec(
   {
@@ -81,7 +92,7 @@ CONFIG_SPEC = cs.Spec(
     "max_len": cs.Int(min=3),
     "policy_init": cs.FinishedStage("policy"),
     "sft": cs.Stage(unless="policy_init"),
-    "reward_init": cs.HfModel(),
+    "reward_init": RewardStart(),
     "data": cs.Spec(
       {
         "source": cs.Choice(*DATA_SOURCES),
@@ -131,15 +142,17 @@ class Settings:
 
 
 def init_state(
-  key, trunk, head=None, *, module, tx, members: int, base_layers: int
+  key, trunk, head=None, *, module, tx, members: int, base_layers: int, stacked: bool = False
 ) -> dict[str, Any]:
   """A fresh state: `members` reward models stacked on a leading axis, each with the
   trunk `trunk` (the SFT policy's, or `reward_init`'s; of `base_layers` layers, grown to
   the module's depth by identity-initialised blocks) and its own fresh head, or `head`
-  (a classifier's) when given; their optimizer states; step; RNG."""
+  (a classifier's) when given; their optimizer states; step; RNG. With `stacked`, `trunk`
+  and `head` carry the member axis already (a finished reward stage continued): member i
+  starts from trunk[i] and head[i]."""
   cfg = module.config
 
-  def init_member(member_key):
+  def init_member(member_key, trunk, head):
     params = sharding.unbox(models.init_params(module, member_key))
     fresh = lora.base(params["trunk"])
     grown = models.grow_trunk(fresh, trunk, base_layers, cfg.scan_layers)
@@ -149,7 +162,8 @@ def init_state(
     return {**params, "trunk": grown}
 
   init_rng, key = jax.random.split(key)
-  params = jax.vmap(init_member)(jax.random.split(init_rng, members))
+  axes = (0, 0, 0) if stacked else (0, None, None)
+  params = jax.vmap(init_member, in_axes=axes)(jax.random.split(init_rng, members), trunk, head)
   return dict(
     params=params, opt_state=jax.vmap(tx.init)(params), step=jnp.zeros((), jnp.int32), rng=key
   )
@@ -416,12 +430,15 @@ def group_collate(config, tok, *, responses: int, pairs: int):
 
 
 def start_params(config, policy, mesh, rules):
-  """(model config, trunk, head or None) the reward model starts from: the SFT policy's
-  trunk, or `config.reward_init`'s (`hf:DIR`, a causal LM or a one-label classifier, whose
-  head comes too). The reward model reads the policy's tokens, so `reward_init` must have
-  the policy's tokenizer."""
+  """(model config, trunk, head or None, stacked) the reward model starts from: the SFT
+  policy's trunk, or `config.reward_init`'s (`hf:DIR`, a causal LM or a one-label
+  classifier, whose head comes too; or a finished reward stage, every member's trunk and
+  head, `stacked` on the member axis). The reward model reads the policy's tokens, so
+  `reward_init` must have the policy's tokenizer."""
   if not config.reward_init:
-    return policy.module.config, policy.params["trunk"], None
+    return policy.module.config, policy.params["trunk"], None, False
+  if not hf.is_hf(config.reward_init):
+    return _continued(config, policy, mesh, rules)
   directory = hf.directory_of(config.reward_init)
   problem = hf.tokenizer_mismatch(directory, policy.tokenizer)
   if problem:
@@ -438,9 +455,28 @@ def start_params(config, policy, mesh, rules):
       )
     start = hf.load_reward_model(config.reward_init, mesh, rules)
     params = jax.tree.map(lambda x: x[0], start.params)
-    return start.module.config, params["trunk"], params["head"]
+    return start.module.config, params["trunk"], params["head"], False
   start = hf.load_policy(config.reward_init, mesh, rules)
-  return start.module.config, start.params["trunk"], None
+  return start.module.config, start.params["trunk"], None, False
+
+
+def _continued(config, policy, mesh, rules):
+  """start_params for a finished reward stage: its members, to train on."""
+  start = stages.load_reward_model(config.reward_init, mesh, rules)
+  key = f"config.reward_init={config.reward_init!r}"
+  if start.tokenizer.vocab_size != policy.tokenizer.vocab_size:
+    raise errors.ConfigError(f"{key}: its tokenizer is not the policy's ({config.policy_init}).")
+  if start.ensemble_size != config.ensemble_size:
+    raise errors.ConfigError(
+      f"{key} has {start.ensemble_size} members but config.ensemble_size="
+      f"{config.ensemble_size}; a continued reward model keeps its members."
+    )
+  if config.extra_layers:
+    raise errors.ConfigError(
+      f"config.extra_layers={config.extra_layers} with {key}: a continued reward model keeps "
+      "its depth; use 0."
+    )
+  return start.module.config, start.params["trunk"], start.params["head"], True
 
 
 def train(config: Any, workdir: str) -> dict[str, float]:
@@ -484,13 +520,18 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
   with common.open_run(config, workdir, mesh, train_loader, clock_start=clock_start) as run:
     # ------------------------------------------- networks, state, jitted programs
-    base_cfg, trunk, head = start_params(config, policy, mesh, rules)
+    base_cfg, trunk, head, stacked = start_params(config, policy, mesh, rules)
     model_cfg = base_cfg.replace(num_layers=base_cfg.num_layers + config.extra_layers)
     model_cfg = lora.with_adapters(model_cfg, config.lora)  # none at rank 0
     module = models.ScalarModel(model_cfg, head_init="reward")
     s = Settings.from_config(config)
     init = functools.partial(
-      init_state, module=module, tx=tx, members=s.members, base_layers=base_cfg.num_layers
+      init_state,
+      module=module,
+      tx=tx,
+      members=s.members,
+      base_layers=base_cfg.num_layers,
+      stacked=stacked,
     )
     key = rng.key(config.seed, "init")
     state_sh = state_shardings(jax.eval_shape(init, key, trunk, head), module, mesh, rules)

@@ -23,6 +23,7 @@ from absl import logging
 from rlhf_jax import config_spec as cs
 from rlhf_jax import (
   config_utils,
+  errors,
   evaluation,
   metrics,
   models,
@@ -45,6 +46,9 @@ UPSTREAM_FIELDS: dict[str, cs.Check] = {
   "sft": cs.Stage(unless="policy_init"),
   "reward": cs.Stage(unless="reward_init"),
 }
+# The frozen reference of the KL penalty when it is not the policy the stage starts from
+# (e.g. a policy continued from an earlier RL stage, kept close to the original SFT one).
+REFERENCE_FIELDS: dict[str, cs.Check] = {"reference_init": cs.FinishedStage("policy")}
 SAMPLING_FIELDS: dict[str, cs.Check] = {
   "prompt_len": cs.Int(min=1),
   "max_new_tokens": cs.Int(min=1),
@@ -305,6 +309,7 @@ class Run(common.Run):
   sft: stages.Policy
   rm: stages.RewardModel | None
   prompt_set: prompts_lib.PromptSet
+  reference: stages.Policy  # `sft` unless `config.reference_init` names another stage
 
 
 def start(
@@ -332,6 +337,7 @@ def start(
     reward_dir = config.get("reward_init") or None
   clock_start = time.perf_counter()
   sft = stages.load_policy(sft_dir, mesh, rules)
+  reference = load_reference(config, sft, mesh, rules)
   rm = stages.load_reward_model(reward_dir, mesh, rules) if reward_dir else None
   if jax.process_index() == 0:
     sft.tokenizer.save(os.path.join(workdir, sft.tokenizer.filename))
@@ -339,8 +345,34 @@ def start(
   loader = prompt_loader(config, sft.tokenizer, prompt_set.train, batch_size, batch_key)
   return common.open_run(
     config, workdir, mesh, loader, clock_start=clock_start, cls=Run, sft=sft, rm=rm,
-    prompt_set=prompt_set,
+    prompt_set=prompt_set, reference=reference,
   )  # fmt: skip
+
+
+def load_reference(config, sft: stages.Policy, mesh, rules) -> stages.Policy:
+  """The KL reference: `config.reference_init`'s policy, or `sft` (the start) when empty.
+
+  It must be the policy's architecture with the same vocabulary; with LoRA the reference
+  is the adapters' frozen base, so another reference is refused.
+  """
+  path = config.get("reference_init")
+  if not path:
+    return sft
+  key = f"config.reference_init={path!r}"
+  if config.lora.rank:
+    raise errors.ConfigError(
+      f"{key} with config.lora.rank={config.lora.rank}: under LoRA the reference is the "
+      "adapters' frozen base, the policy the stage starts from. Leave reference_init empty."
+    )
+  reference = stages.load_policy(path, mesh, rules)
+  if reference.module.config != sft.module.config:
+    raise errors.ConfigError(
+      f"{key}: its model differs from config.policy_init's ({config.policy_init}); the "
+      "reference must be the same architecture."
+    )
+  if reference.tokenizer.vocab_size != sft.tokenizer.vocab_size:
+    raise errors.ConfigError(f"{key}: its tokenizer differs from config.policy_init's.")
+  return reference
 
 
 class LoraPolicy:
