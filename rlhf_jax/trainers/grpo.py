@@ -139,6 +139,7 @@ CONFIG_SPEC = cs.Spec(
     "eval": rl_common.EVAL_SPEC,
   },
   checks=(
+    rl_common.check_reference,
     cs.divides("minibatch_size", "prompts_per_iter*group_size"),
     _check_kl,
     _check_reward_fn,

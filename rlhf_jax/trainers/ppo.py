@@ -121,6 +121,7 @@ CONFIG_SPEC = cs.Spec(
     "eval": rl_common.EVAL_SPEC,
   },
   checks=(
+    rl_common.check_reference,
     cs.divides("minibatch_size", "rollout_batch_size"),
     check_kl_controller,
     check_value_init,

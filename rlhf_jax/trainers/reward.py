@@ -83,6 +83,25 @@ class RewardStart(cs.Check):
     return cs.HfModel().problem(value)
 
 
+def check_continued(config, prefix: str) -> None:
+  """A finished reward stage as `reward_init` keeps its members and its depth."""
+  start = config.reward_init
+  if not start or start.startswith("hf:"):
+    return
+  meta = stages.read_meta(start)
+  key = f"{prefix}.reward_init={start!r}"
+  if meta.get("ensemble_size") != config.ensemble_size:
+    raise cs.ConfigError(
+      f"{key} has {meta.get('ensemble_size')} members but {prefix}.ensemble_size="
+      f"{config.ensemble_size}; a continued reward model keeps its members."
+    )
+  if config.extra_layers:
+    raise cs.ConfigError(
+      f"{prefix}.extra_layers={config.extra_layers} with {key}: a continued reward model "
+      "keeps its depth; use 0."
+    )
+
+
 # One declared check per field of configs/reward.py (see rlhf_jax/config_spec.py).
 CONFIG_SPEC = cs.Spec(
   {
@@ -118,6 +137,7 @@ CONFIG_SPEC = cs.Spec(
     "eval": cs.Spec({"num_gold_samples": cs.Int(min=0)}),
   },
   checks=(
+    check_continued,
     pairs_lib.check_confidence_range_field,
     optim.check_steps("optim", lambda c: c.total_steps),
     cs.mesh_batch("batch_size", "data.sample_batch"),
@@ -463,19 +483,12 @@ def start_params(config, policy, mesh, rules):
 def _continued(config, policy, mesh, rules):
   """start_params for a finished reward stage: its members, to train on."""
   start = stages.load_reward_model(config.reward_init, mesh, rules)
-  key = f"config.reward_init={config.reward_init!r}"
   if start.tokenizer.vocab_size != policy.tokenizer.vocab_size:
-    raise errors.ConfigError(f"{key}: its tokenizer is not the policy's ({config.policy_init}).")
-  if start.ensemble_size != config.ensemble_size:
     raise errors.ConfigError(
-      f"{key} has {start.ensemble_size} members but config.ensemble_size="
-      f"{config.ensemble_size}; a continued reward model keeps its members."
+      f"config.reward_init={config.reward_init!r}: its tokenizer is not the policy's "
+      f"({config.policy_init})."
     )
-  if config.extra_layers:
-    raise errors.ConfigError(
-      f"config.extra_layers={config.extra_layers} with {key}: a continued reward model keeps "
-      "its depth; use 0."
-    )
+  check_continued(config, "config")
   return start.module.config, start.params["trunk"], start.params["head"], True
 
 

@@ -49,6 +49,18 @@ UPSTREAM_FIELDS: dict[str, cs.Check] = {
 # The frozen reference of the KL penalty when it is not the policy the stage starts from
 # (e.g. a policy continued from an earlier RL stage, kept close to the original SFT one).
 REFERENCE_FIELDS: dict[str, cs.Check] = {"reference_init": cs.FinishedStage("policy")}
+
+
+def check_reference(config, prefix: str) -> None:
+  """Under LoRA the reference is the adapters' frozen base: no other reference fits."""
+  if config.reference_init and config.lora.rank:
+    raise cs.ConfigError(
+      f"{prefix}.reference_init={config.reference_init!r} with {prefix}.lora.rank="
+      f"{config.lora.rank}: under LoRA the reference is the adapters' frozen base, the policy "
+      "the stage starts from. Leave reference_init empty."
+    )
+
+
 SAMPLING_FIELDS: dict[str, cs.Check] = {
   "prompt_len": cs.Int(min=1),
   "max_new_tokens": cs.Int(min=1),
@@ -359,11 +371,7 @@ def load_reference(config, sft: stages.Policy, mesh, rules) -> stages.Policy:
   if not path:
     return sft
   key = f"config.reference_init={path!r}"
-  if config.lora.rank:
-    raise errors.ConfigError(
-      f"{key} with config.lora.rank={config.lora.rank}: under LoRA the reference is the "
-      "adapters' frozen base, the policy the stage starts from. Leave reference_init empty."
-    )
+  check_reference(config, "config")
   reference = stages.load_policy(path, mesh, rules)
   if reference.module.config != sft.module.config:
     raise errors.ConfigError(

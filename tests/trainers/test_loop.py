@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from rlhf_jax import config_spec as cs
-from rlhf_jax import config_utils, errors
-from rlhf_jax.data import preferences
+from rlhf_jax import config_utils, errors, stages
+from rlhf_jax.data import preferences, quality_gate
 from rlhf_jax.trainers import loop
 from tests.trainers import resume
 
@@ -92,6 +92,33 @@ def test_the_loop_waits_for_peoples_labels_and_says_where(tmp_path):
   preferences.write_preference_jsonl([_label(r) for r in rows], path)
   records = loop.queue_labels(queue)
   assert [r["pair_id"] for r in records] == ["r0-0", "r0-1", "r0-2", "anchor-0"]
+
+
+def test_the_labeling_page_serves_a_loop_queue_and_the_loop_reads_its_labels(tmp_path):
+  """The queue contract between the loop and experiments/label_server.py, both ways."""
+  from experiments import label_server
+
+  queue, _ = _queue(tmp_path)
+  label_server.add_rater(queue, "alice")
+  label_server.add_rater(queue, "bob")
+  served = label_server.LabelQueue(queue)
+  for rater in ("alice", "bob"):
+    while (item := served.next_item(rater)["item"]) is not None:
+      # Response a wins, whichever side the page put it on (so the raters agree).
+      choice = "left" if item["left"] == "a" else "right"
+      choice = "tie" if item["pair_id"] == "r0-1" else choice
+      payload = {"pair_id": item["pair_id"], "left": item["left"], "choice": choice}
+      assert served.submit(rater, {**payload, "confidence": 5})["ok"]
+  records = loop.queue_labels(queue)
+  # One label per ordinary pair (labels_per_pair=1), the anchor from both raters.
+  ordinary = [r for r in records if not r["anchor"]]
+  assert sorted(r["pair_id"] for r in ordinary) == ["r0-0", "r0-1", "r0-2"]
+  assert sorted(r["rater_id"] for r in records if r["anchor"]) == ["alice", "bob"]
+  tie = next(r for r in records if r["pair_id"] == "r0-1")
+  assert tie["tie"] and tie["confidence"] == 5
+  # The gate and the reward model's file take them as they are.
+  gate = quality_gate.check(records, quality_gate.default_config())
+  assert gate["passed"] and gate["num_kept"] == len(records)
 
 
 def test_a_malformed_labels_file_is_a_data_error_naming_the_line(tmp_path):
@@ -234,3 +261,57 @@ def test_labels_from_people_stop_the_loop_with_exit_2_until_they_are_in(reward_r
     (only,) = json.load(f)["rounds"]
   assert only["labels_round"] == only["labels_trained_on"] == 240
   assert only["gate_testbed"] is None  # no known careless raters outside the panel
+
+
+# --------------------------------------------- the stage options the loop builds on
+
+
+def test_a_continued_reward_model_keeps_its_members_and_depth(reward_runlocal):
+  from rlhf_jax.trainers import reward
+
+  config, reward_dir, _ = reward_runlocal
+  config.policy_init = os.path.join(reward_dir, "sft")
+  config.reward_init = reward_dir
+  reward.CONFIG_SPEC.validate(config)
+  config.ensemble_size = 3
+  with pytest.raises(cs.ConfigError, match=r"has 2 members but config\.ensemble_size=3"):
+    reward.CONFIG_SPEC.validate(config)
+  config.ensemble_size, config.extra_layers = 2, 1
+  with pytest.raises(cs.ConfigError, match=r"config\.extra_layers=1 with config\.reward_init"):
+    reward.CONFIG_SPEC.validate(config)
+  config.extra_layers, config.reward_init = 0, os.path.join(reward_dir, "sft")
+  with pytest.raises(cs.ConfigError, match=r"exports a 'policy', not a reward"):
+    reward.CONFIG_SPEC.validate(config)
+
+
+def test_another_reference_is_refused_under_lora(reward_runlocal):
+  from rlhf_jax.trainers import ppo
+
+  _, reward_dir, _ = reward_runlocal
+  config = config_utils.load_config(os.path.join(REPO, "configs/ppo.py:runlocal"))
+  config.policy_init = config.reference_init = os.path.join(reward_dir, "sft")
+  config.reward_init = reward_dir
+  ppo.CONFIG_SPEC.validate(config)
+  config.lora.rank = 4
+  with pytest.raises(cs.ConfigError, match=r"reference_init=.* with config\.lora\.rank=4"):
+    ppo.CONFIG_SPEC.validate(config)
+
+
+@pytest.mark.slow
+def test_a_reward_stage_continued_starts_where_the_last_one_ended(reward_runlocal, tmp_path):
+  """Every member starts from the finished stage's trunk and head: the new stage's step-0
+  eval equals the old stage's final eval (same eval pairs), and then it trains on."""
+  from rlhf_jax import metrics
+
+  config, reward_dir, final = reward_runlocal
+  config.policy_init = os.path.join(reward_dir, "sft")
+  config.reward_init = reward_dir
+  config.total_steps, config.eval_every, config.checkpoint_every, config.log_every = 2, 2, 2, 1
+  config.optim.warmup_steps = 1
+  workdir = str(tmp_path / "continued")
+  config_utils.run(config, workdir)
+  rows = metrics.read_metrics(workdir)
+  start = next(r for r in rows if r["step"] == 0)
+  assert start["eval/accuracy"] == final["eval/accuracy"]
+  assert start["eval/loss"] == final["eval/loss"]
+  assert stages.read_meta(workdir)["step"] == 2
