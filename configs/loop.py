@@ -76,6 +76,7 @@ def get_config(arg=None):
   config.reward_mode = "continue"
   config.reward = reward_config.get_config(variant)
   config.reward.total_steps = 600
+  config.reward.ensemble_size = 2  # ensemble_disagreement reads the members' spread
   config.reward.data.responses_per_prompt = 4  # same-prompt pairs share one forward pass
 
   # The policy stage of each round, continued from the last round's policy.
