@@ -100,19 +100,9 @@ def make_report(
   return report
 
 
-def _jsonable(value: Any) -> Any:
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  if isinstance(value, dict):
-    return {k: _jsonable(v) for k, v in value.items()}
-  if isinstance(value, list | tuple):
-    return [_jsonable(v) for v in value]
-  return value
-
-
 def write_json(report: dict[str, Any], path: str) -> None:
   """Strict JSON (NaN as null), written atomically."""
-  text = json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n"
+  text = json.dumps(utils.jsonable(report), indent=2, allow_nan=False) + "\n"
   with utils.atomic_open(path) as f:
     f.write(text)
 

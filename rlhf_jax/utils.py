@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -59,6 +60,20 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[An
 def _plain(value: Any) -> Any:
   """NumPy scalars as Python numbers, so `json` can write them."""
   return value.item() if isinstance(value, np.generic) else value
+
+
+def jsonable(value: Any) -> Any:
+  """`value` as plain JSON: NumPy scalars and arrays as Python numbers and lists, tuples as
+  lists, mapping keys as strings, and non-finite floats (NaN, inf) as None (null)."""
+  if isinstance(value, np.generic):
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, Mapping):
+    return {str(k): jsonable(v) for k, v in value.items()}
+  if isinstance(value, list | tuple | np.ndarray):
+    return [jsonable(v) for v in value]
+  return value
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

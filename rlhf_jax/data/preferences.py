@@ -333,19 +333,6 @@ def read_preferences(
   ]
 
 
-def _plain(value: Any) -> Any:
-  """JSON-ready: NumPy scalars as Python values, non-finite floats as null."""
-  if isinstance(value, np.generic):
-    value = value.item()
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  if isinstance(value, Mapping):
-    return {str(k): _plain(v) for k, v in value.items()}
-  if isinstance(value, list | tuple | np.ndarray):
-    return [_plain(v) for v in value]
-  return value
-
-
 def write_preference_jsonl(
   records: Iterable[Mapping[str, Any]], path: PathLike, *, skip_invalid: bool = False
 ) -> int:
@@ -361,7 +348,7 @@ def write_preference_jsonl(
   written = 0
   with utils.atomic_open(path) as f:
     for record in records:
-      plain = _plain(record)
+      plain = utils.jsonable(record)
       line = written + 1
       try:
         validate_preference(plain, lambda m, field: DataError(path, line, m, field))

@@ -354,7 +354,7 @@ class Loop:
       gate["testbed"] = quality_gate.scored(gate, careless)
     path = os.path.join(rdir, "gate.json")
     if jax.process_index() == 0:
-      utils.write_json_atomic(path, _jsonable(gate))
+      utils.write_json_atomic(path, utils.jsonable(gate))
     logging.info(
       "Round %d gate: flagged %s, excluded %s, panel agreement %.3f",
       k, gate["flagged"], gate["excluded"], gate["panel_agreement"],
@@ -439,7 +439,7 @@ class Loop:
       },
     }
     if jax.process_index() == 0:
-      utils.write_json_atomic(os.path.join(rdir, "round.json"), _jsonable(result))
+      utils.write_json_atomic(os.path.join(rdir, "round.json"), utils.jsonable(result))
     logging.info("Round %d: %s", k, result)
     return result, new_policy, new_reward
 
@@ -456,18 +456,6 @@ def _finite_mean(values) -> float | None:
   values = np.asarray(values, np.float64)
   values = values[np.isfinite(values)]
   return float(values.mean()) if len(values) else None
-
-
-def _jsonable(value: Any) -> Any:
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  if isinstance(value, np.generic):
-    return _jsonable(value.item())
-  if isinstance(value, dict):
-    return {str(k): _jsonable(v) for k, v in value.items()}
-  if isinstance(value, list | tuple):
-    return [_jsonable(v) for v in value]
-  return value
 
 
 def train(config: Any, workdir: str) -> dict[str, Any]:
@@ -492,5 +480,5 @@ def train(config: Any, workdir: str) -> dict[str, Any]:
     "stage_seconds": loop.timings,
   }
   if jax.process_index() == 0:
-    utils.write_json_atomic(os.path.join(workdir, "loop.json"), _jsonable(out))
+    utils.write_json_atomic(os.path.join(workdir, "loop.json"), utils.jsonable(out))
   return out
