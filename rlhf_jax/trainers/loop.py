@@ -88,6 +88,15 @@ def _check_strategy(config, prefix: str) -> None:
     )
 
 
+def _check_rl(config, prefix: str) -> None:
+  if config.rounds > 1 and "reference_init" not in config.rl:
+    raise cs.ConfigError(
+      f"{prefix}.rl.trainer={config.rl.get('trainer')!r} has no reference_init: the loop "
+      "continues the policy round after round and needs the SFT policy as a separate KL "
+      "reference. Use ppo, grpo or rloo (configs/ppo.py, grpo.py, rloo.py)."
+    )
+
+
 CONFIG_SPEC = cs.Spec(
   {
     **cs.RUN_FIELDS,
@@ -116,7 +125,7 @@ CONFIG_SPEC = cs.Spec(
     "reward": cs.Stage(),
     "rl": cs.Stage(),
   },
-  checks=(_check_labeler, _check_strategy, cs.mesh_batch("candidates.sample_batch")),
+  checks=(_check_labeler, _check_strategy, _check_rl, cs.mesh_batch("candidates.sample_batch")),
 )
 
 
@@ -405,12 +414,6 @@ class Loop:
     new_policy = os.path.join(rdir, "policy")
     reference = {}
     if policy_dir != self.sft_dir:  # the SFT policy stays the KL reference
-      if "reference_init" not in config.rl:
-        raise errors.ConfigError(
-          f"config.rl.trainer={config.rl.trainer!r} has no reference_init: the loop continues "
-          "the policy round after round and needs the SFT policy as a separate reference. "
-          "Use ppo, grpo or rloo."
-        )
       reference["reference_init"] = self.sft_dir
     self.run_stage(
       config.rl, new_policy, policy_init=policy_dir, reward_init=new_reward, **reference

@@ -37,6 +37,13 @@ def test_runlocal_config_is_valid_and_refuses_bad_combinations():
   config.reward.ensemble_size = 1
   with pytest.raises(cs.ConfigError, match=r"ensemble_disagreement.*ensemble_size >= 2"):
     loop.CONFIG_SPEC.validate(config)
+  for name in ("grpo", "rloo"):  # any RL stage with a separate KL reference
+    config = _config()
+    config.rl = config_utils.load_config(os.path.join(REPO, f"configs/{name}.py:runlocal"))
+    loop.CONFIG_SPEC.validate(config)
+  config.rl = config_utils.load_config(os.path.join(REPO, "configs/dpo.py:runlocal"))
+  with pytest.raises(cs.ConfigError, match=r"config\.rl\.trainer='dpo' has no reference_init"):
+    loop.CONFIG_SPEC.validate(config)
   config = _config()
   config.strategy = "loudest"
   with pytest.raises(cs.ConfigError, match=r"config\.strategy='loudest'"):
