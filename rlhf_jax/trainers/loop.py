@@ -214,12 +214,13 @@ class Loop:
       self._panel = testbed.RaterPanel(self.config.data.testbed)
     return self._panel
 
-  def generate(self, policy_dir: str, prompts: list[str], key) -> list[str]:
+  def generator(self, policy_dir: str):
+    """f(prompts, key) -> responses from the finished policy stage, loaded once."""
     c = self.config.candidates
     policy = stages.load_policy(policy_dir, self.mesh, self.rules)
-    return policy.generate(
-      prompts, rng=key, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
-      prompt_len=c.prompt_len, batch_size=c.sample_batch, mesh=self.mesh, rules=self.rules,
+    return policy.generator(
+      max_new_tokens=c.max_new_tokens, temperature=c.temperature, prompt_len=c.prompt_len,
+      batch_size=c.sample_batch, mesh=self.mesh, rules=self.rules,
     )  # fmt: skip
 
   # ------------------------------------------------------------------ eval pairs
@@ -234,12 +235,7 @@ class Loop:
     if not os.path.exists(path):
       from rlhf_jax.data import pairs as pairs_lib
 
-      policy = stages.load_policy(self.sft_dir, self.mesh, self.rules)
-      c = config.candidates
-      generate = policy.generator(
-        max_new_tokens=c.max_new_tokens, temperature=c.temperature, prompt_len=c.prompt_len,
-        batch_size=c.sample_batch, mesh=self.mesh, rules=self.rules,
-      )  # fmt: skip
+      generate = self.generator(self.sft_dir)
       seed = rng.seed(config.data.seed, "eval_pairs")
       triples = pairs_lib.sample_comparisons(
         generate, config.num_eval_pairs, 2, "eval", seed, config.data.testbed
@@ -257,10 +253,8 @@ class Loop:
     c = self.config.candidates
     prompts = round_prompts(pool, c.prompts_per_round, k)
     key = jax.random.fold_in(rng.key(self.config.seed, "loop_samples"), k)
-    samples = [
-      self.generate(policy_dir, prompts, jax.random.fold_in(key, i))
-      for i in range(c.responses_per_prompt)
-    ]
+    generate = self.generator(policy_dir)
+    samples = [generate(prompts, jax.random.fold_in(key, i)) for i in range(c.responses_per_prompt)]
     out = {"prompts": prompts, "responses": [list(r) for r in zip(*samples, strict=True)]}
     if jax.process_index() == 0:
       utils.write_json_atomic(path, out)
