@@ -1,4 +1,4 @@
-"""The feedback loop's study on the testbed: more rounds and active selection, at one budget.
+r"""The feedback loop's study on the testbed: more rounds and active selection, at one budget.
 
     python -m experiments.loop_study --workdir=runs/loop_study
     python -m experiments.loop_study --size=runlocal --workdir=/tmp/study --seeds=0
@@ -45,18 +45,24 @@ SIZES = {
   "runlocal": dict(total_labels=240, reward_steps=40, rl_steps=6, eval_pairs=128),
 }
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/loop_study", "Where the cells and report go.")
-_SIZE = flags.DEFINE_enum("size", "study", list(SIZES), "Budget preset (see SIZES).")
-_ROUNDS = flags.DEFINE_list("rounds", ["1", "3", "5"], "Round counts to compare.")
-_STRATEGIES = flags.DEFINE_list(
-  "strategies", ["random", "ensemble_disagreement"], "Selection strategies to compare."
-)
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (model and data) of every cell.")
-_TOTAL = flags.DEFINE_integer("total_labels", None, "Labels per run; default: the size's.")
-_SFT = flags.DEFINE_string("sft", "", "A finished SFT stage to share; default: train one.")
-_CANDIDATES = flags.DEFINE_float(
-  "candidates_per_label", 3.0, "Candidate pairs sampled per pair to label (each round)."
-)
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags; defined when it runs, so importing the module (the tests do,
+  beside experiments.compare's own --workdir) defines none."""
+  flags.DEFINE_string("workdir", "runs/loop_study", "Where the cells and report go.")
+  flags.DEFINE_enum("size", "study", list(SIZES), "Budget preset (see SIZES).")
+  flags.DEFINE_list("rounds", ["1", "3", "5"], "Round counts to compare.")
+  flags.DEFINE_list(
+    "strategies", ["random", "ensemble_disagreement"], "Selection strategies to compare."
+  )
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (model and data) of every cell.")
+  flags.DEFINE_integer("total_labels", None, "Labels per run; default: the size's.")
+  flags.DEFINE_string("sft", "", "A finished SFT stage to share; default: train one.")
+  flags.DEFINE_float(
+    "candidates_per_label", 3.0, "Candidate pairs sampled per pair to label (each round)."
+  )
 
 
 def cells(rounds: Sequence[int], strategies: Sequence[str]) -> list[tuple[int, str]]:
@@ -200,7 +206,7 @@ def report(workdir: str, results, note: str = "") -> str:
 def ensure_sft(workdir: str, size: str) -> str:
   from rlhf_jax import stages
 
-  path = _SFT.value or os.path.join(workdir, "sft")
+  path = FLAGS.sft or os.path.join(workdir, "sft")
   if not stages.is_complete(path):
     spec = "configs/sft.py:runlocal" if size == "runlocal" else "configs/sft.py"
     config_utils.run(config_utils.load_config(os.path.join(REPO, spec)), path)
@@ -212,19 +218,19 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   from rlhf_jax.trainers import loop
 
-  workdir, size = _WORKDIR.value, _SIZE.value
-  total = _TOTAL.value or SIZES[size]["total_labels"]
+  workdir, size = FLAGS.workdir, FLAGS.size
+  total = FLAGS.total_labels or SIZES[size]["total_labels"]
   try:
-    rounds = [int(r) for r in _ROUNDS.value]
-    seeds = [int(s) for s in _SEEDS.value]
+    rounds = [int(r) for r in FLAGS.rounds]
+    seeds = [int(s) for s in FLAGS.seeds]
   except ValueError as error:
     sys.stderr.write(f"FATAL flag error: --rounds and --seeds take integers: {error}\n")
     sys.exit(errors.EXIT_CODE)
-  grid = cells(rounds, _STRATEGIES.value)
+  grid = cells(rounds, FLAGS.strategies)
   try:
     os.makedirs(workdir, exist_ok=True)
     sft = ensure_sft(workdir, size)
-    per_label = _CANDIDATES.value
+    per_label = FLAGS.candidates_per_label
     first = cell_config(size, grid[0][0], grid[0][1], seeds[0], total, sft, (), per_label)
     first.eval_files = ()
     evals = loop.Loop(first, workdir).eval_files()  # one held-out set for every cell
@@ -251,4 +257,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
