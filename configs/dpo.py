@@ -19,6 +19,7 @@ import ml_collections
 from configs import common
 from configs import reward as reward_config
 from configs import sft as sft_config
+from rlhf_jax import monitor
 from rlhf_jax.data.testbed import config as testbed_config
 
 
@@ -104,6 +105,10 @@ def get_config(arg=None):
   # Prompt files for the generation eval; "" = the testbed's held-out prompts for testbed
   # pairs, else the prompts of the eval pairs.
   config.eval.prompts = ""
+
+  # Reward-hacking and drift detectors at every eval, and the alert rules over them
+  # (rlhf_jax/monitor, docs/monitoring.md): alerts.jsonl, the best policy in <workdir>/best.
+  config.monitor = monitor.monitor_section()
 
   if arg.runlocal:
     config.total_steps = 12

@@ -108,6 +108,10 @@ def cell_config(
     config.reward.optim.warmup_steps, config.reward.total_steps - 1
   )
   config.reward.eval_every = config.reward.checkpoint_every = config.reward.total_steps
+  # The policy stages run their whole length: no alert may stop one early (the monitor's
+  # "stop" rules would make cells differ by more than their rounds and selection).
+  if "monitor" in config.rl:
+    config.rl.monitor.enabled = False
   config.rl.total_steps = max(1, -(-preset["rl_steps"] // rounds))
   config.rl.eval_every = config.rl.checkpoint_every = config.rl.total_steps
   config.rl.log_every = min(config.rl.log_every, config.rl.total_steps)

@@ -224,8 +224,10 @@ class Evaluator:
     seed: int,
     mesh,
     rules,
+    watch=None,
   ):
     self.workdir = workdir
+    self.watch = watch  # rlhf_jax.monitor.watch.Watch: detectors and alerts at every eval
     self.prompts = list(prompts)
     self.judge = judge
     self.sft = sft
@@ -239,6 +241,7 @@ class Evaluator:
     self.rng = jax.random.key(seed)
     self.sample_fn = sample_fn
     self._logps = jax.jit(logps_fn)
+    self._entropy = jax.jit(_mean_token_entropy)
     self._proxy = jax.jit(proxy_score) if proxy_score is not None else None
     self._proxy_host = proxy_host
     self.sft_texts, sft_arrays = self.sample(sft.params)
@@ -261,14 +264,20 @@ class Evaluator:
       )
       full = jnp.concatenate([jnp.asarray(self.tokens), out.tokens], axis=1)
       fmask = jnp.concatenate([jnp.asarray(self.mask), out.response_mask], axis=1)
-      logp, _ = self._logps(params, full, fmask, out.tokens)
+      logp, logits = self._logps(params, full, fmask, out.tokens)
       ref, _ = self._logps(self.sft.params, full, fmask, out.tokens)
       kl = jnp.sum((logp - ref) * out.response_mask, axis=-1)
       proxy = self._proxy(full, fmask, out.response_mask) if self._proxy else jnp.zeros_like(kl)
+      entropy = self._entropy(logits, out.response_mask)
     n = len(self.prompts)
-    texts = self.tok.decode_batch(sharding.fetch(out.tokens))[:n]
-    arrays = dict(proxy=proxy, kl=kl, lengths=out.lengths, has_eos=out.has_eos.astype(jnp.float32))
+    tokens = sharding.fetch(out.tokens)
+    texts = self.tok.decode_batch(tokens)[:n]
+    arrays = dict(
+      proxy=proxy, kl=kl, lengths=out.lengths, has_eos=out.has_eos.astype(jnp.float32),
+      entropy=entropy, response_mask=out.response_mask,
+    )  # fmt: skip
     arrays = {k: np.asarray(sharding.fetch(v))[:n] for k, v in arrays.items()}
+    arrays["tokens"] = np.asarray(tokens)[:n]
     if self._proxy is None and self._proxy_host is not None:
       arrays["proxy"] = host_scores(self._proxy_host, "the reward function", self.prompts, texts)
     return texts, arrays
@@ -300,4 +309,30 @@ class Evaluator:
   def __call__(self, params, step: int) -> dict[str, float]:
     texts, a = self.sample(params)
     judged = self.score(texts, a["proxy"])
-    return self.report(step, texts, judged, a["proxy"], a["kl"], a["lengths"], 1.0 - a["has_eos"])
+    line = self.report(step, texts, judged, a["proxy"], a["kl"], a["lengths"], 1.0 - a["has_eos"])
+    if self.watch is None:
+      return line
+    n = len(self.prompts)
+    monitored = self.watch.observe(
+      step, line, params=params, prompts=self.prompts, responses=texts, proxy=a["proxy"],
+      judge=judged, lengths=a["lengths"], kl=a["kl"], entropy=a["entropy"],
+      prompt_tokens=_unpad(self.tokens[:n], self.mask[:n]),
+      response_tokens=_unpad(a["tokens"], a["response_mask"]),
+    )  # fmt: skip
+    return {**line, **monitored}
+
+
+def _mean_token_entropy(logits, mask):
+  """[B] mean entropy (nats, at temperature 1) of the next-token distributions over each
+  row's real response tokens."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(entropy * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+
+
+def _unpad(tokens, mask) -> list[list[int]]:
+  return [
+    [int(t) for t, m in zip(row, keep, strict=True) if m]
+    for row, keep in zip(tokens, mask, strict=True)
+  ]

@@ -59,6 +59,7 @@ from rlhf_jax import (
   evaluation,
   hf,
   models,
+  monitor,
   optim,
   rng,
   sharding,
@@ -128,6 +129,7 @@ CONFIG_SPEC = cs.Spec(
     "confidence_range": cs.Seq(cs.Float(), length=2),
     "batch_size": cs.Int(min=1),
     "optim": optim.CONFIG_SPEC,
+    "monitor": monitor.CONFIG_SPEC,
     "lora": lora.CONFIG_SPEC,
     # The generation eval's prompts: prompt files, or (by default) the testbed's
     # held-out prompts for testbed pairs and the eval pairs' prompts for files.
@@ -586,6 +588,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
         policy.module, config.prompt_len, config.max_new_tokens, config.temperature
       ),
       mesh=mesh, rules=rules, testbed_prompts=testbed_eval(config),
+      start_step=run.start_step, model_config=policy.module.config,
     )  # fmt: skip
 
     def evaluate(params, step) -> dict[str, float]:
@@ -603,7 +606,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     )  # fmt: skip
     common.evaluate_start(run, lambda: evaluate(state["params"], 0))
     step = run.start_step
-    while step < config.total_steps:
+    while step < config.total_steps and rl_common.stopped_by_alert(generation_eval) is None:
       local = next(train_loader)
       with sharding.use_mesh(mesh, rules):
         state, step_metrics = update_fn(state, sharding.host_to_global(local, mesh))
@@ -617,6 +620,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
         lambda: evaluate(state["params"], step),
         preempted=preempted,
       )
+      if rl_common.stopped_by_alert(generation_eval) == step:
+        loop.should_save = True  # the stage ends here: its last checkpoint and export
       common.save_if_due(run, loop, step, state, clock)
       if preempted:
         logging.warning("SIGTERM: saved step %d and stopping; rerun to resume.", step)
@@ -634,4 +639,5 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     tokenizer_file=tok.filename,
     summary={"beta": config.beta, "loss_type": config.loss_type},
     export={"data_content_hash": data_info["content_hash"]},
+    watch=generation_eval.watch,
   )

@@ -41,7 +41,7 @@ import optax
 from absl import logging
 
 from rlhf_jax import config_spec as cs
-from rlhf_jax import evaluation, optim, rng, sharding
+from rlhf_jax import evaluation, monitor, optim, rng, sharding
 from rlhf_jax.models import lora
 from rlhf_jax.rl import advantages as adv_lib
 from rlhf_jax.rl import grpo as grpo_lib
@@ -135,6 +135,7 @@ CONFIG_SPEC = cs.Spec(
       }
     ),
     "optim": optim.CONFIG_SPEC,
+    "monitor": monitor.CONFIG_SPEC,
     "lora": lora.CONFIG_SPEC,
     "eval": rl_common.EVAL_SPEC,
   },
@@ -425,6 +426,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     evaluate = rl_common.make_evaluator(
       config, workdir, run.prompt_set.eval, sft=reference, rm=rm, sample_fn=sample_fn,
       logps_fn=logps_fn(policy.module, s), mesh=mesh, rules=rules, proxy_host=reward_fn,
+      start_step=run.start_step, model_config=policy.module.config,
     )  # fmt: skip
     ensemble = rm.ensemble_size if reward_fn is None else 0
     loop = common.bookkeeping(
@@ -437,7 +439,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     rollout_key = rng.key(config.seed, "rollout")
     tokens = float(s.rollout_batch_size * (s.prompt_len + s.max_new_tokens))
     step = run.start_step
-    while step < config.total_steps:
+    while step < config.total_steps and rl_common.stopped_by_alert(evaluate) is None:
       batch = next(run.loader)
       # Prompt i fills rows [i * G, (i + 1) * G): the groups the baseline is taken over.
       batch = jax.tree.map(lambda x: np.repeat(x, s.group_size, axis=0), batch)
@@ -456,6 +458,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       loop.after_update(
         step, stats, tokens, lambda: evaluate(state["policy"], step), preempted=preempted
       )
+      if rl_common.stopped_by_alert(evaluate) == step:
+        loop.should_save = True  # the stage ends here: its last checkpoint and export
       common.save_if_due(run, loop, step, state, clock)
       if preempted:
         logging.warning("SIGTERM: saved iteration %d and stopping; rerun to resume.", step)
@@ -477,4 +481,5 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       "group_size": s.group_size,
       "reward_fn": config.reward_fn,
     },
+    watch=evaluate.watch,
   )

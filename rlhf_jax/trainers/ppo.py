@@ -38,7 +38,7 @@ import optax
 from absl import logging
 
 from rlhf_jax import config_spec as cs
-from rlhf_jax import errors, hf, models, optim, rng, sharding
+from rlhf_jax import errors, hf, models, monitor, optim, rng, sharding
 from rlhf_jax.models import lora
 from rlhf_jax.rl import advantages as adv_lib
 from rlhf_jax.rl import kl as kl_lib
@@ -117,6 +117,7 @@ CONFIG_SPEC = cs.Spec(
       }
     ),
     "optim": optim.CONFIG_SPEC,
+    "monitor": monitor.CONFIG_SPEC,
     "value_optim": optim.CONFIG_SPEC,
     "eval": rl_common.EVAL_SPEC,
   },
@@ -552,7 +553,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     )
     evaluate = rl_common.make_evaluator(
       config, workdir, run.prompt_set.eval, sft=reference, rm=rm, sample_fn=sample_fn,
-      logps_fn=logps_fn, mesh=mesh, rules=rules,
+      logps_fn=logps_fn, mesh=mesh, rules=rules, start_step=run.start_step,
+      model_config=policy.module.config,
     )  # fmt: skip
     flops = flops_per_iteration(sft.module.config, s, nets.value is not None, rm.ensemble_size)
     loop = common.bookkeeping(
@@ -565,7 +567,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     rollout_key = rng.key(config.seed, "rollout")
     tokens = float(s.rollout_batch_size * (s.prompt_len + s.max_new_tokens))
     step = run.start_step
-    while step < config.total_steps:
+    while step < config.total_steps and rl_common.stopped_by_alert(evaluate) is None:
       batch = next(run.loader)
       phases = rl_common.PhaseClock((step + 1) % config.log_every == 0, state)
       with sharding.use_mesh(mesh, rules):
@@ -579,6 +581,8 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       loop.after_update(
         step, stats, tokens, lambda: evaluate(lm_params(state["policy"]), step), preempted=preempted
       )
+      if rl_common.stopped_by_alert(evaluate) == step:
+        loop.should_save = True  # the stage ends here: its last checkpoint and export
       common.save_if_due(run, loop, step, state, clock)
       if preempted:
         logging.warning("SIGTERM: saved iteration %d and stopping; rerun to resume.", step)
@@ -595,4 +599,5 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     model_config=policy.module.config,
     tokenizer_file=sft.tokenizer.filename,
     summary={"kl_coef": float(jax.device_get(state["kl"].kl_coef))},
+    watch=evaluate.watch,
   )

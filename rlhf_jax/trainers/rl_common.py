@@ -197,10 +197,16 @@ def make_evaluator(
   rules,
   proxy_host=None,
   testbed_prompts: bool | None = None,
+  start_step: int = 0,
+  model_config: models.ModelConfig | None = None,
 ) -> evaluation.Evaluator:
   """The held-out evaluator of an RL stage: `prompts`, the judge `config.eval.judge`, the
   reward model `rm` (or the host function `proxy_host`) as the proxy. `testbed_prompts`:
-  whether the prompts are the testbed's (default: `config.data.source == "testbed"`)."""
+  whether the prompts are the testbed's (default: `config.data.source == "testbed"`).
+
+  With `config.monitor` enabled it watches every eval (`monitor.watch.Watch`: detectors,
+  alert rules, alerts.jsonl, the best policy in <workdir>/best), resuming at `start_step`;
+  `model_config` is the evaluated policy's (for that export)."""
   if testbed_prompts is None:
     testbed_prompts = config.data.source == "testbed"
   judge = evaluation.make_judge(
@@ -224,7 +230,41 @@ def make_evaluator(
     seed=rng.seed(config.seed, "eval"),
     mesh=mesh,
     rules=rules,
+    watch=make_watch(config, workdir, start_step, sft.tokenizer, model_config),
   )
+
+
+def make_watch(config, workdir: str, start_step: int, tokenizer, model_config):
+  """The stage's `Watch` when `config.monitor.enabled`, else None."""
+  from rlhf_jax.monitor import watch as watch_lib
+
+  if not watch_lib.enabled(config):
+    return None
+
+  def export_best(directory: str, params, meta: dict[str, Any]) -> None:
+    if model_config is None:
+      return
+    if jax.process_index() == 0:
+      os.makedirs(directory, exist_ok=True)
+      tokenizer.save(os.path.join(directory, tokenizer.filename))
+    full = {
+      "kind": "policy",
+      "model": lora.plain(model_config).to_dict(),
+      "tokenizer": tokenizer.filename,
+      **meta,
+    }
+    stages.export(directory, lora.merged(params, model_config), full)
+
+  primary = jax.process_index() == 0
+  return watch_lib.Watch(
+    config.monitor, workdir, start_step, primary=primary, export_best=export_best
+  )
+
+
+def stopped_by_alert(evaluator) -> int | None:
+  """The step an alert with action "stop" ended the stage at (None: it did not)."""
+  watch = getattr(evaluator, "watch", None)
+  return None if watch is None else watch.stopped
 
 
 # ---------------------------------------------------------------- summary
@@ -441,17 +481,26 @@ def finish(
   tokenizer_file: str,
   summary: dict[str, Any] | None = None,
   export: dict[str, Any] | None = None,
+  watch=None,
 ) -> dict[str, float]:
   """After the loop (and `with run:`, which closed it): on the last step, summary.json and
   the export of the policy `params()`, once (a rerun after the export only rewrites the
-  summary). `tokenizer_file`: the tokenizer's name in the workdir (`tok.filename`)."""
-  if step < run.config.total_steps:
+  summary). `tokenizer_file`: the tokenizer's name in the workdir (`tok.filename`). A stage
+  an alert stopped (`watch.stopped`) ends at that step the same way. `watch`'s record
+  (alerts, the best policy) goes into the summary."""
+  stopped = watch.stopped if watch is not None else None
+  if step < run.config.total_steps and stopped is None:
     return loop.last_eval
+  if stopped is not None:
+    logging.warning("An alert stopped the stage at step %d (alerts.jsonl); exporting it.", step)
   exported = not stages.needs_export(run.workdir, step)
   if not exported:
     # The loop's last eval (recomputed if the run stopped after its final checkpoint).
+    if stopped is not None and run.start_step == step and not loop.last_eval:
+      loop.last_eval = evaluate(params(), step)
     loop.final_eval(run.start_step, lambda: evaluate(params(), step))
-  write_summary(run.workdir, method, clock.elapsed(), evaluator=evaluator, **(summary or {}))
+  summary = {**(summary or {}), **(watch.summary() if watch is not None else {})}
+  write_summary(run.workdir, method, clock.elapsed(), evaluator=evaluator, **summary)
   if not exported:
     meta = {
       "kind": "policy",

@@ -162,9 +162,10 @@ def rerun_after_late_stop(tmp_path, config, overrides, *, also_remove=()):
 
 
 def final_eval(workdir):
-  """The eval metrics of the last metrics line (the final step's); never empty."""
+  """The eval metrics of the last metrics line (the final step's; with the monitor's, which
+  the eval line carries too); never empty."""
   last = metrics.read_metrics(workdir)[-1]
-  evals = {k: v for k, v in last.items() if k.startswith("eval/")}
+  evals = {k: v for k, v in last.items() if k.startswith(("eval/", "monitor/"))}
   assert evals, last
   return evals
 
