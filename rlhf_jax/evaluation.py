@@ -225,6 +225,7 @@ class Evaluator:
     mesh,
     rules,
     watch=None,
+    proxy_members=None,
   ):
     self.workdir = workdir
     self.watch = watch  # rlhf_jax.monitor.watch.Watch: detectors and alerts at every eval
@@ -244,6 +245,7 @@ class Evaluator:
     self._entropy = jax.jit(_mean_token_entropy)
     self._proxy = jax.jit(proxy_score) if proxy_score is not None else None
     self._proxy_host = proxy_host
+    self._members = jax.jit(proxy_members) if proxy_members is not None else None
     self.sft_texts, sft_arrays = self.sample(sft.params)
     self.sft_judged = self.score(self.sft_texts, sft_arrays["proxy"])
 
@@ -269,6 +271,7 @@ class Evaluator:
       kl = jnp.sum((logp - ref) * out.response_mask, axis=-1)
       proxy = self._proxy(full, fmask, out.response_mask) if self._proxy else jnp.zeros_like(kl)
       entropy = self._entropy(logits, out.response_mask)
+      members = self._members(full, fmask, out.response_mask) if self._members else None
     n = len(self.prompts)
     tokens = sharding.fetch(out.tokens)
     texts = self.tok.decode_batch(tokens)[:n]
@@ -278,6 +281,8 @@ class Evaluator:
     )  # fmt: skip
     arrays = {k: np.asarray(sharding.fetch(v))[:n] for k, v in arrays.items()}
     arrays["tokens"] = np.asarray(tokens)[:n]
+    if members is not None:
+      arrays["members"] = np.asarray(sharding.fetch(members))[:, :n]
     if self._proxy is None and self._proxy_host is not None:
       arrays["proxy"] = host_scores(self._proxy_host, "the reward function", self.prompts, texts)
     return texts, arrays
@@ -316,6 +321,7 @@ class Evaluator:
     monitored = self.watch.observe(
       step, line, params=params, prompts=self.prompts, responses=texts, proxy=a["proxy"],
       judge=judged, lengths=a["lengths"], kl=a["kl"], entropy=a["entropy"],
+      member_scores=a.get("members"),
       prompt_tokens=_unpad(self.tokens[:n], self.mask[:n]),
       response_tokens=_unpad(a["tokens"], a["response_mask"]),
     )  # fmt: skip

@@ -120,8 +120,9 @@ def gather_last(values: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.take_along_axis(values, index[..., None], axis=-1)[..., 0]
 
 
-def rm_score_fn(rm: stages.RewardModel, prompt_len: int):
-  """f(full [B,P+N], fmask, rmask [B,N]) -> normalised ensemble-mean score [B].
+def rm_score_fn(rm: stages.RewardModel, prompt_len: int, members: bool = False):
+  """f(full [B,P+N], fmask, rmask [B,N]) -> normalised ensemble-mean score [B] (with
+  `members`, every member's normalised score [E, B]).
 
   The score is read at each response's last token (index prompt_len +
   length - 1): the classic off-by-one is reading one past it, at padding.
@@ -136,6 +137,8 @@ def rm_score_fn(rm: stages.RewardModel, prompt_len: int):
       return gather_last(rm.module.apply({"params": params}, full, positions, attn), last)
 
     raw = jax.vmap(member)(rm.params)
+    if members:
+      return rm.gain * raw + rm.bias
     return jnp.mean(rm.gain * raw + rm.bias, axis=0)
 
   return fn
@@ -217,6 +220,7 @@ def make_evaluator(
     max_len=config.prompt_len + config.max_new_tokens + 2,
     batch_size=len(prompts),
   )
+  watch = make_watch(config, workdir, start_step, sft.tokenizer, model_config)
   return evaluation.Evaluator(
     workdir,
     prompts=prompts,
@@ -230,7 +234,11 @@ def make_evaluator(
     seed=rng.seed(config.seed, "eval"),
     mesh=mesh,
     rules=rules,
-    watch=make_watch(config, workdir, start_step, sft.tokenizer, model_config),
+    watch=watch,
+    # The members' scores, for the watch's ensemble disagreement (one more RM forward).
+    proxy_members=rm_score_fn(rm, config.prompt_len, members=True)
+    if watch is not None and rm is not None and rm.ensemble_size > 1
+    else None,
   )
 
 

@@ -36,6 +36,9 @@ def test_an_alert_stops_ppo_which_exports_there_and_keeps_the_best_policy(
   evals = [r for r in rows if "eval/gold_reward" in r]
   assert [r["step"] for r in evals] == [0, 2]  # stopped at the first eval past step 0
   assert any(k.startswith("monitor/") for k in evals[-1]) and evals[-1]["monitor/alerts"] >= 1
+  # The runlocal reward model has two members: the evaluator scores with each.
+  assert evals[0]["monitor/ensemble_disagreement_ratio"] == 1.0
+  assert evals[-1]["monitor/ensemble_disagreement"] > 0
   meta = stages.read_meta(workdir)
   assert meta["step"] == 2 and stages.is_complete(workdir)
   assert final["eval/gold_reward"] == evals[-1]["eval/gold_reward"]
