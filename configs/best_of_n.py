@@ -14,6 +14,7 @@ import ml_collections
 from configs import common
 from configs import reward as reward_config
 from configs import sft as sft_config
+from rlhf_jax import exporters
 from rlhf_jax.data.testbed import config as testbed_config
 
 
@@ -45,6 +46,10 @@ def get_config(arg=None):
   config.mesh = (1, -1, 1)
   config.sharding_rules = "fsdp"
   config.eval = common.eval_section(num_prompts=128)
+
+  # Metric exporters, all off by default (rlhf_jax/exporters, docs/exporters.md):
+  # Prometheus, Weights & Biases, DogStatsD.
+  config.exporters = exporters.exporters_section()
 
   if arg.runlocal:
     config.num_samples = 16

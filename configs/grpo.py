@@ -22,7 +22,7 @@ import ml_collections
 from configs import common
 from configs import reward as reward_config
 from configs import sft as sft_config
-from rlhf_jax import monitor
+from rlhf_jax import exporters, monitor
 from rlhf_jax.data.testbed import config as testbed_config
 
 
@@ -110,6 +110,10 @@ def get_config(arg=None):
   # Reward-hacking and drift detectors at every eval, and the alert rules over them
   # (rlhf_jax/monitor, docs/monitoring.md): alerts.jsonl, the best policy in <workdir>/best.
   config.monitor = monitor.monitor_section()
+
+  # Metric exporters, all off by default (rlhf_jax/exporters, docs/exporters.md):
+  # Prometheus, Weights & Biases, DogStatsD.
+  config.exporters = exporters.exporters_section()
 
   if arg.runlocal:
     config.total_steps = 12

@@ -18,6 +18,7 @@ import ml_collections
 
 from configs import common
 from configs import sft as sft_config
+from rlhf_jax import exporters
 from rlhf_jax.data.testbed import config as testbed_config
 
 
@@ -100,6 +101,10 @@ def get_config(arg=None):
   config.normalize_samples = 512  # SFT samples that set the score's mean 0, std 1
   config.eval = ml_collections.ConfigDict()
   config.eval.num_gold_samples = 256  # SFT samples on held-out prompts, scored by RM and gold
+
+  # Metric exporters, all off by default (rlhf_jax/exporters, docs/exporters.md):
+  # Prometheus, Weights & Biases, DogStatsD.
+  config.exporters = exporters.exporters_section()
 
   if arg.runlocal:
     config.total_steps = 100

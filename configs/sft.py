@@ -15,6 +15,7 @@ Every testbed knob is under `config.data.testbed` (language, gold, panel).
 import ml_collections
 
 from configs import common
+from rlhf_jax import exporters
 from rlhf_jax.data.testbed import config as testbed_config
 
 
@@ -114,6 +115,10 @@ def get_config(arg=None):
   config.eval.temperature = 1.0
   config.eval.max_new_tokens = 40
   config.eval.prompt_len = 18
+
+  # Metric exporters, all off by default (rlhf_jax/exporters, docs/exporters.md):
+  # Prometheus, Weights & Biases, DogStatsD.
+  config.exporters = exporters.exporters_section()
 
   if arg.runlocal:
     config.total_steps = 120

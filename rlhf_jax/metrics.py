@@ -307,8 +307,11 @@ class MetricWriter:
     resume_step: int | None = None,
     is_primary: bool | None = None,
     tensorboard: bool = True,
+    exporter: Any = None,
   ):
     self.workdir = os.fspath(workdir)
+    # rlhf_jax.exporters: every line also goes to Prometheus / W&B / DogStatsD when set up.
+    self.exporter = exporter
     self.is_primary = jax.process_index() == 0 if is_primary is None else bool(is_primary)
     self.path = os.path.join(self.workdir, METRICS_FILENAME)
     self._file = None
@@ -362,6 +365,8 @@ class MetricWriter:
     self._file.flush()
     if self._events is not None and values:
       self._events.write_scalars(step, {name: float(v) for name, v in values.items()})
+    if self.exporter is not None:
+      self.exporter.write(step, values)
 
   def flush(self) -> None:
     """A no-op kept for API symmetry: every write is already flushed."""
@@ -373,6 +378,9 @@ class MetricWriter:
     if self._events is not None:
       self._events.close()
       self._events = None
+    if self.exporter is not None:
+      exporter, self.exporter = self.exporter, None
+      exporter.close()
 
   def __enter__(self) -> MetricWriter:
     return self

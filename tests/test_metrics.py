@@ -420,3 +420,28 @@ def test_a_damaged_metrics_line_is_an_error_naming_file_and_line(tmp_path):
   with pytest.raises(metrics_lib.errors.DataError, match=rf"{path}:2: not a metrics line"):
     metrics_lib.read_metrics(tmp_path)
   assert path.read_text().count("\n") == 3  # nothing was rewritten or lost
+
+
+def test_an_exporter_gets_every_line_and_is_closed_with_the_writer(tmp_path):
+  class Exporter:
+    def __init__(self):
+      self.lines, self.closed = [], 0
+
+    def write(self, step, line):
+      self.lines.append((step, dict(line)))
+
+    def close(self):
+      self.closed += 1
+
+  exporter = Exporter()
+  writer = metrics_lib.MetricWriter(tmp_path, exporter=exporter, tensorboard=False)
+  writer.write(1, {"loss": np.float32(0.5)})
+  writer.write(2, {"eval/gold_reward": 1.25})
+  writer.close()
+  writer.close()
+  assert exporter.lines == [(1, {"loss": 0.5}), (2, {"eval/gold_reward": 1.25})]
+  assert exporter.closed == 1
+  # Not the primary process: nothing is exported.
+  other = Exporter()
+  metrics_lib.MetricWriter(tmp_path, exporter=other, is_primary=False).write(3, {"loss": 1.0})
+  assert other.lines == []

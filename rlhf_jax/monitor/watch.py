@@ -53,6 +53,7 @@ class Watch:
     start_step: the step the stage starts (or resumes) from.
     primary: whether this process writes the files (process 0).
     export_best: f(dir, params, meta) writing a finished policy stage (`stages.export`).
+    exporter: the stage's metric exporters (`rlhf_jax.exporters`), which get the alerts.
   """
 
   def __init__(
@@ -63,7 +64,9 @@ class Watch:
     *,
     primary: bool = True,
     export_best: Callable[[str, Any, dict[str, Any]], None] | None = None,
+    exporter: Any = None,
   ):
+    self.exporter = exporter  # rlhf_jax.exporters: alerts to Prometheus / W&B / DogStatsD
     self.monitor = Monitor(section)
     self.engine = alerts_lib.AlertEngine.from_config(section.get("alerts"))
     self.workdir, self.primary = workdir, primary
@@ -137,6 +140,8 @@ class Watch:
       log("Alert %s at step %d: %s", alert.rule, step, alert.message)
     if self.primary and not repeated:
       alerts_lib.write(fired, self.alerts_path)
+      if self.exporter is not None:
+        self.exporter.alerts(fired)
     if not repeated:
       self.fired += [a.to_dict() for a in fired]
     if alerts_lib.keep_best_requests(fired):

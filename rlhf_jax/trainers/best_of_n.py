@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from rlhf_jax import config_spec as cs
-from rlhf_jax import config_utils, metrics, rng, sharding, stages, utils
+from rlhf_jax import config_utils, exporters, metrics, rng, sharding, stages, utils
 from rlhf_jax.rl import best_of_n
 from rlhf_jax.trainers import common, rl_common
 
@@ -48,6 +48,7 @@ def _check_ns(config, prefix: str) -> None:
 # One declared check per field of configs/best_of_n.py (see rlhf_jax/config_spec.py).
 CONFIG_SPEC = cs.Spec(
   {
+    "exporters": exporters.CONFIG_SPEC,
     **cs.RUN_FIELDS,
     **rl_common.UPSTREAM_FIELDS,
     **rl_common.SAMPLING_FIELDS,
@@ -137,7 +138,9 @@ def train(config: Any, workdir: str) -> dict[str, float]:
 
   # --------------------------------------------------------- the n curve
   # Every line is recomputed from the candidates, so an earlier attempt's lines go.
-  writer = metrics.MetricWriter(workdir, resume_step=-1)
+  writer = metrics.MetricWriter(
+    workdir, resume_step=-1, exporter=common.make_exporter(config, workdir)
+  )
   first = evaluate(sft.params, 0)
   metrics.check_finite(0, first, context="eval")
   writer.write(0, first)

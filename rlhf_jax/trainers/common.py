@@ -326,6 +326,17 @@ class Run:
     close_all(self.ckpt.wait, self.ckpt.close, self.writer.close)
 
 
+def make_exporter(config, workdir: str):
+  """The stage's metric exporters (`config.exporters`, rlhf_jax/exporters), or None."""
+  from rlhf_jax import exporters
+
+  section = config.get("exporters")
+  if section is None:
+    return None
+  exporter = exporters.make(section, workdir=workdir, stage=str(config.trainer), run_config=config)
+  return exporter or None
+
+
 def open_run(config, workdir: str, mesh, loader, *, clock_start: float, cls=Run, **fields):
   """Opens the checkpointer and the metric writer of a stage whose data is ready.
 
@@ -336,7 +347,9 @@ def open_run(config, workdir: str, mesh, loader, *, clock_start: float, cls=Run,
   """
   ckpt = checkpointer(config, workdir)
   start_step = ckpt.latest_intact_step() or 0
-  writer = metrics.MetricWriter(workdir, resume_step=start_step or -1)
+  writer = metrics.MetricWriter(
+    workdir, resume_step=start_step or -1, exporter=make_exporter(config, workdir)
+  )
   return cls(
     config=config, workdir=workdir, mesh=mesh, rules=config.sharding_rules, loader=loader,
     ckpt=ckpt, start_step=start_step, writer=writer, clock_start=clock_start, **fields,

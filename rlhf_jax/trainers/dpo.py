@@ -57,6 +57,7 @@ from rlhf_jax import (
   config_utils,
   errors,
   evaluation,
+  exporters,
   hf,
   models,
   monitor,
@@ -103,6 +104,7 @@ def _check_losses(config, prefix: str) -> None:
 # One declared check per field of configs/dpo.py (see rlhf_jax/config_spec.py).
 CONFIG_SPEC = cs.Spec(
   {
+    "exporters": exporters.CONFIG_SPEC,
     **cs.RUN_FIELDS,
     **cs.LOOP_FIELDS,
     **rl_common.UPSTREAM_FIELDS,
@@ -588,7 +590,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
         policy.module, config.prompt_len, config.max_new_tokens, config.temperature
       ),
       mesh=mesh, rules=rules, testbed_prompts=testbed_eval(config),
-      start_step=run.start_step, model_config=policy.module.config,
+      start_step=run.start_step, exporter=run.writer.exporter, model_config=policy.module.config,
     )  # fmt: skip
 
     def evaluate(params, step) -> dict[str, float]:

@@ -41,7 +41,7 @@ import optax
 from absl import logging
 
 from rlhf_jax import config_spec as cs
-from rlhf_jax import evaluation, monitor, optim, rng, sharding
+from rlhf_jax import evaluation, exporters, monitor, optim, rng, sharding
 from rlhf_jax.models import lora
 from rlhf_jax.rl import advantages as adv_lib
 from rlhf_jax.rl import grpo as grpo_lib
@@ -109,6 +109,7 @@ def _updates(config) -> int:
 # One declared check per field of configs/grpo.py and configs/rloo.py (rlhf_jax/config_spec.py).
 CONFIG_SPEC = cs.Spec(
   {
+    "exporters": exporters.CONFIG_SPEC,
     **cs.RUN_FIELDS,
     **cs.LOOP_FIELDS,
     **rl_common.UPSTREAM_FIELDS,
@@ -426,7 +427,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     evaluate = rl_common.make_evaluator(
       config, workdir, run.prompt_set.eval, sft=reference, rm=rm, sample_fn=sample_fn,
       logps_fn=logps_fn(policy.module, s), mesh=mesh, rules=rules, proxy_host=reward_fn,
-      start_step=run.start_step, model_config=policy.module.config,
+      start_step=run.start_step, exporter=run.writer.exporter, model_config=policy.module.config,
     )  # fmt: skip
     ensemble = rm.ensemble_size if reward_fn is None else 0
     loop = common.bookkeeping(

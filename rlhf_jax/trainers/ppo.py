@@ -38,7 +38,7 @@ import optax
 from absl import logging
 
 from rlhf_jax import config_spec as cs
-from rlhf_jax import errors, hf, models, monitor, optim, rng, sharding
+from rlhf_jax import errors, exporters, hf, models, monitor, optim, rng, sharding
 from rlhf_jax.models import lora
 from rlhf_jax.rl import advantages as adv_lib
 from rlhf_jax.rl import kl as kl_lib
@@ -87,6 +87,7 @@ def check_value_init(config, prefix: str) -> None:
 # One declared check per field of configs/ppo.py (see rlhf_jax/config_spec.py).
 CONFIG_SPEC = cs.Spec(
   {
+    "exporters": exporters.CONFIG_SPEC,
     **cs.RUN_FIELDS,
     **cs.LOOP_FIELDS,
     **rl_common.UPSTREAM_FIELDS,
@@ -554,7 +555,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     evaluate = rl_common.make_evaluator(
       config, workdir, run.prompt_set.eval, sft=reference, rm=rm, sample_fn=sample_fn,
       logps_fn=logps_fn, mesh=mesh, rules=rules, start_step=run.start_step,
-      model_config=policy.module.config,
+      exporter=run.writer.exporter, model_config=policy.module.config,
     )  # fmt: skip
     flops = flops_per_iteration(sft.module.config, s, nets.value is not None, rm.ensemble_size)
     loop = common.bookkeeping(

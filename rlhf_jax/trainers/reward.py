@@ -42,6 +42,7 @@ from rlhf_jax import config_spec as cs
 from rlhf_jax import (
   config_utils,
   errors,
+  exporters,
   hf,
   models,
   optim,
@@ -105,6 +106,7 @@ def check_continued(config, prefix: str) -> None:
 # One declared check per field of configs/reward.py (see rlhf_jax/config_spec.py).
 CONFIG_SPEC = cs.Spec(
   {
+    "exporters": exporters.CONFIG_SPEC,
     **cs.RUN_FIELDS,
     **cs.LOOP_FIELDS,
     "batch_size": cs.Int(min=1),

@@ -202,6 +202,7 @@ def make_evaluator(
   testbed_prompts: bool | None = None,
   start_step: int = 0,
   model_config: models.ModelConfig | None = None,
+  exporter=None,
 ) -> evaluation.Evaluator:
   """The held-out evaluator of an RL stage: `prompts`, the judge `config.eval.judge`, the
   reward model `rm` (or the host function `proxy_host`) as the proxy. `testbed_prompts`:
@@ -220,7 +221,7 @@ def make_evaluator(
     max_len=config.prompt_len + config.max_new_tokens + 2,
     batch_size=len(prompts),
   )
-  watch = make_watch(config, workdir, start_step, sft.tokenizer, model_config)
+  watch = make_watch(config, workdir, start_step, sft.tokenizer, model_config, exporter)
   return evaluation.Evaluator(
     workdir,
     prompts=prompts,
@@ -242,7 +243,7 @@ def make_evaluator(
   )
 
 
-def make_watch(config, workdir: str, start_step: int, tokenizer, model_config):
+def make_watch(config, workdir: str, start_step: int, tokenizer, model_config, exporter=None):
   """The stage's `Watch` when `config.monitor.enabled`, else None."""
   from rlhf_jax.monitor import watch as watch_lib
 
@@ -265,8 +266,9 @@ def make_watch(config, workdir: str, start_step: int, tokenizer, model_config):
 
   primary = jax.process_index() == 0
   return watch_lib.Watch(
-    config.monitor, workdir, start_step, primary=primary, export_best=export_best
-  )
+    config.monitor, workdir, start_step, primary=primary, export_best=export_best,
+    exporter=exporter,
+  )  # fmt: skip
 
 
 def stopped_by_alert(evaluator) -> int | None:

@@ -29,7 +29,7 @@ import optax
 from absl import logging
 
 from rlhf_jax import config_spec as cs
-from rlhf_jax import distributed, hf, models, optim, rng, sharding, stages, utils
+from rlhf_jax import distributed, exporters, hf, models, optim, rng, sharding, stages, utils
 from rlhf_jax.data import builders, chat, lengths, packing
 from rlhf_jax.data import loader as loader_lib
 from rlhf_jax.data import prompts as prompts_lib
@@ -53,6 +53,7 @@ def _check_data(data, prefix: str) -> None:
 # One declared check per field of configs/sft.py (see rlhf_jax/config_spec.py).
 CONFIG_SPEC = cs.Spec(
   {
+    "exporters": exporters.CONFIG_SPEC,
     **cs.RUN_FIELDS,
     **cs.LOOP_FIELDS,
     "batch_size": cs.Int(min=1),

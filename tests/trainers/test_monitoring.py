@@ -1,5 +1,6 @@
 """The monitor inside an RL stage: metrics, alerts, a stop, and the best policy kept."""
 
+import glob
 import json
 import os
 
@@ -7,6 +8,7 @@ import numpy as np
 
 from rlhf_jax import config_utils, metrics, sharding, stages
 from rlhf_jax.monitor import alerts as alerts_lib
+from tests.exporters import test_wandb
 from tests.trainers import resume
 
 REPO = resume.REPO
@@ -21,10 +23,15 @@ def _ppo(reward_dir, **changes):
 
 
 def test_an_alert_stops_ppo_which_exports_there_and_keeps_the_best_policy(
-  reward_runlocal, tmp_path
+  reward_runlocal, tmp_path, monkeypatch
 ):
   _, reward_dir, _ = reward_runlocal
   config = _ppo(reward_dir, total_steps=12, eval_every=2, log_every=2, checkpoint_every=4)
+  # The metrics and alerts also go to an offline Weights & Biases run (rlhf_jax/exporters).
+  for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+    monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  config.exporters.wandb.project = "rlhf-jax-test"
   # A stop rule certain to fire: any KL to the reference after the first updates.
   config.monitor.alerts.too_far = alerts_lib.rule_config(
     "eval/kl_to_ref", ">", 1e-6, action="stop", severity="critical", why="test"
@@ -57,6 +64,13 @@ def test_an_alert_stops_ppo_which_exports_there_and_keeps_the_best_policy(
   assert best_meta["kind"] == "policy" and best_meta["step"] == best["step"]
   policy = stages.load_policy(best_dir, sharding.make_mesh((1, -1, 1)))
   assert np.isfinite(np.asarray(jax_leaf(policy.params))).all()
+
+  # The W&B run holds every logged line: the eval lines with the monitor's metrics.
+  runs = glob.glob(os.path.join(workdir, "wandb", "*", "run-*.wandb"))
+  (wandb_file,) = [r for r in runs if "latest-run" not in r]  # that one is a link
+  logged = test_wandb.history(wandb_file)
+  assert logged[2]["eval/gold_reward"] == evals[-1]["eval/gold_reward"]
+  assert logged[2]["monitor/alerts"] == evals[-1]["monitor/alerts"]
 
   # A rerun finds the stage finished: it does not train on past the stop.
   config_utils.run(config, workdir)
