@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -58,17 +59,30 @@ def run_to_end(config, workdir, overrides, cache_dir=None):
   assert proc.returncode == 0, out.decode()[-3000:]
 
 
-def interrupt(config, workdir, overrides, sig, after_step, cache_dir=None):
-  """Starts a run and sends `sig` once a checkpoint at or past `after_step` is committed."""
-  proc = launch(config, workdir, overrides, cache_dir)
-  deadline = time.time() + 900
+def signal_when(proc, ready, sig, timeout=900):
+  """Sends `sig` to `proc` once `ready()` holds (or lets it end); (returncode, output).
+
+  The output is drained by a thread meanwhile: a child that logs more than a pipe holds
+  would otherwise block on its next write and never reach the condition.
+  """
+  chunks = []
+  drain = threading.Thread(target=lambda: chunks.append(proc.stdout.read()), daemon=True)
+  drain.start()
+  deadline = time.time() + timeout
   while time.time() < deadline and proc.poll() is None:
-    if any(s >= after_step for s in committed_steps(workdir)):
+    if ready():
       proc.send_signal(sig)
       break
     time.sleep(0.02)
-  out, _ = proc.communicate(timeout=900)
-  return proc.returncode, out.decode()
+  proc.wait(timeout=timeout)
+  drain.join(timeout=60)
+  return proc.returncode, b"".join(chunks).decode(errors="replace")
+
+
+def interrupt(config, workdir, overrides, sig, after_step, cache_dir=None):
+  """Starts a run and sends `sig` once a checkpoint at or past `after_step` is committed."""
+  proc = launch(config, workdir, overrides, cache_dir)
+  return signal_when(proc, lambda: any(s >= after_step for s in committed_steps(workdir)), sig)
 
 
 def final_state(workdir):

@@ -4,7 +4,6 @@ import itertools
 import json
 import os
 import signal
-import time
 
 import numpy as np
 import pytest
@@ -74,14 +73,9 @@ def test_killed_run_resumes_to_the_same_curve(reward_runlocal, tmp_path):
   killed = str(tmp_path / "killed")
   proc = resume.launch(config, killed, overrides, cache)
   chunks = os.path.join(killed, "candidates")
-  deadline = time.time() + 600
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.isdir(chunks) and len(os.listdir(chunks)) >= 2:
-      proc.send_signal(signal.SIGKILL)
-      break
-    time.sleep(0.02)
-  proc.communicate(timeout=600)
-  assert proc.returncode == -signal.SIGKILL
+  ready = lambda: os.path.isdir(chunks) and len(os.listdir(chunks)) >= 2
+  code, out = resume.signal_when(proc, ready, signal.SIGKILL, timeout=600)
+  assert code == -signal.SIGKILL, out[-3000:]
   assert 2 <= len(os.listdir(chunks)) < 8, "the kill must land mid-run"
   resume.run_to_end(config, killed, overrides, cache)
   assert metrics.read_metrics(killed) == metrics.read_metrics(reference)

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import time
 
 import jax
 import numpy as np
@@ -145,16 +144,10 @@ def _overrides(sft_dir):
 
 
 def _kill_when(workdir, overrides, cache, ready, what):
-  """Starts the loop and SIGKILLs it once `ready()` holds; the output if it ended first."""
+  """Starts the loop and SIGKILLs it once `ready()` holds."""
   proc = resume.launch(CONFIG, workdir, overrides, cache)
-  deadline = time.time() + 900
-  while time.time() < deadline and proc.poll() is None:
-    if ready():
-      proc.send_signal(signal.SIGKILL)
-      break
-    time.sleep(0.02)
-  out, _ = proc.communicate(timeout=900)
-  assert proc.returncode == -signal.SIGKILL, (what, out.decode()[-3000:])
+  code, out = resume.signal_when(proc, ready, signal.SIGKILL)
+  assert code == -signal.SIGKILL, (what, out[-3000:])
 
 
 def _loop_json(workdir):
