@@ -266,10 +266,15 @@ def test_labels_from_people_stop_the_loop_with_exit_2_until_they_are_in(reward_r
 # --------------------------------------------- the stage options the loop builds on
 
 
+def _reward_config():
+  return config_utils.load_config(os.path.join(REPO, "configs/reward.py:runlocal"))
+
+
 def test_a_continued_reward_model_keeps_its_members_and_depth(reward_runlocal):
   from rlhf_jax.trainers import reward
 
-  config, reward_dir, _ = reward_runlocal
+  _, reward_dir, _ = reward_runlocal
+  config = _reward_config()  # the fixture's config is shared: never change it
   config.policy_init = os.path.join(reward_dir, "sft")
   config.reward_init = reward_dir
   reward.CONFIG_SPEC.validate(config)
@@ -303,7 +308,8 @@ def test_a_reward_stage_continued_starts_where_the_last_one_ended(reward_runloca
   eval equals the old stage's final eval (same eval pairs), and then it trains on."""
   from rlhf_jax import metrics
 
-  config, reward_dir, final = reward_runlocal
+  _, reward_dir, final = reward_runlocal
+  config = _reward_config()  # the fixture's config is shared: never change it
   config.policy_init = os.path.join(reward_dir, "sft")
   config.reward_init = reward_dir
   config.total_steps, config.eval_every, config.checkpoint_every, config.log_every = 2, 2, 2, 1
