@@ -11,7 +11,7 @@ the first alert of severity warning or critical (step, rule), and the lead time,
 steps before the peak it fired (negative: after). Summary: on the over-optimising runs, how
 many had such an alert by the peak and the mean lead; on the others, how many stayed quiet.
 
-  --compare=DIR    every run of an experiments.compare workdir (<method>/<knob>=<value>/)
+  --compare=DIR    every run of an experiments.compare workdir (its cells/)
   --runs=A,B       run workdirs
   --drop=0.1       gold units below the peak that make a run over-optimising
   --out=FILE       the Markdown table (and FILE's .json beside it); default: print only
@@ -36,9 +36,11 @@ FLAGS = flags.FLAGS
 
 
 def run_dirs(compare_dir: str) -> list[str]:
-  """The run workdirs of an experiments.compare folder: those with a metrics.jsonl."""
+  """The run workdirs of an experiments.compare folder (its cells/, the sweep's runs, when it
+  has one): those with a metrics.jsonl."""
+  cells = os.path.join(compare_dir, "cells")
   out = []
-  for root, _, files in sorted(os.walk(compare_dir)):
+  for root, _, files in sorted(os.walk(cells if os.path.isdir(cells) else compare_dir)):
     if "metrics.jsonl" in files and os.path.basename(root) not in ("sft", "reward"):
       out.append(root)
   return sorted(out)

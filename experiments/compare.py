@@ -1,32 +1,36 @@
-"""PPO, DPO, GRPO, RLOO and best-of-n on the testbed, each at several KL budgets.
+"""PPO, DPO, GRPO, RLOO and best-of-n on the testbed, each at several KL budgets and seeds.
 
     python -m experiments.compare                                  # runs/compare
     python -m experiments.compare --size=runlocal --workdir=/tmp/compare
-    python -m experiments.compare --methods=ppo,best_of_n --set=seed=1
+    python -m experiments.compare --methods=ppo,best_of_n --seeds=0,1,2 --parallel=2
+    python -m experiments.compare --executor=ray --address=auto --gpus_per_cell=1
 
-One SFT stage and one reward model (configs/ppo.py's sections) are trained
-into <workdir>/sft and <workdir>/reward and shared by every run, so all
-methods start from the same policy and optimise the same proxy (DPO learns
-from the very pairs the reward model was trained on). Each method then runs
-once per KL budget (its KL knob: PPO's fixed beta, DPO's beta, the GRPO and
-RLOO KL coefficients; best-of-n's n, all from one run; evals made more
-frequent than the configs' defaults, for the curves) into
-<workdir>/<method>/<knob>=<value>. Finished runs are reused and interrupted
-ones resume, so the command can be rerun until it completes.
+A sweep over methods (rlhf_jax/sweeps): each method runs at each of its KL budgets (its KL
+knob: PPO's fixed beta, DPO's beta, the GRPO and RLOO KL coefficients; best-of-n's n, all
+from one run; evals more frequent than the configs' defaults, for the curves) and each seed
+(--seeds; PPO's, DPO's, ... seed, the RL stage's randomness) into
+<workdir>/cells/config=<method>,<knob>=<value>,seed=<s>. The methods' configs share their
+`sft` and `reward` sections, so one SFT stage and one reward model are trained into
+<workdir>/stages/ and shared by every run: all methods start from the same policy and
+optimise the same proxy (DPO learns from the very pairs the reward model was trained on).
+Finished runs are reused and interrupted ones resume, so the command can be rerun until it
+completes.
 
 Writes to the workdir:
-  comparison.md    the table: gold reward (and its gain over SFT), proxy
-                   reward, KL to SFT, win rate vs SFT (judged by gold), the
-                   peak gold along the run (and at what KL), wall time
+  comparison.md    the table: gold reward (and its gain over SFT), proxy reward, KL to SFT,
+                   win rate vs SFT (judged by gold), the peak gold along the run (and at what
+                   KL), wall time; with several seeds, each the mean ± the half-width of its
+                   95% t interval over seeds
   comparison.json  the same rows, machine-readable
-  reward_vs_kl.png gold and proxy reward against sqrt(KL) for every run,
+  reward_vs_kl.png gold and proxy reward against sqrt(KL) for every run of the first seed,
                    every eval point (Gao et al. 2022)
+  sweep_report.md  the sweep's statistics: every metric per setting, and the paired
+                   differences of gold reward between settings, resolved or not
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -36,6 +40,8 @@ from typing import Any
 from absl import app, flags, logging
 
 from rlhf_jax import config_utils, errors, metrics, plots, utils
+from rlhf_jax.sweeps import cli, executors, runner, stats
+from rlhf_jax.sweeps import report as sweep_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,21 +64,26 @@ METHODS = tuple(SWEEPS)
 
 @dataclasses.dataclass
 class Run:
+  """One run of the comparison: a method at one KL budget and one seed (a sweep cell)."""
+
   method: str
   config: str  # config spec, e.g. "configs/ppo.py:runlocal"
   knob: str | None
   value: Any
   overrides: dict[str, Any]
+  seed: int = 0
 
   @property
   def label(self) -> str:
     return self.method if self.knob is None else f"{self.method} {self.knob}={self.value}"
 
-  @property
-  def subdir(self) -> str:
-    return (
-      self.method if self.knob is None else os.path.join(self.method, f"{self.knob}={self.value}")
-    )
+  def cell(self) -> dict[str, Any]:
+    """The sweep cell: its config file, the overrides, the knob's value and the seed."""
+    cell = {"config": self.config, **self.overrides}
+    if self.knob is not None:
+      cell[self.knob] = self.value
+    cell["seed"] = self.seed
+    return cell
 
 
 def plan(
@@ -81,18 +92,22 @@ def plan(
   overrides: dict[str, Any] | None = None,
   per_method: dict[str, dict[str, Any]] | None = None,
   values: dict[str, Sequence[Any]] | None = None,
+  seeds: Sequence[int] = (0,),
 ) -> list[Run]:
-  """The runs of a comparison: every method at each of its KL budgets.
+  """The runs of a comparison: every method at each of its KL budgets, for each seed.
 
   Args:
     size: "full" or "runlocal" (the configs' runlocal variants and fewer budgets).
     methods: which of METHODS to run.
-    overrides: dotted config keys set on every run (e.g. {"seed": 1}).
+    overrides: dotted config keys set on every run (e.g. {"sft.total_steps": 100}).
     per_method: method -> dotted keys set on that method's runs.
     values: method -> KL-knob values replacing the default budgets.
+    seeds: the seeds every method runs at each budget.
   """
   if size not in ("full", "runlocal"):
     raise ValueError(f"size={size!r}; expected 'full' or 'runlocal'.")
+  if "seed" in (overrides or {}):
+    raise ValueError("Set the seeds with --seeds, not --set=seed=...")
   runs = []
   for method in methods:
     if method not in SWEEPS:
@@ -102,123 +117,113 @@ def plan(
     spec = os.path.join(REPO, path) + (":runlocal" if size == "runlocal" else "")
     extra = {**fixed, **(overrides or {}), **(per_method or {}).get(method, {})}
     for value in chosen:
-      runs.append(Run(method, spec, knob, value, extra))
+      for seed in seeds:
+        runs.append(Run(method, spec, knob, value, extra, seed))
   return runs
 
 
-def _set(config, key: str, value: Any, source: str) -> None:
-  """config[key] = value for a dotted key that must exist (ConfigDict checks the type)."""
-  config_utils.check_key(config, key, source=source)
-  *parents, leaf = key.split(".")
-  node = config
-  for part in parents:
-    node = node[part]
-  node[leaf] = value
-
-
-def shared_stages_config(size: str, overrides: dict[str, Any]):
-  """The config whose `sft` and `reward` sections make the stages every run shares."""
-  spec = os.path.join(REPO, "configs/ppo.py") + (":runlocal" if size == "runlocal" else "")
-  config = config_utils.load_config(spec)
-  for key, value in overrides.items():
-    if key.split(".")[0] in ("sft", "reward", "policy_init", "reward_init", "seed"):
-      _set(config, key, value, source="--set")
-  return config
-
-
-def ensure_shared_stages(workdir: str, size: str, overrides: dict[str, Any]) -> tuple[str, str]:
-  """One SFT and one reward stage for every run: <workdir>/sft, <workdir>/reward."""
-  resolved = config_utils.resolve_upstream(shared_stages_config(size, overrides), workdir)
-  return resolved.policy_init, resolved.reward_init
-
-
-def run_config(run: Run, sft_dir: str = "", reward_dir: str = ""):
-  """The config of one run: its method's config, the overrides and its KL-knob value."""
-  config = config_utils.load_config(run.config)
-  config.policy_init, config.reward_init = sft_dir, reward_dir
-  for key, value in run.overrides.items():
-    _set(config, key, value, source=f"the {run.method} overrides")
-  if run.knob is not None:
-    _set(config, run.knob, run.value, source=f"the {run.method} sweep")
-  return config
-
-
-def check(runs: Sequence[Run], size: str, shared: dict[str, Any]) -> None:
-  """Every run's config and the shared stages' pass their declared checks, before any of
-  them trains (a typo in one run's override must not cost the shared stages' training)."""
-  config_utils.validate(shared_stages_config(size, shared))
-  for run in runs:
-    config_utils.validate(run_config(run))
-
-
-def execute(run: Run, workdir: str, sft_dir: str, reward_dir: str) -> dict[str, Any]:
-  """Runs (or reuses, or resumes) one run; returns its table row."""
-  run_dir = os.path.join(workdir, run.subdir)
-  summary_path = os.path.join(run_dir, "summary.json")
-  if not os.path.exists(summary_path):
-    config = run_config(run, sft_dir, reward_dir)
-    logging.info("compare: running %s into %s", run.label, run_dir)
-    config_utils.run(config, run_dir)
-  with open(summary_path) as f:
-    summary = json.load(f)
-  evals = [r for r in metrics.read_metrics(run_dir) if "eval/gold_reward" in r]
-  peak = max(evals, key=lambda r: r["eval/gold_reward"])
+def row(run: Run, record: dict[str, Any]) -> dict[str, Any]:
+  """One finished run's table row: its summary's numbers and the peak gold along the run."""
+  m = record["metrics"]
+  peak = max(record["curve"], key=lambda r: r["gold_reward"])
   return {
     "method": run.method,
     "knob": run.knob or "n",
-    "value": run.value if run.knob else summary.get("n"),
+    "value": run.value if run.knob else int(m["n"]),
     "label": run.label,
-    "workdir": run_dir,
-    "sft_gold_reward": summary["sft_gold_reward"],
-    "gold_reward": summary["gold_reward"],
-    "gold_reward_gain": summary["gold_reward_gain"],
-    "proxy_reward": summary["proxy_reward"],
-    "kl_to_ref": summary["kl_to_ref"],
-    "win_rate_vs_sft": summary["win_rate_vs_sft"],
-    "peak_gold_reward": peak["eval/gold_reward"],
-    "peak_gold_kl": peak["eval/kl_to_ref"],
-    "wall_time_s": summary["wall_time_s"],
+    "seed": run.seed,
+    "workdir": record["workdir"],
+    "sft_gold_reward": m["sft_gold_reward"],
+    "gold_reward": m["gold_reward"],
+    "gold_reward_gain": m["gold_reward_gain"],
+    "proxy_reward": m["proxy_reward"],
+    "kl_to_ref": m["kl_to_ref"],
+    "win_rate_vs_sft": m["win_rate_vs_sft"],
+    "peak_gold_reward": peak["gold_reward"],
+    "peak_gold_kl": peak["kl_to_ref"],
+    "wall_time_s": m["wall_time_s"],
   }
 
 
+COLUMNS = (
+  "sft_gold_reward", "gold_reward", "gold_reward_gain", "proxy_reward", "kl_to_ref",
+  "win_rate_vs_sft", "peak_gold_reward", "peak_gold_kl", "wall_time_s",
+)  # fmt: skip
+
+
+def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The rows of one method and budget over seeds: each column's mean, with its t interval
+  under `<column>_ci` ([low, high]; NaN for one seed), in the runs' order."""
+  groups: dict[str, list[dict[str, Any]]] = {}
+  for r in rows:
+    groups.setdefault(r["label"], []).append(r)
+  out = []
+  for group in groups.values():
+    first = group[0]
+    merged = {k: first[k] for k in ("method", "knob", "value", "label")}
+    merged["seeds"] = [r["seed"] for r in group]
+    merged["workdirs"] = [r["workdir"] for r in group]
+    for column in COLUMNS:
+      summary = stats.summarize([r[column] for r in group])
+      merged[column] = summary["mean"]
+      merged[f"{column}_ci"] = [summary["low"], summary["high"]]
+    out.append(merged)
+  return out
+
+
+def _pm(r: dict[str, Any], column: str, fmt: str) -> str:
+  text = format(r[column], fmt)
+  low, high = r.get(f"{column}_ci", (float("nan"), float("nan")))
+  if low == low and high == high:  # not NaN: several seeds
+    text += f" ± {format((high - low) / 2, fmt.lstrip('+'))}"
+  return text
+
+
 def table(rows: Sequence[dict[str, Any]]) -> str:
-  """The comparison as a Markdown table."""
+  """The comparison as a Markdown table (rows of `aggregate`)."""
   head = (
-    "| method | KL knob | gold reward (gain vs SFT) | proxy reward | KL to SFT | win rate vs SFT "
-    "| peak gold (at KL) | wall time |\n"
-    "|---|---|---|---|---|---|---|---|\n"
+    "| method | KL knob | seeds | gold reward (gain vs SFT) | proxy reward | KL to SFT "
+    "| win rate vs SFT | peak gold (at KL) | wall time |\n"
+    "|---|---|---|---|---|---|---|---|---|\n"
   )
   body = ""
   for r in rows:
     knob = f"{r['knob']}={r['value']}"
     body += (
-      f"| {r['method']} | {knob} | {r['gold_reward']:+.2f} ({r['gold_reward_gain']:+.2f}) "
-      f"| {r['proxy_reward']:+.2f} | {r['kl_to_ref']:.2f} | {r['win_rate_vs_sft']:.2f} "
+      f"| {r['method']} | {knob} | {len(r['seeds'])} "
+      f"| {_pm(r, 'gold_reward', '+.2f')} ({_pm(r, 'gold_reward_gain', '+.2f')}) "
+      f"| {_pm(r, 'proxy_reward', '+.2f')} | {_pm(r, 'kl_to_ref', '.2f')} "
+      f"| {_pm(r, 'win_rate_vs_sft', '.2f')} "
       f"| {r['peak_gold_reward']:+.2f} ({r['peak_gold_kl']:.2f}) | {r['wall_time_s']:.0f} s |\n"
     )
   return head + body
 
 
-def report(workdir: str, rows: Sequence[dict[str, Any]], note: str = "") -> None:
-  """Writes comparison.md, comparison.json and reward_vs_kl.png into the workdir."""
+def report(workdir: str, rows: Sequence[dict[str, Any]], records, note: str = "") -> None:
+  """Writes comparison.md, comparison.json, reward_vs_kl.png and the sweep's report."""
   sft = rows[0]["sft_gold_reward"] if rows else float("nan")
+  seeds = sorted({s for r in rows for s in r["seeds"]})
+  intervals = " Each figure is the mean over seeds ± the half-width of its 95% t interval."
   text = (
-    f"# Comparison on the testbed\n\nSFT policy gold reward: {sft:+.2f}.{note}\n\n{table(rows)}"
+    f"# Comparison on the testbed\n\nSFT policy gold reward: {sft:+.2f}. Seeds: "
+    f"{', '.join(map(str, seeds))}.{intervals if len(seeds) > 1 else ''}{note}\n\n{table(rows)}"
   )
-  with open(os.path.join(workdir, "comparison.md.tmp"), "w") as f:
+  with utils.atomic_open(os.path.join(workdir, "comparison.md")) as f:
     f.write(text)
-  os.replace(os.path.join(workdir, "comparison.md.tmp"), os.path.join(workdir, "comparison.md"))
-  utils.write_json_atomic(os.path.join(workdir, "comparison.json"), list(rows))
-  curves = {
-    r["label"]: [x for x in metrics.read_metrics(r["workdir"]) if "eval/gold_reward" in x]
-    for r in rows
-  }
+  utils.write_json_atomic(os.path.join(workdir, "comparison.json"), utils.jsonable(list(rows)))
+  first = {r["label"]: r["workdirs"][0] for r in rows}
+  curves = {label: _eval_lines(path) for label, path in first.items()}
   plots.reward_vs_kl(
     curves,
     os.path.join(workdir, "reward_vs_kl.png"),
-    title="Gold and proxy reward against sqrt(KL to SFT): every eval point, in training order",
+    title=f"Gold and proxy reward against sqrt(KL to SFT): every eval point (seed {seeds[0]})",
     styles=_styles(rows),
   )
+  sweep_report.write(workdir, records, metric="gold_reward", title="Comparison: the sweep")
+
+
+def _eval_lines(workdir: str) -> list[dict[str, Any]]:
+  return [x for x in metrics.read_metrics(workdir) if "eval/gold_reward" in x]
 
 
 def _styles(rows) -> dict[str, dict[str, Any]]:
@@ -234,18 +239,39 @@ def _styles(rows) -> dict[str, dict[str, Any]]:
   return styles
 
 
-def compare(workdir: str, runs: Sequence[Run], size: str, shared: dict[str, Any]) -> list[dict]:
-  """Trains the shared stages, runs every run, writes the report; returns the table rows."""
-  check(runs, size, shared)
-  os.makedirs(workdir, exist_ok=True)
+def compare(workdir: str, runs: Sequence[Run], executor=None) -> list[dict[str, Any]]:
+  """Plans the sweep (every config checked first), trains the shared stages, runs every run,
+  writes the report; returns the aggregated rows.
+
+  Raises:
+    ConfigError: a bad key or value in any run, before anything trains.
+    SweepFailed: some runs failed (the report of the others is written first).
+  """
   start = time.perf_counter()
-  sft_dir, reward_dir = ensure_shared_stages(workdir, size, shared)
-  rows = [execute(run, workdir, sft_dir, reward_dir) for run in runs]
-  report(workdir, rows)
+  sweep_plan = runner.plan(workdir, [r.cell() for r in runs], None)
+  runner.write_plan(sweep_plan, {"compare": [dataclasses.asdict(r) for r in runs]})
+  outcomes = runner.run(sweep_plan, executor or executors.LocalExecutor())
+  records = runner.records(sweep_plan, outcomes)
+  done = [(run, rec) for run, rec in zip(runs, records, strict=True) if rec["status"] == "done"]
+  rows = aggregate([row(run, rec) for run, rec in done])
+  if rows:
+    report(workdir, rows, records)
   logging.info(
-    "compare: %d runs in %.0f s\n%s", len(rows), time.perf_counter() - start, table(rows)
+    "compare: %d runs in %.0f s\n%s", len(done), time.perf_counter() - start, table(rows)
   )
+  failed = [rec for rec in records if rec["status"] != "done"]
+  if failed:
+    raise SweepFailed(failed, outcomes)
   return rows
+
+
+class SweepFailed(Exception):
+  """Some runs of a comparison failed; `records` are theirs, `outcomes` every job's."""
+
+  def __init__(self, records, outcomes):
+    super().__init__(f"{len(records)} run(s) failed")
+    self.records = records
+    self.outcomes = outcomes
 
 
 # ------------------------------------------------------------------------ CLI
@@ -253,38 +279,31 @@ def compare(workdir: str, runs: Sequence[Run], size: str, shared: dict[str, Any]
 _WORKDIR = flags.DEFINE_string("workdir", "runs/compare", "Folder of the comparison.")
 _SIZE = flags.DEFINE_enum("size", "full", ["full", "runlocal"], "Config sizes.")
 _METHODS = flags.DEFINE_list("methods", list(METHODS), f"Some of {', '.join(METHODS)}.")
+_SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds of every method and budget.")
 _SET = flags.DEFINE_multi_string(
-  "set", [], "key=value set on every run's config (and the shared stages' for sft.*, reward.*)."
+  "set", [], "key=value set on every run's config (sft.*, reward.*: the shared stages')."
 )
-
-
-def _parse_set(items: Sequence[str]) -> dict[str, Any]:
-  out = {}
-  for item in items:
-    key, sep, value = item.partition("=")
-    if not sep:
-      raise app.UsageError(f"--set={item!r}: expected key=value.")
-    try:
-      out[key] = json.loads(value)
-    except json.JSONDecodeError:
-      out[key] = value
-  return out
 
 
 def main(argv: list[str]) -> None:
   del argv
-  shared = _parse_set(_SET.value)
   try:
-    runs = plan(_SIZE.value, _METHODS.value, overrides=shared)
-  except ValueError as error:  # an unknown method, size or --set key
+    shared = config_utils.parse_set_args(_SET.value)
+    seeds = [int(s) for s in _SEEDS.value]
+    runs = plan(_SIZE.value, _METHODS.value, overrides=shared, seeds=seeds)
+  except ValueError as error:  # an unknown method or size, a bad --set or --seeds
     sys.stderr.write(f"FATAL config error: {error}\n")
     sys.exit(errors.EXIT_CODE)
-  config_utils.enable_compilation_cache(config_utils.compilation_cache_dir())
   try:
-    rows = compare(_WORKDIR.value, runs, _SIZE.value, shared)
+    rows = compare(_WORKDIR.value, runs, cli.make_executor())
   except errors.Error as error:  # bad input, reported as the launcher reports it
     sys.stderr.write("\n".join(error.lines()) + "\n")
     sys.exit(errors.EXIT_CODE)
+  except SweepFailed as failure:
+    for r in failure.records:
+      sys.stderr.write(f"Run {r['name']} failed: {r['error']} (log: {r['log']})\n")
+    codes = {o.returncode for o in failure.outcomes.values() if o.returncode}
+    sys.exit(errors.EXIT_CODE if codes == {errors.EXIT_CODE} else 1)
   print(table(rows))
   print(f"Wrote {os.path.join(_WORKDIR.value, 'comparison.md')} and reward_vs_kl.png")
 

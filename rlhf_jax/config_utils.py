@@ -204,6 +204,46 @@ def check_key(
     node = node[part]
 
 
+def set_key(config: ml_collections.ConfigDict, key: str, value: Any, source: str = "") -> None:
+  """`config.<key> = value` for a dotted key that must exist, naming `source` when it does not.
+
+  ConfigDict's own type check refuses a value of the wrong type (a TypeError naming the
+  field, turned into a ConfigError here). A list given for a tuple field (JSON has no tuples)
+  becomes a tuple.
+  """
+  check_key(config, key, source=source)
+  *parents, leaf = key.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  if isinstance(node[leaf], tuple) and isinstance(value, list):
+    value = tuple(value)
+  try:
+    node[leaf] = value
+  except (TypeError, ValueError) as error:
+    where = f" (from {source})" if source else ""
+    raise ConfigError(f"config.{key} = {value!r}{where}: {error}") from None
+
+
+def parse_set_args(items: Sequence[str], flag: str = "--set") -> dict[str, Any]:
+  """`["kl.coef=0.1", "optim.name=adam"]` as {key: value}, each value read as JSON if it is.
+
+  Raises:
+    ConfigError: for an item without "=".
+  """
+  out: dict[str, Any] = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise ConfigError(f"{flag}={item!r}: expected key=value.")
+    key = key.removeprefix("config.")
+    try:
+      out[key] = json.loads(value)
+    except json.JSONDecodeError:
+      out[key] = value
+  return out
+
+
 def parse_override_args(argv: Sequence[str], name: str = "config") -> dict[str, str | None]:
   """The `--config.KEY[=VALUE]` overrides in `argv`, as {KEY: raw value text or None}.
 

@@ -300,6 +300,7 @@ class Evaluator:
     rate, low, high = win_rate_interval(judged, self.sft_judged)
     return {
       "eval/gold_reward": float(np.mean(judged)),
+      "eval/gold_reward_std": float(np.std(judged)),
       "eval/proxy_reward": float(np.mean(proxy)),
       "eval/win_rate_vs_sft": rate,
       "eval/win_rate_vs_sft_low": low,

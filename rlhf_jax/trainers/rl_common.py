@@ -287,6 +287,8 @@ def write_summary(
 
   Keys shared by every method: sft_gold_reward, gold_reward, gold_reward_gain (the
   judge's scores: the testbed's gold reward or its stand-in, see rlhf_jax/evaluation.py),
+  sft_gold_reward_std (the spread of the judge's scores over the SFT policy's eval samples)
+  and gold_gain_in_sft_std (the gain in units of that spread: an effect size),
   sft_proxy_reward, proxy_reward, kl_to_ref, sqrt_kl, win_rate_vs_sft with its 95%
   interval win_rate_vs_sft_low/high, evaluator (the judge's name), wall_time_s (this
   stage's own time, upstream stages excluded), and `extra`.
@@ -298,6 +300,8 @@ def write_summary(
     "sft_gold_reward": first["eval/gold_reward"],
     "gold_reward": final["eval/gold_reward"],
     "gold_reward_gain": final["eval/gold_reward"] - first["eval/gold_reward"],
+    "sft_gold_reward_std": first.get("eval/gold_reward_std"),
+    "gold_gain_in_sft_std": _effect_size(first, final),
     "sft_proxy_reward": first["eval/proxy_reward"],
     "proxy_reward": final["eval/proxy_reward"],
     "kl_to_ref": final["eval/kl_to_ref"],
@@ -313,6 +317,14 @@ def write_summary(
     utils.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
   logging.info("%s summary: %s", method, summary)
   return summary
+
+
+def _effect_size(first: dict[str, Any], final: dict[str, Any]) -> float | None:
+  """The gold gain over the SFT policy's eval in units of its samples' gold std."""
+  std = first.get("eval/gold_reward_std")
+  if not std:
+    return None
+  return (final["eval/gold_reward"] - first["eval/gold_reward"]) / std
 
 
 EvalFn = Callable[[Any, int], dict[str, float]]

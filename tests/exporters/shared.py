@@ -5,9 +5,9 @@ from rlhf_jax.monitor import METRIC_NAMES, Alert
 # The eval line of an RL stage (rlhf_jax/evaluation.py `Evaluator.report`), its monitor
 # metrics (`monitor.METRIC_NAMES`, plus `monitor/alerts`) and a training line's keys.
 EVAL_KEYS = (
-  "eval/gold_reward", "eval/proxy_reward", "eval/win_rate_vs_sft", "eval/win_rate_vs_sft_low",
-  "eval/win_rate_vs_sft_high", "eval/kl_to_ref", "eval/sqrt_kl", "eval/response_length",
-  "eval/frac_no_eos", "eval/distinct_2",
+  "eval/gold_reward", "eval/gold_reward_std", "eval/proxy_reward", "eval/win_rate_vs_sft",
+  "eval/win_rate_vs_sft_low", "eval/win_rate_vs_sft_high", "eval/kl_to_ref", "eval/sqrt_kl",
+  "eval/response_length", "eval/frac_no_eos", "eval/distinct_2",
 )  # fmt: skip
 TRAIN_KEYS = ("objective/kl", "objective/scores", "policy/entropy", "steps_per_s", "tokens_per_s")
 

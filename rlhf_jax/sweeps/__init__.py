@@ -1,0 +1,1 @@
+"""Ablation sweeps: grids of config values over seeds, run and reported with statistics."""
