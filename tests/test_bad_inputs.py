@@ -192,6 +192,9 @@ CASES = [
   C("report_missing_file", ["--data={tmp}/none.jsonl"], "{tmp}/none.jsonl", entry=REPORT),
   C("compare_unknown_method", ["--methods=ppo,sac", "--workdir={tmp}/c"], "Unknown method 'sac'", entry="experiments.compare"),
   C("compare_unknown_key", ["--methods=ppo", "--size=runlocal", "--set=kl.init_coeff=0.1", "--workdir={tmp}/c"], "config.kl.init_coeff", entry="experiments.compare"),
+  C("sweep_missing_file", ["--sweep={tmp}/none.py", "--config=configs/ppo.py:runlocal", "--workdir={tmp}/s"], "Sweep file '{tmp}/none.py' not found", entry="experiments.sweep"),
+  C("sweep_unknown_key", ["--sweep=configs/sweeps/kl_coef.py:runlocal", "--config=configs/ppo.py:runlocal", "--set=kl.init_coeff=1", "--workdir={tmp}/s"], "config.kl.init_coeff (from --set)", "Did you mean config.kl.init_coef", entry="experiments.sweep"),
+  C("sweep_bad_arg", ["--sweep=configs/sweeps/kl_coef.py:seeds=x", "--config=configs/ppo.py", "--workdir={tmp}/s"], "Config arg seeds='x': expected int", entry="experiments.sweep"),
   # -- Hugging Face models in ({tmp} holds a config.json) and the export ---------------------
   C("hf_missing_dir", [SFT, "--config.policy_init=hf:{tmp}/none"], "config.policy_init", "no such directory"),
   C("hf_unsupported_model", [SFT, "--config.policy_init=hf:{tmp}"], "config.policy_init", "{tmp}/config.json", "model_type 'gemma3' is not supported"),

@@ -507,6 +507,82 @@ def _knobs(rows: Sequence[Mapping[str, Any]]) -> list[str]:
   ]
 
 
+def gao_fits(cells: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+  """Per setting, Gao et al.'s RL curve fitted to every eval point of its done cells.
+
+  A cell's points are its curve's (sqrt_kl, gold_reward minus the gold reward of its first
+  eval, the reference policy's), after that first one; the seeds' points are pooled. Settings
+  with fewer than 3 such points get no row. Each row: label, setting, n_cells, the fit
+  (`stats.fit_gao`) and the points themselves (d, gain).
+  """
+  out = []
+  for setting, group in _groups([c for c in cells if _done(c)]):
+    d, gain = [], []
+    for cell in group:
+      curve = [p for p in cell.get("curve", []) if "sqrt_kl" in p and "gold_reward" in p]
+      if len(curve) < 2 or curve[0]["gold_reward"] is None:
+        continue
+      for point in curve[1:]:
+        if point["sqrt_kl"] is not None and point["gold_reward"] is not None:
+          d.append(point["sqrt_kl"])
+          gain.append(point["gold_reward"] - curve[0]["gold_reward"])
+    fit = stats.fit_gao(d, gain)
+    if fit["n"] >= 3:
+      label = setting_label(setting)
+      out.append(
+        {"label": label, "setting": setting, "n_cells": len(group), **fit, "d": d, "gain": gain}
+      )
+  return out
+
+
+def gao_markdown(fits: Sequence[Mapping[str, Any]]) -> str:
+  """The fits as a Markdown section ("" when there are none)."""
+  if not fits:
+    return ""
+  lines = _table(
+    ["setting", "runs", "points", "alpha", "beta", "R^2", "peak sqrt(KL)", "peak gain"],
+    [
+      [f"`{f['label']}`", f["n_cells"], f["n"], _fmt(f["alpha"]), _fmt(f["beta"]),
+       _fmt(f["r2"]), _fmt(f["d_peak"]), _fmt(f["gain_peak"])]
+      for f in fits
+    ],
+  )  # fmt: skip
+  return "\n".join(
+    [
+      "## Over-optimisation: gold gain against sqrt(KL)",
+      "",
+      *lines,
+      "",
+      "Gao et al. (2022)'s RL form, gain = d (alpha - beta log d), d = sqrt(KL to the "
+      "reference), least squares over every eval point of the setting's runs (each run's "
+      "gain is over its own first eval). R^2 is about the gains' mean; the peak is where "
+      "the fitted curve turns over (none when beta <= 0).",
+      "",
+    ]
+  )
+
+
+def plot_gao(fits: Sequence[Mapping[str, Any]], path: str) -> bool:
+  """Each setting's points (gain against sqrt(KL)) and its fitted curve; False without fits."""
+  if not fits:
+    return False
+  fig = Figure(figsize=(7.5, 5.2))
+  ax = fig.subplots()
+  for fit, color in zip(fits, _colors(len(fits)), strict=True):
+    ax.plot(fit["d"], fit["gain"], "o", color=color, ms=4, alpha=0.6)
+    grid = np.linspace(0.0, max(fit["d"]) * 1.1, 200)
+    label = f"{fit['label']}: R^2 {fit['r2']:.2f}"
+    ax.plot(grid, stats.gao_curve(grid, fit["alpha"], fit["beta"]), "-", color=color, label=label)
+  ax.axhline(0.0, color="0.6", lw=0.8)
+  ax.set(xlabel="sqrt(KL to reference) [sqrt nats]", ylabel="gold reward gain over reference")
+  ax.set_title("Gold gain against sqrt(KL): eval points and d (alpha - beta log d) fits")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  _save(fig, path)
+  return True
+
+
 def write(
   workdir: str,
   cells: Sequence[Mapping[str, Any]],
@@ -556,7 +632,13 @@ def write(
       if plot_metric_vs_knob(rows, metric, knob, path):
         plots.append(path)
 
+  fits = gao_fits(cells)
+  path = os.path.join(workdir, "overoptimization.png")
+  if plot_gao(fits, path):
+    plots.append(path)
+
   text = markdown(rows, comps, table_metrics, metric, confidence, title)
+  text = text.rstrip("\n") + "\n\n" + gao_markdown(fits) if fits else text
   if plots:
     text += "\n## Plots\n\n"
     text += "".join(f"![{os.path.basename(p)}]({os.path.basename(p)})\n\n" for p in plots)
@@ -572,6 +654,7 @@ def write(
       "confidence": confidence,
       "rows": rows,
       "comparisons": comps,
+      "overoptimization": [{k: v for k, v in f.items() if k not in ("d", "gain")} for f in fits],
       "cells": list(cells),
       "plots": plots,
     }

@@ -233,6 +233,8 @@ def plan(
         f"Sweep cell {name} names no config: pass --config or set `config` in the sweep."
       )
     spec = _absolute_spec(spec)
+    if overrides and not jobs:  # a mistyped --set key is named as such
+      build_config(spec, overrides, source="--set")
     merged = {**(overrides or {}), **cell}
     source = f"the sweep cell {cell_name(original)}"
     config = build_config(spec, merged, source=source)

@@ -248,3 +248,50 @@ def compare(
     row["p_holm"] = p
     row["resolved_holm"] = bool(p < alpha)  # NaN compares False
   return rows
+
+
+def fit_gao(d: Iterable[float], gain: Iterable[float], form: str = "rl") -> dict[str, Any]:
+  """Least-squares fit of Gao et al. (2022)'s gold-reward curve to (d, gain) points.
+
+  d is sqrt(KL to the initial policy), gain the gold reward over the initial policy's.
+  The RL form is gain = d (alpha - beta log d), the best-of-n form gain = d (alpha - beta d);
+  both are linear in (alpha, beta), so ordinary least squares fits them (no intercept: the
+  gain is 0 at d = 0). Points with d <= 0 or a non-finite value are left out.
+
+  Returns:
+    form, n (points used), alpha, beta, r2 (the coefficient of determination of the gains
+    about their mean), d_peak and gain_peak (where the fitted curve tops out, and its value
+    there; NaN when it does not turn over, beta <= 0). NaN figures with fewer than 3 points.
+  """
+  if form not in ("rl", "bon"):
+    raise ValueError(f"form={form!r}; expected 'rl' or 'bon'.")
+  d = np.asarray(list(d), np.float64)
+  y = np.asarray(list(gain), np.float64)
+  keep = np.isfinite(d) & np.isfinite(y) & (d > 0)
+  d, y = d[keep], y[keep]
+  out: dict[str, Any] = dict(
+    form=form, n=int(d.size), alpha=nan, beta=nan, r2=nan, d_peak=nan, gain_peak=nan
+  )
+  if d.size < 3:
+    return out
+  second = -d * np.log(d) if form == "rl" else -d * d
+  design = np.stack([d, second], axis=1)
+  (alpha, beta), *_ = np.linalg.lstsq(design, y, rcond=None)
+  fitted = design @ np.array([alpha, beta])
+  total = float(np.sum((y - y.mean()) ** 2))
+  out.update(alpha=float(alpha), beta=float(beta))
+  out["r2"] = 1.0 - float(np.sum((y - fitted) ** 2)) / total if total > 0 else nan
+  if beta > 0:
+    peak = math.exp(alpha / beta - 1.0) if form == "rl" else alpha / (2.0 * beta)
+    out["d_peak"] = peak
+    out["gain_peak"] = gao_curve(peak, alpha, beta, form)
+  return out
+
+
+def gao_curve(d: Any, alpha: float, beta: float, form: str = "rl") -> Any:
+  """The fitted gain at d (a number or an array): d (alpha - beta log d), or d (alpha - beta d)."""
+  d = np.asarray(d, np.float64)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    second = np.where(d > 0, d * np.log(np.where(d > 0, d, 1.0)), 0.0) if form == "rl" else d * d
+  out = alpha * d - beta * second
+  return float(out) if out.ndim == 0 else out

@@ -179,3 +179,25 @@ def test_log_axis_and_lines_per_other_key(tmp_path):
   assert report.plot_metric_vs_knob(rows, "gold_reward", "kl.init_coef", path)
   assert os.path.getsize(path) > 5_000
   assert math.isclose(rows[0]["metrics"]["gold_reward"]["mean"], 1.001)
+
+
+def test_overoptimization_fit_pools_the_seeds_and_is_written(tmp_path):
+  from rlhf_jax.sweeps import stats
+
+  cells = []
+  for seed, base in ((0, 0.5), (1, -0.2), (2, 0.1)):
+    cell = _cell(0.001, seed, 1.0)
+    ds = [0.0, 0.5, 1.0, 2.0, 3.0]
+    cell["curve"] = [
+      {"step": 10.0 * i, "sqrt_kl": d, "gold_reward": base + stats.gao_curve(d, 1.2, 0.5)}
+      for i, d in enumerate(ds)
+    ]
+    cells.append(cell)
+  (fit,) = report.gao_fits(cells)
+  assert fit["n"] == 12 and fit["n_cells"] == 3  # each seed's gain is over its own step 0
+  assert fit["alpha"] == pytest.approx(1.2) and fit["r2"] == pytest.approx(1.0)
+  written = report.write(str(tmp_path), cells)
+  assert str(tmp_path / "overoptimization.png") in written["plots"]
+  text = (tmp_path / "sweep_report.md").read_text()
+  assert "## Over-optimisation" in text and "| `kl.init_coef=0.001` | 3 | 12 |" in text
+  assert written["overoptimization"][0]["beta"] == pytest.approx(0.5)

@@ -129,3 +129,23 @@ def test_compare_all_pairs_or_against_a_baseline():
   assert stats.compare({"x": groups["x"]}) == []
   with pytest.raises(ValueError, match="baseline"):
     stats.compare(groups, baseline="w")
+
+
+def test_gao_fit_recovers_the_rl_curve_and_its_peak():
+  d = np.linspace(0.2, 4.0, 12)
+  gain = stats.gao_curve(d, 1.5, 0.6)
+  fit = stats.fit_gao(d, gain)
+  assert fit["alpha"] == pytest.approx(1.5) and fit["beta"] == pytest.approx(0.6)
+  assert fit["r2"] == pytest.approx(1.0) and fit["n"] == 12
+  assert fit["d_peak"] == pytest.approx(math.exp(1.5 / 0.6 - 1))
+  grid = np.linspace(0.1, 10, 2000)
+  assert fit["gain_peak"] == pytest.approx(stats.gao_curve(grid, 1.5, 0.6).max(), rel=1e-4)
+  noisy = stats.fit_gao(d, gain + np.random.default_rng(0).normal(0, 0.1, d.size))
+  assert 0.5 < noisy["r2"] < 1.0
+  # The best-of-n form, points at d = 0 and NaN left out, too few points.
+  bon = stats.fit_gao([0.0, 0.5, 1.0, 2.0, float("nan")], [0.0, 0.4375, 0.75, 1.0, 1.0], "bon")
+  assert bon["n"] == 3 and bon["alpha"] == pytest.approx(1.0) and bon["beta"] == pytest.approx(0.25)
+  assert bon["d_peak"] == pytest.approx(2.0) and bon["gain_peak"] == pytest.approx(1.0)
+  assert math.isnan(stats.fit_gao([1.0, 2.0], [0.5, 0.7])["alpha"])
+  rising = stats.fit_gao(d, 0.5 * d + 0.1 * d * np.log(d))  # no turn: beta < 0
+  assert rising["beta"] < 0 and math.isnan(rising["d_peak"])
