@@ -193,3 +193,19 @@ def test_a_two_cell_sweep_on_a_local_ray_instance(tmp_path):
   records = runner.records(plan, outcomes)
   assert [r["metrics"]["gold_reward"] for r in records] == pytest.approx([2.0, 3.0])
   assert _calls(plan.workdir(plan.stages[0])) == 1
+
+
+@pytest.mark.parametrize(
+  "sweep",
+  [
+    "kl_coef.py", "kl_coef.py:runlocal,upstream", "ppo_steps.py", "overoptimization.py",
+    "ppo_gain.py:lever=kl_target", "ppo_gain.py:lever=rm_members", "ppo_gain.py:lever=rm_layers",
+    "ppo_gain.py:lever=rm_labels",
+  ],
+)  # fmt: skip
+def test_the_sweep_files_plan(sweep, tmp_path):
+  """Every key of every sweep file exists in configs/ppo.py and passes its checks."""
+  cells = runner.load_sweep(os.path.join(REPO, "configs", "sweeps", sweep))
+  plan = runner.plan(str(tmp_path), cells, os.path.join(REPO, "configs", "ppo.py"))
+  assert len(plan.cells) == len(cells) >= 2 and plan.stages
+  assert all(len(cell.seeds) >= 1 for cell in plan.cells)
