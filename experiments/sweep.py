@@ -25,13 +25,16 @@ and shared by the cells: a sweep over a PPO knob and seeds trains one SFT policy
 model. A sweep that varies them sets their keys (`sft.seed`, `reward.seed`,
 `reward.ensemble_size`). Finished stages and cells are reused and killed ones resume, so a
 sweep is rerun until it completes; the report (<workdir>/sweep_report.md, .json and plots) is
-written at the end of every run. Exit status: 0 when every cell finished; 2 for bad input
-(here, or the only kind of failure of the failed cells); 1 when a cell failed otherwise.
+written at the end of every run. Ctrl-C or SIGTERM stops the running jobs the same way
+(they save a checkpoint and resume on the next run). Exit status: 0 when every cell
+finished; 2 for bad input (here, or the only kind of failure of the failed cells); 1 when a
+cell failed otherwise.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -111,6 +114,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}", exitcode=errors.EXIT_CODE)
   workdir = _WORKDIR.value or default_workdir(_SWEEP.value)
+  # SIGTERM unwinds like Ctrl-C: the running jobs get SIGTERM too (they checkpoint and stop).
+  signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
   try:
     code = sweep(workdir)
   except errors.Error as error:

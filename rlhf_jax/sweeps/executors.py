@@ -21,6 +21,7 @@ import datetime
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,6 +29,10 @@ from absl import logging
 
 from rlhf_jax import errors
 from rlhf_jax.sweeps import runner
+
+# The job processes running now, stopped by `terminate_children` when the sweep is.
+_CHILDREN: set[subprocess.Popen] = set()
+_LOCK = threading.Lock()
 
 # Passed on to jobs that run elsewhere (Ray): how JAX and XLA are set up, and this package's.
 _ENV_PREFIXES = ("XLA_", "JAX_", "PJRT_", "RLHF_JAX_", "TF_CPP_")
@@ -67,11 +72,31 @@ def run_job_process(
     command = [sys.executable, "-m", "rlhf_jax.sweeps.job", os.path.join(workdir, runner.JOB_FILE)]
     environ = {**os.environ, **(env or {})}
     cwd = cwd if cwd and os.path.isdir(cwd) else None
-    returncode = subprocess.call(
-      command, stdout=log, stderr=subprocess.STDOUT, env=environ, cwd=cwd
-    )
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environ, cwd=cwd)
+    with _LOCK:
+      _CHILDREN.add(proc)
+    try:
+      returncode = proc.wait()
+    finally:
+      with _LOCK:
+        _CHILDREN.discard(proc)
   error = "" if returncode == 0 else _error_lines(log_path, start) or f"exit status {returncode}"
   return runner.Outcome(name, returncode, error)
+
+
+def terminate_children(timeout: float = 60.0) -> None:
+  """Stops the jobs this process started: SIGTERM (a trainer saves a checkpoint and exits,
+  so the job resumes), then SIGKILL for any still running after `timeout` seconds."""
+  with _LOCK:
+    children = list(_CHILDREN)
+  for proc in children:
+    proc.terminate()
+  for proc in children:
+    try:
+      proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
 
 
 def _log_outcome(outcome: runner.Outcome, workdir: str) -> None:
@@ -99,10 +124,16 @@ class LocalExecutor:
     outcomes = []
     with concurrent.futures.ThreadPoolExecutor(self.parallel) as pool:
       futures = {pool.submit(run_job_process, w, None, os.getcwd()): w for w in workdirs}
-      for future in concurrent.futures.as_completed(futures):
-        outcome = future.result()
-        _log_outcome(outcome, futures[future])
-        outcomes.append(outcome)
+      try:
+        for future in concurrent.futures.as_completed(futures):
+          outcome = future.result()
+          _log_outcome(outcome, futures[future])
+          outcomes.append(outcome)
+      except BaseException:  # Ctrl-C, SIGTERM (experiments/sweep.py makes it SystemExit)
+        for future in futures:
+          future.cancel()
+        terminate_children()
+        raise
     return outcomes
 
 

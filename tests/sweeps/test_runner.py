@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -155,6 +157,33 @@ def test_failed_cells_are_named_and_the_rest_reported(tmp_path):
   bad = _sweep(tmp_path / "bad", f"--sweep={sweep_file}", "--set=knobb=1")
   assert bad.returncode == 2 and "config.knobb" in bad.stderr and "Traceback" not in bad.stderr
   assert not (tmp_path / "bad").exists()
+
+
+def test_sigterm_stops_the_running_jobs_too(tmp_path):
+  sweep_file = tmp_path / "slow.py"
+  sweep_file.write_text("def get_sweep(arg=None):\n  return [{'knob': 0.1}, {'knob': 0.2}]\n")
+  workdir = tmp_path / "sweep"
+  command = [
+    sys.executable,
+    "-m",
+    "experiments.sweep",
+    f"--config={CONFIG}",
+    f"--workdir={workdir}",
+    f"--sweep={sweep_file}",
+    "--parallel=2",
+    "--set=sleep_s=120",
+  ]
+  proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  pids = [workdir / "cells" / name / "pid.txt" for name in ("knob=0.1", "knob=0.2")]
+  deadline = time.time() + 120
+  while not all(p.exists() and p.read_text() for p in pids):
+    assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-3000:]
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+  for path in pids:  # the jobs went with it
+    with pytest.raises(ProcessLookupError):
+      os.kill(int(path.read_text()), 0)
 
 
 def test_dry_run_lists_the_plan(tmp_path):
