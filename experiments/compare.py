@@ -9,7 +9,7 @@ A sweep over methods (rlhf_jax/sweeps): each method runs at each of its KL budge
 knob: PPO's fixed beta, DPO's beta, the GRPO and RLOO KL coefficients; best-of-n's n, all
 from one run; evals more frequent than the configs' defaults, for the curves) and each seed
 (--seeds; PPO's, DPO's, ... seed, the RL stage's randomness) into
-<workdir>/cells/config=<method>,<knob>=<value>,seed=<s>. The methods' configs share their
+<workdir>/cells/config=<method>+<knob>=<value>+seed=<s>. The methods' configs share their
 `sft` and `reward` sections, so one SFT stage and one reward model are trained into
 <workdir>/stages/ and shared by every run: all methods start from the same policy and
 optimise the same proxy (DPO learns from the very pairs the reward model was trained on).

@@ -2,7 +2,7 @@
 
 The input is the runner's list of cell records, one per training run:
 
-  {"name": "kl.init_coef=0.01,seed=1",
+  {"name": "kl.init_coef=0.01+seed=1",
    "overrides": {"kl.init_coef": 0.01, "seed": 1},
    "setting": {"kl.init_coef": 0.01},   # the overrides less the seed keys
    "seeds": {"seed": 1},                # the seed keys' values

@@ -7,7 +7,7 @@ A sweep's workdir:
                                         distinct config of that section: cells whose `sft`
                                         (and `reward`) sections are equal share one
     <workdir>/cells/<name>/             one cell, a normal run folder; <name> is its overrides,
-                                        e.g. "kl.init_coef=0.01,seed=1"
+                                        e.g. "kl.init_coef=0.01+seed=1"
     <dir>/sweep_job.json                what a stage or cell runs (read by rlhf_jax.sweeps.job)
     <dir>/sweep_job.log                 its output, appended on every attempt
     <dir>/sweep_done.json               written when a cell finished
@@ -135,9 +135,12 @@ def _format(value: Any) -> str:
 
 
 def cell_name(cell: Mapping[str, Any]) -> str:
-  """A folder name for a cell: its overrides, "key=value" joined by commas ("base" if none)."""
-  text = ",".join(f"{k}={_format(v)}" for k, v in cell.items()) or "base"
-  text = re.sub(r"[^A-Za-z0-9._=+,-]+", "_", text)
+  """A folder name for a cell: its overrides, "key=value" joined by "+" ("base" if none).
+
+  No commas: a folder name must survive the comma-separated list flags (`--runs=A,B`).
+  """
+  text = "+".join(f"{k}={_format(v)}" for k, v in cell.items()) or "base"
+  text = re.sub(r"[^A-Za-z0-9._=+-]+", "_", text)
   if len(text) > _NAME_LIMIT:
     digest = hashlib.sha256(text.encode()).hexdigest()[:8]
     text = f"{text[: _NAME_LIMIT - 9]}~{digest}"

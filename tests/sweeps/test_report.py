@@ -13,7 +13,7 @@ from rlhf_jax.sweeps import report
 
 def _cell(coef, seed, gold, status="done", **extra):
   setting = {"kl.init_coef": coef, **extra}
-  name = ",".join(f"{k}={v}" for k, v in {**setting, "seed": seed}.items())
+  name = "+".join(f"{k}={v}" for k, v in {**setting, "seed": seed}.items())
   metrics = (
     {
       "gold_reward": gold,
@@ -64,7 +64,7 @@ def test_aggregate_rows():
   assert (first["n_cells"], first["n_done"], first["n_failed"]) == (3, 3, 0)
   assert (second["n_cells"], second["n_done"], second["n_failed"]) == (4, 3, 1)
   assert second["seeds"] == [{"seed": 1}, {"seed": 2}, {"seed": 3}]
-  assert second["failed"][0]["name"] == "kl.init_coef=0.01,seed=4"
+  assert second["failed"][0]["name"] == "kl.init_coef=0.01+seed=4"
   assert list(first["metrics"]) == [
     "gold_reward",
     "proxy_reward",
@@ -105,7 +105,7 @@ def test_markdown_marks_resolved_and_lists_failures():
   assert "3 (+1 failed)" in text
   assert "| yes | paired, 3 seeds |" in text
   assert "Student-t" in text and "Holm" in text and "excludes 0" in text
-  assert "`kl.init_coef=0.01,seed=4`: FloatingPointError: NaN loss" in text
+  assert "`kl.init_coef=0.01+seed=4`: FloatingPointError: NaN loss" in text
   # One seed per setting: "(n=1)" and no test.
   one = [CELLS[0], CELLS[3]]
   text = report.markdown(

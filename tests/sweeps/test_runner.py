@@ -51,8 +51,8 @@ def test_plan_shares_stages_and_names_cells_by_what_varies(tmp_path):
   ])  # fmt: skip
   plan = runner.plan(str(tmp_path), grid, CONFIG)
   assert [j.name for j in plan.cells] == [
-    "cells/knob=0.1,seed=0", "cells/knob=0.1,seed=1",
-    "cells/knob=0.2,seed=0", "cells/knob=0.2,seed=1",
+    "cells/knob=0.1+seed=0", "cells/knob=0.1+seed=1",
+    "cells/knob=0.2+seed=0", "cells/knob=0.2+seed=1",
   ]  # fmt: skip
   assert len(plan.stages) == 1  # one `sft` section: trained once for the four cells
   stage = plan.stages[0]
