@@ -15,6 +15,10 @@ many had such an alert by the peak and the mean lead; on the others, how many st
   --runs=A,B       run workdirs
   --drop=0.1       gold units below the peak that make a run over-optimising
   --out=FILE       the Markdown table (and FILE's .json beside it); default: print only
+  --replay         judge the rules, not the run: replay the default rules over each run's
+                   eval lines (their monitor metrics) instead of reading alerts.jsonl
+  --rule=N.F=V     with --replay, change a rule first (--rule=length_growth.value=0.08,
+                   --rule=kl_spike.enabled=false): calibrate thresholds on finished runs
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any
 
 from absl import app, flags
 
-from rlhf_jax import errors, metrics, utils
+from rlhf_jax import config_utils, errors, metrics, utils
 from rlhf_jax.monitor import alerts as alerts_lib
 
 SEVERE = ("warning", "critical")
@@ -46,14 +50,38 @@ def run_dirs(compare_dir: str) -> list[str]:
   return sorted(out)
 
 
-def analyse(workdir: str, drop: float = 0.1) -> dict[str, Any]:
-  """One run's row (see the module docstring)."""
+def replay(workdir: str, rules: Any = None) -> list[alerts_lib.Alert]:
+  """The alerts `rules` (a `config.monitor.alerts` section; None: the defaults) would have
+  raised on the run's eval lines: its monitor metrics replayed through a fresh AlertEngine.
+
+  A run that an earlier rule stopped has no evals past that point, so none are replayed.
+  """
+  engine = alerts_lib.AlertEngine.from_config(rules)
+  fired = []
+  for line in metrics.read_metrics(workdir):
+    if "eval/gold_reward" in line:
+      fired += engine.check(line["step"], line)
+  return fired
+
+
+def rules_with(overrides: Sequence[str]) -> Any:
+  """The default rules with `NAME.FIELD=VALUE` overrides (`length_growth.value=0.08`)."""
+  rules = alerts_lib.default_rules()
+  for key, value in config_utils.parse_set_args(overrides, flag="--rule").items():
+    config_utils.set_key(rules, key, value, source="--rule")
+  return rules
+
+
+def analyse(workdir: str, drop: float = 0.1, rules: Any = None, live: bool = True) -> dict:
+  """One run's row (see the module docstring): the alerts it raised (`live`), or those that
+  `rules` raise when its eval lines are replayed (`live=False`)."""
   evals = [r for r in metrics.read_metrics(workdir) if "eval/gold_reward" in r]
   if not evals:
     raise errors.DataError(os.path.join(workdir, "metrics.jsonl"), 0, "no eval line")
   peak = max(evals, key=lambda r: r["eval/gold_reward"])
   final = evals[-1]
-  fired = [a for a in alerts_lib.read(workdir) if a.severity in SEVERE]
+  raised = alerts_lib.read(workdir) if live else replay(workdir, rules)
+  fired = [a for a in raised if a.severity in SEVERE]
   first = min(fired, key=lambda a: a.step) if fired else None
   over = final["eval/gold_reward"] < peak["eval/gold_reward"] - drop
   return {
@@ -107,6 +135,8 @@ def define_flags() -> None:
   flags.DEFINE_list("runs", [], "Run workdirs.")
   flags.DEFINE_float("drop", 0.1, "Gold below the peak that makes a run over-optimising.")
   flags.DEFINE_string("out", "", "Markdown output (and .json beside it).")
+  flags.DEFINE_bool("replay", False, "Replay the rules over the eval lines (not alerts.jsonl).")
+  flags.DEFINE_multi_string("rule", [], "With --replay: NAME.FIELD=VALUE on a default rule.")
 
 
 def main(argv: list[str]) -> None:
@@ -116,7 +146,10 @@ def main(argv: list[str]) -> None:
   try:
     if not dirs:
       raise errors.ConfigError("no runs: pass --compare=DIR or --runs=A,B")
-    rows = [analyse(d, FLAGS.drop) for d in dirs]
+    if FLAGS.rule and not FLAGS.replay:
+      raise errors.ConfigError("--rule changes the replayed rules: pass --replay too")
+    rules = rules_with(FLAGS.rule) if FLAGS.replay else None
+    rows = [analyse(d, FLAGS.drop, rules, live=not FLAGS.replay) for d in dirs]
   except (errors.Error, OSError) as error:
     lines = error.lines() if isinstance(error, errors.Error) else [f"FATAL data error: {error}"]
     sys.stderr.write("\n".join(lines) + "\n")

@@ -71,3 +71,32 @@ def test_cli_writes_the_table_and_refuses_no_runs(tmp_path):
                         capture_output=True, text=True, timeout=120)  # fmt: skip
   assert done.returncode == 2 and done.stderr.strip().startswith("FATAL config error: no runs")
   assert "Traceback" not in done.stderr
+
+
+def test_replay_judges_the_rules_on_the_eval_lines(tmp_path):
+  """--replay reads the monitor metrics in metrics.jsonl, not alerts.jsonl; --rule moves a
+  threshold: a length trend of 0.06 fires the default rule (0.08) only once lowered."""
+  run = tmp_path / "run"
+  os.makedirs(run)
+  lines = [
+    {"step": 10 * i, "eval/gold_reward": g, "monitor/length_trend": t, "monitor/entropy_ratio": e}
+    for i, (g, t, e) in enumerate([(0.0, 0.0, 1.0), (0.5, 0.06, 0.6), (0.9, 0.06, 0.5),
+                                   (0.4, 0.06, 0.35), (0.2, 0.0, 0.3)])
+  ]  # fmt: skip
+  with open(run / "metrics.jsonl", "w") as f:
+    f.writelines(json.dumps(line) + "\n" for line in lines)
+  fired = alert_report.replay(str(run))
+  assert [(a.rule, a.step) for a in fired] == [("entropy_collapse", 40)]  # 0.35 and 0.3 < 0.4
+  lowered = alert_report.rules_with(["length_growth.value=0.05"])
+  row = alert_report.analyse(str(run), rules=lowered, live=False)
+  assert (row["first_alert_rule"], row["first_alert_step"], row["lead_steps"]) == (
+    "length_growth",
+    20,
+    0,
+  )
+  assert row["over_optimising"] and row["rules"] == ["entropy_collapse", "length_growth"]
+  cmd = [sys.executable, "-m", "experiments.alert_report", f"--runs={run}", "--rule=x.value=1"]
+  done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2 and "pass --replay too" in done.stderr
+  done = subprocess.run([*cmd, "--replay"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert done.returncode == 2 and "config.x" in done.stderr.replace("config.monitor.alerts", "")

@@ -165,7 +165,10 @@ def default_rules() -> ml_collections.ConfigDict:
 
   The thresholds are starting points, set against the noise of an eval of ~100 prompts
   (a mean's standard error is ~0.1 reference standard deviations, a 5-point slope's ~0.03);
-  calibrate them on your own runs (`enabled=False` switches one off).
+  `length_growth` and `entropy_collapse` were calibrated on 8 testbed PPO runs (session 22:
+  they kept 6 healthy runs quiet that the first thresholds flagged). Calibrate them on your
+  own runs with `experiments/alert_report.py --replay --rule=...` (`enabled=False` switches
+  one off).
   """
   keep_best = dict(action="keep_best", criterion="eval/gold_reward", mode="max")
   rules = {
@@ -185,8 +188,9 @@ def default_rules() -> ml_collections.ConfigDict:
       "can gain reward by writing more (length hacking if length_growth fires too)",
     ),
     "length_growth": rule_config(
-      "monitor/length_trend", ">", 0.05, for_evals=2,
-      why="responses grow by > 5% of the reference length per eval: length hacking",
+      "monitor/length_trend", ">", 0.08, for_evals=2,
+      why="responses grow by > 8% of the reference length per eval: length hacking "
+      "(healthy PPO runs on the testbed read up to ~0.09 once, then fall)",
     ),
     "repetition_rising": rule_config(
       "monitor/repeat_ngram_frac", ">", 0.03, kind="trend", window=5, for_evals=2,
@@ -204,9 +208,9 @@ def default_rules() -> ml_collections.ConfigDict:
       "(linear growth reads ~2x early on, falling towards 1)",
     ),
     "entropy_collapse": rule_config(
-      "monitor/entropy_ratio", "<", 0.5, for_evals=2, severity="critical", action="stop",
-      why="token entropy fell below half the starting policy's: the policy collapsed onto a "
-      "few phrasings and rarely recovers",
+      "monitor/entropy_ratio", "<", 0.4, for_evals=2, severity="critical", action="stop",
+      why="token entropy fell below 0.4 of the starting policy's: the policy collapsed onto "
+      "a few phrasings and rarely recovers (healthy PPO runs on the testbed settle at ~0.5)",
     ),
     "response_drift": rule_config(
       "monitor/response_jsd", ">", 0.3, for_evals=2,
