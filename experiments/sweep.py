@@ -75,6 +75,12 @@ def sweep(workdir: str) -> int:
   overrides = config_utils.parse_set_args(_SET.value)
   cells = runner.load_sweep(_SWEEP.value)
   plan = runner.plan(workdir, cells, _CONFIG.value, overrides)
+  labels = list(dict.fromkeys(report.setting_label(job.setting) for job in plan.cells))
+  if _BASELINE.value is not None and _BASELINE.value not in labels:
+    raise errors.ConfigError(
+      f"--baseline={_BASELINE.value!r} is not a setting of this sweep; its settings: "
+      + ", ".join(repr(label) for label in labels)
+    )
   if _DRY_RUN.value:
     print(describe(plan))
     return 0

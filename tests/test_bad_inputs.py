@@ -194,6 +194,7 @@ CASES = [
   C("compare_unknown_key", ["--methods=ppo", "--size=runlocal", "--set=kl.init_coeff=0.1", "--workdir={tmp}/c"], "config.kl.init_coeff", entry="experiments.compare"),
   C("sweep_missing_file", ["--sweep={tmp}/none.py", "--config=configs/ppo.py:runlocal", "--workdir={tmp}/s"], "Sweep file '{tmp}/none.py' not found", entry="experiments.sweep"),
   C("sweep_unknown_key", ["--sweep=configs/sweeps/kl_coef.py:runlocal", "--config=configs/ppo.py:runlocal", "--set=kl.init_coeff=1", "--workdir={tmp}/s"], "config.kl.init_coeff (from --set)", "Did you mean config.kl.init_coef", entry="experiments.sweep"),
+  C("sweep_unknown_baseline", ["--sweep=configs/sweeps/kl_coef.py:runlocal", "--config=configs/ppo.py:runlocal", "--baseline=kl.init_coef=9", "--dry_run", "--workdir={tmp}/s"], "--baseline='kl.init_coef=9' is not a setting", "'kl.init_coef=0.01'", entry="experiments.sweep"),
   C("sweep_bad_arg", ["--sweep=configs/sweeps/kl_coef.py:seeds=x", "--config=configs/ppo.py", "--workdir={tmp}/s"], "Config arg seeds='x': expected int", entry="experiments.sweep"),
   # -- Hugging Face models in ({tmp} holds a config.json) and the export ---------------------
   C("hf_missing_dir", [SFT, "--config.policy_init=hf:{tmp}/none"], "config.policy_init", "no such directory"),
