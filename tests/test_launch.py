@@ -367,7 +367,7 @@ def test_get_trainer_unknown_name_lists_available(monkeypatch):
   # dummy_config has no train function, so it is not offered as a trainer.
   assert message.endswith(
     "Available trainers in rlhf_jax/trainers/: broken_trainer, collective_trainer, "
-    "dummy_trainer, failing_trainer."
+    "dummy_trainer, failing_trainer, sweep_trainer."
   )
   assert config_utils.get_trainer("dummy_trainer") is dummy_trainer.train
 
