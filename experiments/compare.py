@@ -40,7 +40,7 @@ from typing import Any
 from absl import app, flags, logging
 
 from rlhf_jax import config_utils, errors, metrics, plots, utils
-from rlhf_jax.sweeps import cli, executors, runner, stats
+from rlhf_jax.sweeps import cli, executors, runner
 from rlhf_jax.sweeps import report as sweep_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,19 +154,27 @@ COLUMNS = (
 def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   """The rows of one method and budget over seeds: each column's mean, with its t interval
   under `<column>_ci` ([low, high]; NaN for one seed), in the runs' order."""
+  cells = [
+    {
+      "status": "done",
+      "setting": {"label": r["label"]},
+      "seeds": {"seed": r["seed"]},
+      "metrics": {column: r[column] for column in COLUMNS},
+    }
+    for r in rows
+  ]
   groups: dict[str, list[dict[str, Any]]] = {}
   for r in rows:
     groups.setdefault(r["label"], []).append(r)
   out = []
-  for group in groups.values():
-    first = group[0]
-    merged = {k: first[k] for k in ("method", "knob", "value", "label")}
+  for summary in sweep_report.aggregate(cells, metrics=COLUMNS):
+    group = groups[summary["setting"]["label"]]
+    merged = {k: group[0][k] for k in ("method", "knob", "value", "label")}
     merged["seeds"] = [r["seed"] for r in group]
     merged["workdirs"] = [r["workdir"] for r in group]
-    for column in COLUMNS:
-      summary = stats.summarize([r[column] for r in group])
-      merged[column] = summary["mean"]
-      merged[f"{column}_ci"] = [summary["low"], summary["high"]]
+    for column, s in summary["metrics"].items():
+      merged[column] = s["mean"]
+      merged[f"{column}_ci"] = [s["low"], s["high"]]
     out.append(merged)
   return out
 

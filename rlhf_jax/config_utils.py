@@ -88,18 +88,33 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   Raises:
     ConfigError: when the file does not exist or has no get_config.
   """
+  _, arg, get_config = file_function(spec, "get_config", kind="Config", flag="config")
+  return get_config() if arg is None else get_config(arg)
+
+
+def file_function(spec: str, function: str, *, kind: str, flag: str) -> tuple[str, str | None, Any]:
+  """(path, arg, the function) of a Python file named by `spec` = "FILE[:ARG]".
+
+  The file is imported under a private module name and registered like any import, so that
+  dataclasses and pickling inside it work. Used for config files (`get_config`) and sweep
+  files (`get_sweep`); `kind` and `flag` name them in the errors.
+
+  Raises:
+    ConfigError: when the file does not exist or does not define `function`.
+  """
   path, arg = split_config_spec(spec)
   if not os.path.isfile(path):
-    raise ConfigError(f"Config file {path!r} not found (from --config={spec}).")
-  name = "_rlhf_jax_config_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+    raise ConfigError(f"{kind} file {path!r} not found (from --{flag}={spec}).")
+  stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+  name = f"_rlhf_jax_{kind.lower()}_{stem}"
   module_spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(module_spec)
-  # Registered like any import so dataclasses and pickling inside the config file work.
   sys.modules[name] = module
   module_spec.loader.exec_module(module)
-  if not callable(getattr(module, "get_config", None)):
-    raise ConfigError(f"Config file {path!r} defines no get_config(arg=None) function.")
-  return module.get_config() if arg is None else module.get_config(arg)
+  fn = getattr(module, function, None)
+  if not callable(fn):
+    raise ConfigError(f"{kind} file {path!r} defines no {function}(arg=None) function.")
+  return path, arg, fn
 
 
 def default_workdir(spec: str, runs_dir: str = DEFAULT_RUNS_DIR) -> str:

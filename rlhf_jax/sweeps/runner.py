@@ -59,18 +59,7 @@ def load_sweep(spec: str) -> list[dict[str, Any]]:
     ConfigError: naming the file when it is missing, has no get_sweep, or returns something
       other than a non-empty list of dicts with string keys.
   """
-  import importlib.util
-
-  path, arg = config_utils.split_config_spec(spec)
-  if not os.path.isfile(path):
-    raise errors.ConfigError(f"Sweep file {path!r} not found (from --sweep={spec}).")
-  name = "_rlhf_jax_sweep_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
-  module_spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  get_sweep = getattr(module, "get_sweep", None)
-  if not callable(get_sweep):
-    raise errors.ConfigError(f"Sweep file {path!r} defines no get_sweep(arg=None) function.")
+  path, arg, get_sweep = config_utils.file_function(spec, "get_sweep", kind="Sweep", flag="sweep")
   try:
     cells = get_sweep() if arg is None else get_sweep(arg)
   except ValueError as error:  # hyper's checks, a bad arg

@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import struct
+import time
 
 import pytest
 
@@ -30,6 +31,8 @@ def records(path: str):
       position += left
       continue
     _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+    if position + 7 + length > len(data):  # a chunk still being written
+      break
     chunk = data[position + 7 : position + 7 + length]
     position += 7 + length
     if kind == 0:
@@ -41,10 +44,25 @@ def records(path: str):
       yield record
 
 
-def history(path: str) -> dict[int, dict]:
-  """step -> the logged values (JSON-decoded) of each history row."""
+def finished_records(path: str, timeout: float = 60.0) -> list:
+  """The records of a finished run's .wandb file, once its `exit` record is there.
+
+  `run.finish()` can return before W&B's service process has flushed the file's tail, so
+  reading it at once may miss the last records (seen as a flaky missing history row)."""
+  deadline = time.monotonic() + timeout
+  while True:
+    found = list(records(path))
+    if any(r.WhichOneof("record_type") == "exit" for r in found):
+      return found
+    if time.monotonic() > deadline:
+      raise AssertionError(f"{path} has no exit record after {timeout:.0f} s")
+    time.sleep(0.1)
+
+
+def history(found: list) -> dict[int, dict]:
+  """step -> the logged values (JSON-decoded) of each history row among the records."""
   rows: dict[int, dict] = {}
-  for record in records(path):
+  for record in found:
     if record.WhichOneof("record_type") == "history":
       row = rows.setdefault(record.history.step.num, {})
       for item in record.history.item:
@@ -92,7 +110,8 @@ def test_an_offline_run_holds_metrics_samples_alerts_and_plot(tmp_path, monkeypa
     ]
   assert open(workdir / "wandb" / "rlhf_jax_run_id").read().strip() == run_id
   (path,) = glob.glob(str(workdir / "wandb" / "offline-run-*" / f"run-{run_id}.wandb"))
-  rows = history(path)
+  found = finished_records(path)
+  rows = history(found)
   assert rows[5]["loss"] == 0.5
   assert rows[10]["eval/gold_reward"] == shared.line(10)["eval/gold_reward"]
   assert rows[10]["monitor/proxy_gold_gap"] == shared.line(10)["monitor/proxy_gold_gap"]
@@ -101,13 +120,13 @@ def test_an_offline_run_holds_metrics_samples_alerts_and_plot(tmp_path, monkeypa
   assert rows[10]["alerts/fired"] == 1 and rows[10]["alerts/table/nrows"] == 4  # the last
   # The reward-vs-KL plot, drawn from the two eval lines, at the last step.
   assert rows[10]["reward_vs_kl/_type"] == "image-file"
-  (run,) = [r.run for r in records(path) if r.WhichOneof("record_type") == "run"]
+  (run,) = [r.run for r in found if r.WhichOneof("record_type") == "run"]
   config = {item.key: json.loads(item.value_json) for item in run.config.update}
   assert config["optim"] == {"lr": 1e-5} and run.display_name == "my_run"
   assert run.job_type == "ppo" and run.project == "rlhf-test"
   summary = {
     item.key: json.loads(item.value_json)
-    for r in records(path)
+    for r in found
     if r.WhichOneof("record_type") == "summary"
     for item in r.summary.update
   }

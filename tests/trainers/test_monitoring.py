@@ -68,7 +68,7 @@ def test_an_alert_stops_ppo_which_exports_there_and_keeps_the_best_policy(
   # The W&B run holds every logged line: the eval lines with the monitor's metrics.
   runs = glob.glob(os.path.join(workdir, "wandb", "*", "run-*.wandb"))
   (wandb_file,) = [r for r in runs if "latest-run" not in r]  # that one is a link
-  logged = test_wandb.history(wandb_file)
+  logged = test_wandb.history(test_wandb.finished_records(wandb_file))
   assert logged[2]["eval/gold_reward"] == evals[-1]["eval/gold_reward"]
   assert logged[2]["monitor/alerts"] == evals[-1]["monitor/alerts"]
 
