@@ -79,7 +79,12 @@ def get_config(arg=None):
   config.reward.ensemble_size = 2  # ensemble_disagreement reads the members' spread
   config.reward.data.responses_per_prompt = 4  # same-prompt pairs share one forward pass
 
-  # The policy stage of each round, continued from the last round's policy.
+  # The policy stage of each round, continued from the last round's policy: "continue" goes
+  # on with the last round's stage (its critic, optimizers and KL controller), all rounds on
+  # one learning-rate schedule of rounds x rl.total_steps iterations, as one long run whose
+  # reward model is refreshed; "restart" starts a fresh stage from the last round's policy
+  # (a new critic, warm-up and schedule each round).
+  config.rl_mode = "continue"
   config.rl = ppo_config.get_config(variant)
   config.rl.total_steps = 20
 

@@ -33,6 +33,13 @@ def get_config(arg=None):
   # The KL reference, when it is not the policy started from: a finished policy stage (e.g.
   # the SFT policy, while policy_init continues an earlier RL stage); "" = policy_init.
   config.reference_init = ""
+  # Continuing a finished stage of this trainer: its whole train state (policy, critic,
+  # optimizer, KL controller) and prompt order from its last checkpoint, training on to
+  # total_steps (which counts its steps). With schedule_steps (0 = total_steps), the
+  # learning-rate schedule spans that many iterations, so a chain of stages (the feedback
+  # loop's rounds) trains on one schedule. policy_init is then the chain's first policy.
+  config.continue_from = ""
+  config.schedule_steps = 0
   config.sft = sft_config.get_config(variant)
   config.reward = reward_config.get_config(variant)
 

@@ -313,6 +313,10 @@ class Run:
   start_step: int
   writer: metrics.MetricWriter
   clock_start: float
+  # A fresh stage continued from another stage's last checkpoint (`config.continue_from`):
+  # that stage's workdir and checkpointer; the state is restored from it at `start_step`.
+  continued_from: str = dataclasses.field(default="", kw_only=True)
+  source_ckpt: checkpoint.Checkpointer | None = dataclasses.field(default=None, kw_only=True)
 
   @property
   def is_primary(self) -> bool:
@@ -323,7 +327,8 @@ class Run:
 
   def __exit__(self, *exc_info) -> None:
     # Also on an error: the first error is the one that propagates (`close_all`).
-    close_all(self.ckpt.wait, self.ckpt.close, self.writer.close)
+    source = self.source_ckpt.close if self.source_ckpt is not None else lambda: None
+    close_all(source, self.ckpt.wait, self.ckpt.close, self.writer.close)
 
 
 def make_exporter(config, workdir: str):
@@ -345,15 +350,44 @@ def open_run(config, workdir: str, mesh, loader, *, clock_start: float, cls=Run,
   lines a run killed before its first checkpoint left. `cls`/`fields`: a subclass of
   `Run` and its extra fields.
   """
+  source, source_ckpt, source_step = config.get("continue_from") or "", None, 0
   ckpt = checkpointer(config, workdir)
-  start_step = ckpt.latest_intact_step() or 0
+  own_step = ckpt.latest_intact_step() or 0
+  if source and not own_step:
+    source_ckpt, source_step = open_source(config, source)
   writer = metrics.MetricWriter(
-    workdir, resume_step=start_step or -1, exporter=make_exporter(config, workdir)
+    workdir, resume_step=own_step or -1, exporter=make_exporter(config, workdir)
   )
   return cls(
     config=config, workdir=workdir, mesh=mesh, rules=config.sharding_rules, loader=loader,
-    ckpt=ckpt, start_step=start_step, writer=writer, clock_start=clock_start, **fields,
+    ckpt=ckpt, start_step=own_step or source_step, writer=writer, clock_start=clock_start,
+    continued_from=source if source_ckpt else "", source_ckpt=source_ckpt, **fields,
   )  # fmt: skip
+
+
+def open_source(config, source: str) -> tuple[checkpoint.Checkpointer, int]:
+  """(checkpointer, step) of the newest intact checkpoint of `config.continue_from`.
+
+  Raises:
+    ConfigError: naming config.continue_from when that stage holds no checkpoint, or
+      already reached this stage's total_steps.
+  """
+  key = f"config.continue_from={source!r}"
+  directory = os.path.join(source, "checkpoints")
+  if not os.path.isdir(directory):
+    raise errors.ConfigError(f"{key} holds no checkpoints/ folder to continue from.")
+  source_ckpt = checkpoint.Checkpointer(directory, max_to_keep=None, async_save=False)
+  step = source_ckpt.latest_intact_step()
+  if not step:
+    source_ckpt.close()
+    raise errors.ConfigError(f"{key} holds no intact checkpoint to continue from.")
+  if step >= config.total_steps:
+    source_ckpt.close()
+    raise errors.ConfigError(
+      f"{key} ended at step {step}; config.total_steps={config.total_steps} must be larger "
+      "(it counts the steps of that stage too)."
+    )
+  return source_ckpt, step
 
 
 def restore_or_init(run: Run, abstract_state, init: Callable[[], Any]):
@@ -361,7 +395,22 @@ def restore_or_init(run: Run, abstract_state, init: Callable[[], Any]):
   time spent so far), or `init()` on a fresh start; SIGTERM then saves and stops."""
   previous = 0.0
   with sharding.use_mesh(run.mesh, run.rules):
-    if run.start_step:
+    if run.source_ckpt is not None:
+      # A stage of its own from another's state: its time and metrics start here.
+      key = f"config.continue_from={run.continued_from!r}"
+      try:
+        state, meta = run.source_ckpt.restore(run.start_step, target=abstract_state)
+      except errors.CheckpointError as error:
+        raise errors.ConfigError(
+          f"{key}: its state does not fit this stage's (another trainer, model or "
+          f"optimizer?): {error}"
+        ) from None
+      finally:
+        run.source_ckpt.close()
+      run.source_ckpt = None
+      run.loader.set_state(meta["loader"])
+      logging.info("Continuing %s from its step %d", run.continued_from, run.start_step)
+    elif run.start_step:
       state, meta = run.ckpt.restore(run.start_step, target=abstract_state)
       run.loader.set_state(meta["loader"])
       previous = float(meta.get("wall_time_s", 0.0))
@@ -393,11 +442,13 @@ def bookkeeping(
 
 
 def evaluate_start(run: Run, evaluate: Callable[[], dict[str, float]]) -> None:
-  """The step-0 eval line (the starting model) of a fresh run; a resumed run has it."""
-  if run.start_step == 0:
+  """The first eval line (the starting model, at `run.start_step`: 0, or the step a
+  continued stage starts from) of a fresh run; a resumed run has it. `evaluate()` must
+  evaluate at `run.start_step`."""
+  if run.start_step == 0 or run.continued_from:
     first = evaluate()
-    metrics.check_finite(0, first, context="eval")
-    run.writer.write(0, first)
+    metrics.check_finite(run.start_step, first, context="eval")
+    run.writer.write(run.start_step, first)
 
 
 def save_if_due(run: Run, loop: LoopBookkeeping, step: int, state, clock: StageClock) -> None:

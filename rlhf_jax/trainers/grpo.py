@@ -103,7 +103,7 @@ def _check_kl(config, prefix: str) -> None:
 
 def _updates(config) -> int:
   rollout = config.prompts_per_iter * config.group_size
-  return config.total_steps * config.num_epochs * (rollout // config.minibatch_size)
+  return rl_common.schedule_steps(config) * config.num_epochs * (rollout // config.minibatch_size)
 
 
 # One declared check per field of configs/grpo.py and configs/rloo.py (rlhf_jax/config_spec.py).
@@ -114,6 +114,7 @@ CONFIG_SPEC = cs.Spec(
     **cs.LOOP_FIELDS,
     **rl_common.UPSTREAM_FIELDS,
     **rl_common.REFERENCE_FIELDS,
+    **rl_common.CONTINUE_FIELDS,
     # A host reward function needs no reward model: the stage is trained only for "model".
     "reward": cs.Stage(unless="reward_init", when=lambda c: c.reward_fn == "model"),
     **rl_common.SAMPLING_FIELDS,
@@ -142,6 +143,7 @@ CONFIG_SPEC = cs.Spec(
   },
   checks=(
     rl_common.check_reference,
+    rl_common.check_continue,
     cs.divides("minibatch_size", "prompts_per_iter*group_size"),
     _check_kl,
     _check_reward_fn,
@@ -366,7 +368,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   reward_fn = resolve_reward_fn(config)
   tx, lr_schedule = optim.make_optimizer(
     config.optim,
-    config.total_steps * s.updates_per_iteration,
+    rl_common.schedule_steps(config) * s.updates_per_iteration,
     trainable=lora.trainable(config.lora.rank),  # LoRA: only the adapters train
   )
   # A host reward needs no reward model; one given is still loaded for the eval's proxy.
@@ -436,7 +438,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       dtype=sft.module.config.dtype,
       metric_keys=("reward", "objective/kl", "eval/gold_reward"),
     )
-    common.evaluate_start(run, lambda: evaluate(state["policy"], 0))
+    common.evaluate_start(run, lambda: evaluate(state["policy"], run.start_step))
     rollout_key = rng.key(config.seed, "rollout")
     tokens = float(s.rollout_batch_size * (s.prompt_len + s.max_new_tokens))
     step = run.start_step

@@ -57,6 +57,7 @@ from rlhf_jax.trainers import common
 
 LABELERS = ("panel", "files")
 REWARD_MODES = ("continue", "retrain")
+RL_MODES = ("continue", "restart")
 
 
 class LabelsPending(errors.Error):
@@ -89,11 +90,12 @@ def _check_strategy(config, prefix: str) -> None:
 
 
 def _check_rl(config, prefix: str) -> None:
-  if config.rounds > 1 and "reference_init" not in config.rl:
+  needs = "continue_from" if config.rl_mode == "continue" else "reference_init"
+  if config.rounds > 1 and needs not in config.rl:
     raise cs.ConfigError(
-      f"{prefix}.rl.trainer={config.rl.get('trainer')!r} has no reference_init: the loop "
-      "continues the policy round after round and needs the SFT policy as a separate KL "
-      "reference. Use ppo, grpo or rloo (configs/ppo.py, grpo.py, rloo.py)."
+      f"{prefix}.rl.trainer={config.rl.get('trainer')!r} has no {needs}: the loop continues "
+      f"the policy round after round ({prefix}.rl_mode={config.rl_mode!r}). Use ppo, grpo or "
+      "rloo (configs/ppo.py, grpo.py, rloo.py)."
     )
 
 
@@ -122,6 +124,7 @@ CONFIG_SPEC = cs.Spec(
     "eval_files": cs.Seq(cs.Path("file", optional=False)),
     "gate": quality_gate.CONFIG_SPEC,
     "reward_mode": cs.Choice(*REWARD_MODES),
+    "rl_mode": cs.Choice(*RL_MODES),
     "reward": cs.Stage(),
     "rl": cs.Stage(),
   },
@@ -382,6 +385,26 @@ class Loop:
       node[leaf] = value
     config_utils.run(child, stage_dir, timings=self.timings)
 
+  def rl_fields(self, k: int, policy_dir: str) -> dict[str, Any]:
+    """Round k's policy-stage keys: from the last round's policy, the SFT one the reference.
+
+    "continue": the last round's stage goes on (its policy, critic, optimizer and KL
+    controller) to (k + 1) rl.total_steps iterations, all rounds on one learning-rate
+    schedule of rounds x rl.total_steps; "restart": a fresh stage of rl.total_steps from the
+    last round's exported policy (a new critic, warm-up and schedule every round).
+    """
+    steps = self.config.rl.total_steps
+    if self.config.rl_mode == "continue":
+      fields = {"policy_init": self.sft_dir, "total_steps": (k + 1) * steps}
+      fields["schedule_steps"] = self.config.rounds * steps
+      if policy_dir != self.sft_dir:
+        fields["continue_from"] = policy_dir
+      return fields
+    fields = {"policy_init": policy_dir}
+    if policy_dir != self.sft_dir:  # the SFT policy stays the KL reference
+      fields["reference_init"] = self.sft_dir
+    return fields
+
   def round(self, k: int, pool, all_labels, policy_dir: str, reward_dir: str, evals) -> dict:
     config = self.config
     rdir = os.path.join(self.workdir, f"round_{k}")
@@ -406,12 +429,7 @@ class Loop:
       **data,
     )
     new_policy = os.path.join(rdir, "policy")
-    reference = {}
-    if policy_dir != self.sft_dir:  # the SFT policy stays the KL reference
-      reference["reference_init"] = self.sft_dir
-    self.run_stage(
-      config.rl, new_policy, policy_init=policy_dir, reward_init=new_reward, **reference
-    )
+    self.run_stage(config.rl, new_policy, reward_init=new_reward, **self.rl_fields(k, policy_dir))
     rm_eval = stages.read_meta(new_reward).get("eval") or {}
     summary = _read_json(os.path.join(new_policy, "summary.json"))
     result = {

@@ -58,7 +58,9 @@ VALUE_HEAD = "value/.*"
 def _updates(config) -> int:
   """Optimizer updates in the run: iterations x epochs x minibatches."""
   return (
-    config.total_steps * config.ppo_epochs * (config.rollout_batch_size // config.minibatch_size)
+    rl_common.schedule_steps(config)
+    * config.ppo_epochs
+    * (config.rollout_batch_size // config.minibatch_size)
   )
 
 
@@ -92,6 +94,7 @@ CONFIG_SPEC = cs.Spec(
     **cs.LOOP_FIELDS,
     **rl_common.UPSTREAM_FIELDS,
     **rl_common.REFERENCE_FIELDS,
+    **rl_common.CONTINUE_FIELDS,
     **rl_common.SAMPLING_FIELDS,
     **rl_common.MISSING_EOS_FIELDS,
     "data": rl_common.PROMPT_DATA_SPEC,
@@ -124,6 +127,7 @@ CONFIG_SPEC = cs.Spec(
   },
   checks=(
     rl_common.check_reference,
+    rl_common.check_continue,
     cs.divides("minibatch_size", "rollout_batch_size"),
     check_kl_controller,
     check_value_init,
@@ -501,7 +505,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
   """Runs PPO; returns the final eval metrics and writes `<workdir>/summary.json`."""
   CONFIG_SPEC.validate(config)
   s = Settings.from_config(config)
-  total_updates = config.total_steps * s.updates_per_iteration
+  total_updates = rl_common.schedule_steps(config) * s.updates_per_iteration
   # With LoRA only the adapters (and a value head on the policy) train.
   trainable = lora.trainable(config.lora.rank, VALUE_HEAD)
   policy_tx, lr_schedule = optim.make_optimizer(config.optim, total_updates, trainable=trainable)
@@ -564,7 +568,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       dtype=sft.module.config.dtype,
       metric_keys=("objective/scores", "objective/kl", "eval/gold_reward"),
     )
-    common.evaluate_start(run, lambda: evaluate(lm_params(state["policy"]), 0))
+    common.evaluate_start(run, lambda: evaluate(lm_params(state["policy"]), run.start_step))
     rollout_key = rng.key(config.seed, "rollout")
     tokens = float(s.rollout_batch_size * (s.prompt_len + s.max_new_tokens))
     step = run.start_step

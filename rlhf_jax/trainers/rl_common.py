@@ -10,6 +10,7 @@ writes, so `experiments/compare.py` can put them in one table.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Callable
@@ -49,6 +50,43 @@ UPSTREAM_FIELDS: dict[str, cs.Check] = {
 # The frozen reference of the KL penalty when it is not the policy the stage starts from
 # (e.g. a policy continued from an earlier RL stage, kept close to the original SFT one).
 REFERENCE_FIELDS: dict[str, cs.Check] = {"reference_init": cs.FinishedStage("policy")}
+# Continuing another stage of the same trainer: its whole train state (policy, critic,
+# optimizer, KL controller) and prompt order from its last checkpoint, on one learning-rate
+# schedule of `schedule_steps` iterations (0: total_steps) shared by the stages of a chain.
+CONTINUE_FIELDS: dict[str, cs.Check] = {
+  "continue_from": cs.FinishedStage("policy"),
+  "schedule_steps": cs.Int(min=0),
+}
+
+
+def schedule_steps(config) -> int:
+  """Iterations the learning-rate schedule spans: schedule_steps, or total_steps when 0."""
+  return config.get("schedule_steps") or config.total_steps
+
+
+def check_continue(config, prefix: str) -> None:
+  """schedule_steps covers the stage; continue_from names a stage of the same trainer."""
+  if config.schedule_steps and config.schedule_steps < config.total_steps:
+    raise cs.ConfigError(
+      f"{prefix}.schedule_steps={config.schedule_steps} is less than {prefix}.total_steps="
+      f"{config.total_steps}: the schedule must span the stage (0 = total_steps)."
+    )
+  source = config.continue_from
+  if not source or "://" in source:
+    return
+  path = os.path.join(source, config_utils.CONFIG_FILENAME)
+  try:
+    with open(path) as f:
+      trainer = json.load(f).get("trainer")
+  except (OSError, ValueError) as error:
+    raise cs.ConfigError(
+      f"{prefix}.continue_from={source!r}: cannot read {path} ({error})"
+    ) from None
+  if trainer != config.trainer:
+    raise cs.ConfigError(
+      f"{prefix}.continue_from={source!r} is a {trainer!r} stage; a {config.trainer!r} "
+      "stage continues only a stage of its own trainer."
+    )
 
 
 def check_reference(config, prefix: str) -> None:
@@ -281,7 +319,12 @@ def stopped_by_alert(evaluator) -> int | None:
 
 
 def write_summary(
-  workdir: str, method: str, wall_time_s: float, evaluator: str = "", **extra
+  workdir: str,
+  method: str,
+  wall_time_s: float,
+  evaluator: str = "",
+  continued_from: str = "",
+  **extra,
 ) -> dict[str, Any]:
   """`<workdir>/summary.json` from the step-0 (SFT) and last eval lines of metrics.jsonl.
 
@@ -292,9 +335,24 @@ def write_summary(
   sft_proxy_reward, proxy_reward, kl_to_ref, sqrt_kl, win_rate_vs_sft with its 95%
   interval win_rate_vs_sft_low/high, evaluator (the judge's name), wall_time_s (this
   stage's own time, upstream stages excluded), and `extra`.
+
+  A stage continued from another (`continued_from`, config.continue_from) starts from that
+  stage's policy: its sft_* figures and gains are the SFT policy's, read from that stage's
+  summary (down the chain to the stage that started from SFT); start_step,
+  start_gold_reward and start_proxy_reward are its own first eval's, and sft_proxy_reward is
+  None (the stage may score with another reward model).
   """
   evals = [r for r in metrics.read_metrics(workdir) if "eval/gold_reward" in r]
   first, final = evals[0], evals[-1]
+  start = {}
+  if continued_from:
+    start = {
+      "continued_from": continued_from,
+      "start_step": first["step"],
+      "start_gold_reward": first["eval/gold_reward"],
+      "start_proxy_reward": first["eval/proxy_reward"],
+    }
+    first = _sft_eval(continued_from)
   summary = {
     "method": method,
     "sft_gold_reward": first["eval/gold_reward"],
@@ -311,12 +369,30 @@ def write_summary(
     "win_rate_vs_sft_high": final.get("eval/win_rate_vs_sft_high"),
     "evaluator": evaluator,
     "wall_time_s": wall_time_s,
+    **start,
     **extra,
   }
   if jax.process_index() == 0:
     utils.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
   logging.info("%s summary: %s", method, summary)
   return summary
+
+
+def _sft_eval(stage_dir: str) -> dict[str, Any]:
+  """The SFT policy's eval figures as a first eval line, from a finished RL stage's summary."""
+  path = os.path.join(stage_dir, "summary.json")
+  try:
+    with open(path) as f:
+      summary = json.load(f)
+    return {
+      "eval/gold_reward": summary["sft_gold_reward"],
+      "eval/gold_reward_std": summary.get("sft_gold_reward_std"),
+      "eval/proxy_reward": None,
+    }
+  except (OSError, ValueError, KeyError) as error:
+    raise errors.ConfigError(
+      f"config.continue_from={stage_dir!r}: no readable summary.json with sft_gold_reward ({error})"
+    ) from None
 
 
 def _effect_size(first: dict[str, Any], final: dict[str, Any]) -> float | None:
@@ -522,7 +598,14 @@ def finish(
       loop.last_eval = evaluate(params(), step)
     loop.final_eval(run.start_step, lambda: evaluate(params(), step))
   summary = {**(summary or {}), **(watch.summary() if watch is not None else {})}
-  write_summary(run.workdir, method, clock.elapsed(), evaluator=evaluator, **summary)
+  write_summary(
+    run.workdir,
+    method,
+    clock.elapsed(),
+    evaluator=evaluator,
+    continued_from=run.config.get("continue_from") or "",
+    **summary,
+  )
   if not exported:
     meta = {
       "kind": "policy",

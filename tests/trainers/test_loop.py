@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import config_spec as cs
-from rlhf_jax import config_utils, errors, stages
+from rlhf_jax import config_utils, errors, metrics, stages
 from rlhf_jax.data import preferences, quality_gate
 from rlhf_jax.trainers import loop
 from tests.trainers import resume
@@ -41,6 +41,9 @@ def test_runlocal_config_is_valid_and_refuses_bad_combinations():
     config.rl = config_utils.load_config(os.path.join(REPO, f"configs/{name}.py:runlocal"))
     loop.CONFIG_SPEC.validate(config)
   config.rl = config_utils.load_config(os.path.join(REPO, "configs/dpo.py:runlocal"))
+  with pytest.raises(cs.ConfigError, match=r"config\.rl\.trainer='dpo' has no continue_from"):
+    loop.CONFIG_SPEC.validate(config)
+  config.rl_mode = "restart"
   with pytest.raises(cs.ConfigError, match=r"config\.rl\.trainer='dpo' has no reference_init"):
     loop.CONFIG_SPEC.validate(config)
   config = _config()
@@ -190,18 +193,26 @@ def test_two_rounds_killed_anywhere_end_as_an_uninterrupted_run(reward_runlocal,
   assert all(r["policy"]["kl_to_ref"] > 0 for r in rounds)
   # The testbed's careless rater is named in the gate's score.
   assert rounds[1]["gate_testbed"]["careless"]
-  # Round 1 continues: its reward model from round 0's, its policy from round 0's, with the
-  # SFT policy as the KL reference.
+  # Round 1 continues: its reward model from round 0's, its PPO stage round 0's (iterations
+  # 6-12 of one 12-iteration schedule), with the SFT policy as the start and KL reference.
   r1 = os.path.join(straight, "round_1")
   reward_cfg = config_utils.read_config_json(os.path.join(r1, "reward"))
   assert reward_cfg.reward_init == os.path.join(straight, "round_0", "reward")
   assert reward_cfg.data.train_files == [os.path.join(r1, "train_labels.jsonl")]
   policy_cfg = config_utils.read_config_json(os.path.join(r1, "policy"))
-  assert policy_cfg.policy_init == os.path.join(straight, "round_0", "policy")
-  assert policy_cfg.reference_init == sft_dir
-  assert config_utils.read_config_json(os.path.join(straight, "round_0", "policy")).get(
-    "reference_init", ""
-  ) in ("", None)
+  assert policy_cfg.policy_init == sft_dir and not policy_cfg.reference_init
+  assert policy_cfg.continue_from == os.path.join(straight, "round_0", "policy")
+  assert (policy_cfg.total_steps, policy_cfg.schedule_steps) == (12, 12)
+  policy0_cfg = config_utils.read_config_json(os.path.join(straight, "round_0", "policy"))
+  assert (policy0_cfg.total_steps, policy0_cfg.schedule_steps) == (6, 12)
+  assert not policy0_cfg.continue_from
+  evals1 = [
+    r["step"] for r in metrics.read_metrics(os.path.join(r1, "policy")) if "eval/kl_to_ref" in r
+  ]
+  assert evals1 == [6, 12]  # its first eval is its start, round 0's end
+  # Both rounds' gains are over the SFT policy.
+  sft_gold = {_summary(straight, k)["sft_gold_reward"] for k in (0, 1)}
+  assert len(sft_gold) == 1
   # The labels the reward model of round 1 trained on: both rounds', less excluded raters.
   gate = json.load(open(os.path.join(r1, "gate.json")))
   trained = preferences.read_preferences(os.path.join(r1, "train_labels.jsonl"))
@@ -217,6 +228,10 @@ def test_two_rounds_killed_anywhere_end_as_an_uninterrupted_run(reward_runlocal,
   cands1 = os.path.join(killed, "round_1", "candidates.json")
   _kill_when(killed, _overrides(sft_dir), cache, lambda: os.path.exists(cands1), "round 1")
   assert not os.path.exists(os.path.join(killed, "round_1", "queue", loop.LABELS_FILE))
+  # Inside round 1's continued PPO stage, after its first checkpoint of its own (step 9).
+  policy1 = os.path.join(killed, "round_1", "policy")
+  _kill_when(killed, _overrides(sft_dir), cache, lambda: resume.committed_steps(policy1), "PPO 1")
+  assert not os.path.exists(os.path.join(policy1, "export.json"))
   resume.run_to_end(CONFIG, killed, _overrides(sft_dir), cache)
 
   assert _loop_json(killed) == result
@@ -321,3 +336,8 @@ def test_a_reward_stage_continued_starts_where_the_last_one_ended(reward_runloca
   assert start["eval/accuracy"] == final["eval/accuracy"]
   assert start["eval/loss"] == final["eval/loss"]
   assert stages.read_meta(workdir)["step"] == 2
+
+
+def _summary(workdir, k):
+  with open(os.path.join(workdir, f"round_{k}", "policy", "summary.json")) as f:
+    return json.load(f)

@@ -3,11 +3,12 @@
 import json
 import os
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from rlhf_jax import config_utils, metrics, sharding, stages
+from rlhf_jax import config_utils, errors, metrics, sharding, stages
 from rlhf_jax.trainers import ppo
 from tests.trainers import resume
 
@@ -134,3 +135,49 @@ def test_resume_after_kill_and_after_sigterm_is_exact(reward_runlocal, tmp_path)
     kill_after=8,
     timing_metrics=ppo.TIMING_METRICS,
   )
+
+
+@pytest.mark.slow
+def test_a_continued_stage_trains_on_as_one_run(reward_runlocal, tmp_path):
+  """continue_from + schedule_steps: 4 iterations, then 4 more in a new stage, end with the
+  state 8 straight iterations reach (policy, critic, optimizers, KL controller, prompts)."""
+  _, reward_dir, _ = reward_runlocal
+
+  def config(total_steps, **extra):
+    c = config_utils.load_config(os.path.join(REPO, "configs/ppo.py:runlocal"))
+    c.policy_init = os.path.join(reward_dir, "sft")
+    c.reward_init = reward_dir
+    c.total_steps, c.schedule_steps = total_steps, 8
+    c.eval_every = c.checkpoint_every = c.log_every = 4
+    c.eval.num_prompts = 16
+    c.update(extra)
+    return c
+
+  straight, first, second = (str(tmp_path / n) for n in ("straight", "first", "second"))
+  config_utils.run(config(8), straight)
+  config_utils.run(config(4), first)
+  config_utils.run(config(8, continue_from=first), second)
+
+  ref_step, ref_state = resume.final_state(straight)
+  got_step, got_state = resume.final_state(second)
+  assert ref_step == got_step == 8
+  jax.tree.map(np.testing.assert_array_equal, got_state, ref_state)
+  # Its first eval is its start, step 4 (the first stage's end); the gains are over SFT.
+  evals = lambda d: {r["step"]: r for r in metrics.read_metrics(d) if "eval/gold_reward" in r}
+  ref_evals, got_evals = evals(straight), evals(second)
+  assert sorted(got_evals) == [4, 8]
+  for step in (4, 8):
+    for key, value in ref_evals[step].items():
+      if key.startswith("eval/"):
+        assert got_evals[step][key] == value, (step, key)
+  ref_summary, got_summary = resume.read_summary(straight), resume.read_summary(second)
+  for key in ("sft_gold_reward", "sft_gold_reward_std", "gold_reward", "gold_reward_gain"):
+    assert got_summary[key] == ref_summary[key], key
+  assert got_summary["continued_from"] == first and got_summary["start_step"] == 4
+  assert got_summary["start_gold_reward"] == ref_evals[4]["eval/gold_reward"]
+
+  # Nothing is left to train past a finished stage's total_steps; another trainer is refused.
+  with pytest.raises(errors.ConfigError, match=r"continue_from=.*ended at step 8"):
+    config_utils.run(config(8, continue_from=second), str(tmp_path / "third"))
+  with pytest.raises(errors.ConfigError, match=r"schedule_steps=8 is less than .*total_steps=9"):
+    config_utils.run(config(9, continue_from=second), str(tmp_path / "fourth"))
