@@ -140,6 +140,7 @@ CASES = [
   C("ppo_nested_rm_sft", [PPO, "--config.reward.sft.checkpoint_every=0"], "config.reward.sft.checkpoint_every=0"),
   C("ppo_policy_init_missing", [PPO, "--config.policy_init={tmp}/nowhere"], "config.policy_init", "no such directory"),
   C("ppo_policy_init_unfinished", [PPO, "--config.policy_init={tmp}"], "config.policy_init", "export.json is missing"),
+  C("ppo_continue_from_another_trainer", [PPO, "--config.policy_init={sft}", "--config.continue_from={sft}"], "config.continue_from", "is a 'sft' stage; a 'ppo' stage continues only"),
   C("ppo_reward_init_kind", [PPO, "--config.policy_init={fake_policy}", "--config.reward_init={fake_policy}"], "config.reward_init", "exports a 'policy', not a reward"),
   C("dpo_beta_0", [DPO, "--config.beta=0"], "config.beta=0", "> 0"),
   C("dpo_hinge_soft", [DPO, "--config.loss_type=hinge"], "config.soft_labels='confidence'", "hinge"),

@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -231,3 +232,29 @@ def test_resume_after_kill_and_after_sigterm_is_exact(reward_runlocal, tmp_path)
   for name in ("killed", "late"):
     resume.assert_same_export(straight, str(tmp_path / name))
     assert resume.read_summary(str(tmp_path / name)) == ref_summary, name
+
+
+@pytest.mark.slow
+def test_a_continued_rloo_stage_trains_on_as_one_run(reward_runlocal, tmp_path):
+  """continue_from + schedule_steps: 2 iterations, then 2 more in a new stage, end with the
+  state 4 straight iterations reach (policy, optimizer, prompts, RNG)."""
+  _, reward_dir, _ = reward_runlocal
+  steps = dict(schedule_steps=4, eval_every=2, checkpoint_every=2, log_every=2)
+  steps["eval.num_prompts"] = 16
+  straight, first, second = (str(tmp_path / n) for n in ("straight", "first", "second"))
+  config_utils.run(load("configs/rloo.py:runlocal", reward_dir, total_steps=4, **steps), straight)
+  config_utils.run(load("configs/rloo.py:runlocal", reward_dir, total_steps=2, **steps), first)
+  continued = load(
+    "configs/rloo.py:runlocal", reward_dir, total_steps=4, continue_from=first, **steps
+  )
+  config_utils.run(continued, second)
+  ref_step, ref_state = resume.final_state(straight)
+  got_step, got_state = resume.final_state(second)
+  assert ref_step == got_step == 4
+  jax.tree.map(np.testing.assert_array_equal, got_state, ref_state)
+  assert eval_steps(second) == [2, 4]
+  final = lambda d: [r for r in metrics.read_metrics(d) if "eval/gold_reward" in r][-1]
+  assert final(second)["eval/gold_reward"] == final(straight)["eval/gold_reward"]
+  summary = resume.read_summary(second)
+  assert summary["method"] == "rloo" and summary["continued_from"] == first
+  assert summary["sft_gold_reward"] == resume.read_summary(straight)["sft_gold_reward"]
