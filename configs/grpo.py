@@ -61,6 +61,10 @@ def get_config(arg=None):
   # tokenizer); longer prompts are left out (counted in data_info.json)
   config.max_new_tokens = 40
   config.temperature = 1.0  # sampling and log-prob recomputation use the same T
+  # The rollout's (old policy's) log-probs: "sampler" reads the sampler's (no extra forward
+  # pass; equal up to float rounding in float32), "recompute" runs the policy again (the
+  # safer choice in bfloat16, where cached decoding drifts further from a full pass).
+  config.old_logprobs = "sampler"
   config.missing_eos_penalty = True
   config.missing_eos_score = -1.0
 

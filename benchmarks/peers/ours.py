@@ -73,9 +73,12 @@ class Setup:
 
 
 def _rl_settings(cls, **fields):
+  # The configs' default: the rollout's log-probs come from the sampler (configs/ppo.py);
+  # RLHF_JAX_OLD_LOGPROBS=recompute measures the extra forward pass.
   common_fields = dict(
     prompt_len=shape.PROMPT_LEN, max_new_tokens=shape.NEW_TOKENS, temperature=1.0,
     missing_eos_score=None, clip_eps=0.2, loss_aggregation="token_mean", epochs=1,
+    old_logprobs=os.environ.get("RLHF_JAX_OLD_LOGPROBS", "sampler"),
   )  # fmt: skip
   return cls(**{**common_fields, **fields})
 

@@ -118,6 +118,7 @@ CONFIG_SPEC = cs.Spec(
     # A host reward function needs no reward model: the stage is trained only for "model".
     "reward": cs.Stage(unless="reward_init", when=lambda c: c.reward_fn == "model"),
     **rl_common.SAMPLING_FIELDS,
+    **rl_common.OLD_LOGPROBS_FIELDS,
     **rl_common.MISSING_EOS_FIELDS,
     "data": rl_common.PROMPT_DATA_SPEC,
     "prompts_per_iter": cs.Int(min=1),
@@ -215,7 +216,10 @@ def make_experience(
   full = jnp.concatenate([prompt, response], axis=1)
   fmask = jnp.concatenate([pmask, rmask], axis=1)
   logps = logps_fn(module, s)
-  logp, _ = logps(state["policy"], full, fmask, response)
+  if s.old_logprobs == "sampler":
+    logp = sample.logprobs
+  else:
+    logp, _ = logps(state["policy"], full, fmask, response)
   if ref_params is None:  # LoRA: the reference is the policy with its adapters off
     ref_params = lora.switched_off(state["policy"])
   ref_logp = jax.lax.stop_gradient(logps(ref_params, full, fmask, response)[0])

@@ -96,6 +96,7 @@ CONFIG_SPEC = cs.Spec(
     **rl_common.REFERENCE_FIELDS,
     **rl_common.CONTINUE_FIELDS,
     **rl_common.SAMPLING_FIELDS,
+    **rl_common.OLD_LOGPROBS_FIELDS,
     **rl_common.MISSING_EOS_FIELDS,
     "data": rl_common.PROMPT_DATA_SPEC,
     "rollout_batch_size": cs.Int(min=1),
@@ -275,6 +276,14 @@ def state_shardings(abstract, policy_sh, value_sh, mesh) -> dict:
   )
 
 
+def critic_values(nets: Networks, value, full, fmask, s: Settings):
+  """V(s_t) [B, N] of a separate critic (see `forward`)."""
+  positions = models.positions_from_mask(fmask)
+  attn = models.causal_attention_mask(fmask)
+  values = nets.value.apply({"params": value}, full, positions, attn)
+  return values[:, slice(s.prompt_len - 1, s.prompt_len + s.max_new_tokens - 1)]
+
+
 def forward(nets: Networks, policy, value, full, fmask, response, s: Settings):
   """Log-probs [B, N] at the sampling T, response logits, and V(s_t) [B, N].
 
@@ -307,9 +316,17 @@ def make_experience(state, ref_params, prompt, pmask, sample, *, nets: Networks,
   response, rmask = sample.tokens, sample.response_mask
   full = jnp.concatenate([prompt, response], axis=1)
   fmask = jnp.concatenate([pmask, rmask], axis=1)
-  logp, resp_logits, values = forward(
-    nets, state["policy"], state["value"], full, fmask, response, s
-  )
+  if s.old_logprobs == "sampler" and nets.value is not None:
+    # The sampler's log-probs: only the critic runs over the rollout.
+    logp, values = sample.logprobs, critic_values(nets, state["value"], full, fmask, s)
+    entropy = -jnp.sum(logp * rmask)  # the drawn tokens' surprisal: an entropy estimate
+  else:
+    logp, resp_logits, values = forward(
+      nets, state["policy"], state["value"], full, fmask, response, s
+    )
+    entropy = jnp.sum(entropy_from_logits(resp_logits, s.temperature) * rmask)
+    if s.old_logprobs == "sampler":  # a value head: the forward runs anyway, for values
+      logp = sample.logprobs
   ref_fn = rl_common.response_logps_fn(
     nets.reference, s.prompt_len, s.max_new_tokens, s.temperature
   )
@@ -344,8 +361,7 @@ def make_experience(state, ref_params, prompt, pmask, sample, *, nets: Networks,
   stats = {
     "objective/kl": seq_kl,
     "objective/kl_coef": state["kl"].kl_coef,
-    "objective/entropy": jnp.sum(entropy_from_logits(resp_logits, s.temperature) * rmask)
-    / jnp.maximum(rmask.shape[0], 1),
+    "objective/entropy": entropy / jnp.maximum(rmask.shape[0], 1),
     "objective/scores": jnp.mean(used_scores),
     "objective/rm_scores": jnp.mean(scores),
     "objective/non_score_reward": jnp.mean(non_score),

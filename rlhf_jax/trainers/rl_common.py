@@ -104,6 +104,13 @@ SAMPLING_FIELDS: dict[str, cs.Check] = {
   "max_new_tokens": cs.Int(min=1),
   "temperature": cs.Float(gt=0),
 }
+# Where the rollout's log-probs (PPO's and GRPO's old policy) come from: "sampler" reads
+# them off the sampler (log softmax(logits / T) of each drawn token, the distribution
+# training recomputes), "recompute" runs the policy over the rollout again. Equal up to
+# float rounding in float32 (cached decoding against one full pass); the sampler saves a
+# forward pass of the policy per iteration.
+OLD_LOGPROBS = ("sampler", "recompute")
+OLD_LOGPROBS_FIELDS: dict[str, cs.Check] = {"old_logprobs": cs.Choice(*OLD_LOGPROBS)}
 MISSING_EOS_FIELDS: dict[str, cs.Check] = {
   "missing_eos_penalty": cs.Bool(),
   "missing_eos_score": cs.Float(),
@@ -423,11 +430,14 @@ class RolloutSettings:
   epochs: int
   minibatch_size: int
   rollout_batch_size: int
+  old_logprobs: str = dataclasses.field(default="recompute", kw_only=True)  # OLD_LOGPROBS
 
   @staticmethod
   def fields(config, *, epochs: int, rollout_batch_size: int) -> dict[str, Any]:
-    """This class's fields from a config of SAMPLING_FIELDS, MISSING_EOS_FIELDS and more."""
+    """This class's fields from a config of SAMPLING_FIELDS, MISSING_EOS_FIELDS,
+    OLD_LOGPROBS_FIELDS and more."""
     return dict(
+      old_logprobs=config.old_logprobs,
       prompt_len=config.prompt_len,
       max_new_tokens=config.max_new_tokens,
       temperature=config.temperature,

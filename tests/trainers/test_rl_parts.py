@@ -9,6 +9,7 @@ a "sample" is a fixed set of response tokens. What each piece must do:
     every epoch (the permutations cover each row once per epoch).
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -19,6 +20,7 @@ import pytest
 
 from rlhf_jax import models
 from rlhf_jax.rl import kl as kl_lib
+from rlhf_jax.rl import sampler
 from rlhf_jax.rl.sampler import SampleOutput
 from rlhf_jax.trainers import grpo, ppo, rl_common
 
@@ -221,3 +223,62 @@ def test_kl_controller_state_is_a_pytree():
   # The update donates and re-shards the state: the controller must stay a pytree of arrays.
   leaves = jax.tree.leaves(kl_lib.init_kl_controller(0.1))
   assert leaves and all(isinstance(x, jax.Array) for x in leaves)
+
+
+def _real_sample(t, temperature):
+  """A rollout the sampler drew from the tiny policy, with its log-probs: the first key's
+  whose responses are not all of full length (padding after an EOS is covered)."""
+  config = sampler.SamplerConfig(max_new_tokens=N, eos_id=2, pad_id=0, temperature=temperature)
+  fn = sampler.make_sampler(t["lm"], config)
+  for seed in range(50):
+    sample = fn(t["lm_params"], t["prompt"], t["pmask"], jax.random.key(seed))
+    if not np.asarray(sample.response_mask).all():
+      return sample
+  raise AssertionError("no EOS in 50 rollouts")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_the_samplers_log_probs_stand_in_for_the_recomputed_ones(tiny, temperature):
+  """old_logprobs="sampler": the experience equals the recomputed one up to float rounding,
+  for PPO (separate critic and value head) and GRPO."""
+  sample = _real_sample(tiny, temperature)
+  rmask = np.asarray(sample.response_mask)
+  assert rmask.any() and not rmask.all()
+  for value_head in (False, True):
+    s = _ppo_settings(temperature=temperature)
+    nets, _, state = _ppo_state(tiny, s)
+    if value_head:  # the policy's forward runs anyway (for the values)
+
+      class Stage:  # what `networks` reads of a finished stage
+        module, params = tiny["lm"], tiny["lm_params"]
+        shardings = jax.tree.map(lambda _: None, tiny["lm_params"])
+
+      mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1])
+      nets, (policy, _), (value, _) = ppo.networks(Stage, None, "policy_head", mesh, "fsdp")
+      state = {**state, "policy": policy, "value": value}
+    got = {}
+    for mode in rl_common.OLD_LOGPROBS:
+      got[mode] = ppo.make_experience(
+        state, tiny["lm_params"], tiny["prompt"], tiny["pmask"], sample,
+        nets=nets, rm_score=_score, s=dataclasses.replace(s, old_logprobs=mode),
+      )  # fmt: skip
+    (exp_s, stats_s), (exp_r, stats_r) = got["sampler"], got["recompute"]
+    np.testing.assert_allclose(exp_s["old_logp"] * rmask, exp_r["old_logp"] * rmask, atol=2e-5)
+    for key in ("advantages", "returns", "old_values"):
+      np.testing.assert_allclose(exp_s[key], exp_r[key], atol=1e-4)
+    assert float(stats_s["objective/kl"]) == pytest.approx(float(stats_r["objective/kl"]), abs=1e-4)
+    # Without the logits the entropy is the drawn tokens' surprisal: near, not equal.
+    assert float(stats_s["objective/entropy"]) > 0
+  s = _grpo_settings(temperature=temperature)
+  state = grpo.init_state(tiny["lm_params"], jax.random.key(0), tx=optax.sgd(1e-2))
+  host = jnp.arange(B, dtype=jnp.float32)
+  exps = {
+    mode: grpo.make_experience(
+      state, tiny["lm_params"], tiny["prompt"], tiny["pmask"], sample, host,
+      module=tiny["lm"], rm_score=None, s=dataclasses.replace(s, old_logprobs=mode),
+    )[0]
+    for mode in rl_common.OLD_LOGPROBS
+  }  # fmt: skip
+  np.testing.assert_allclose(
+    exps["sampler"]["old_logp"] * rmask, exps["recompute"]["old_logp"] * rmask, atol=2e-5
+  )
