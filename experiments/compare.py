@@ -11,7 +11,8 @@ from one run; evals more frequent than the configs' defaults, for the curves) an
 (--seeds; PPO's, DPO's, ... seed, the RL stage's randomness) into
 <workdir>/cells/config=<method>+<knob>=<value>+seed=<s>. The methods' configs share their
 `sft` and `reward` sections, so one SFT stage and one reward model are trained into
-<workdir>/stages/ and shared by every run: all methods start from the same policy and
+<workdir>/stages/ (or the store --stages_dir, shared with other sweeps) and shared by every
+run: all methods start from the same policy and
 optimise the same proxy (DPO learns from the very pairs the reward model was trained on).
 Finished runs are reused and interrupted ones resume, so the command can be rerun until it
 completes.
@@ -247,7 +248,9 @@ def _styles(rows) -> dict[str, dict[str, Any]]:
   return styles
 
 
-def compare(workdir: str, runs: Sequence[Run], executor=None) -> list[dict[str, Any]]:
+def compare(
+  workdir: str, runs: Sequence[Run], executor=None, stages_dir: str = ""
+) -> list[dict[str, Any]]:
   """Plans the sweep (every config checked first), trains the shared stages, runs every run,
   writes the report; returns the aggregated rows.
 
@@ -256,7 +259,7 @@ def compare(workdir: str, runs: Sequence[Run], executor=None) -> list[dict[str, 
     SweepFailed: some runs failed (the report of the others is written first).
   """
   start = time.perf_counter()
-  sweep_plan = runner.plan(workdir, [r.cell() for r in runs], None)
+  sweep_plan = runner.plan(workdir, [r.cell() for r in runs], None, stages_dir=stages_dir)
   runner.write_plan(sweep_plan, {"compare": [dataclasses.asdict(r) for r in runs]})
   outcomes = runner.run(sweep_plan, executor or executors.LocalExecutor())
   records = runner.records(sweep_plan, outcomes)
@@ -303,7 +306,7 @@ def main(argv: list[str]) -> None:
     sys.stderr.write(f"FATAL config error: {error}\n")
     sys.exit(errors.EXIT_CODE)
   try:
-    rows = compare(_WORKDIR.value, runs, cli.make_executor())
+    rows = compare(_WORKDIR.value, runs, cli.make_executor(), cli.stages_dir())
   except errors.Error as error:  # bad input, reported as the launcher reports it
     sys.stderr.write("\n".join(error.lines()) + "\n")
     sys.exit(errors.EXIT_CODE)

@@ -13,6 +13,8 @@ r"""Runs an ablation sweep (a grid of config values over seeds) and reports it w
                     it is (--set=total_steps=10, --set=optim.name=adam).
 --executor          local (default; --parallel processes at a time) or ray (--address,
                     --cpus_per_cell, --gpus_per_cell per task).
+--stages_dir        a stage store shared with other sweeps: the upstream stages live there
+                    (default <workdir>/stages), so equal SFT/reward sections train once.
 --metric            the metric the comparisons test (default gold_reward when the cells have
                     it); --metrics the columns of the table (default: every metric).
 --baseline          the setting every other one is compared with ("kl.init_coef=0.05"); by
@@ -74,7 +76,7 @@ def sweep(workdir: str) -> int:
   """Plans, runs and reports the sweep; returns the exit status."""
   overrides = config_utils.parse_set_args(_SET.value)
   cells = runner.load_sweep(_SWEEP.value)
-  plan = runner.plan(workdir, cells, _CONFIG.value, overrides)
+  plan = runner.plan(workdir, cells, _CONFIG.value, overrides, stages_dir=cli.stages_dir())
   labels = list(dict.fromkeys(report.setting_label(job.setting) for job in plan.cells))
   if _BASELINE.value is not None and _BASELINE.value not in labels:
     raise errors.ConfigError(

@@ -1,4 +1,5 @@
-"""The executor flags of the sweep commands (experiments/sweep.py and experiments/compare.py)."""
+"""The flags the sweep commands share (experiments/sweep.py and experiments/compare.py): the
+executor's, and the stage store's."""
 
 from __future__ import annotations
 
@@ -13,6 +14,16 @@ _ADDRESS = flags.DEFINE_string(
 )
 _CPUS = flags.DEFINE_float("cpus_per_cell", 1, "Ray: CPUs each job requests.")
 _GPUS = flags.DEFINE_float("gpus_per_cell", 0, "Ray: GPUs each job requests.")
+_STAGES_DIR = flags.DEFINE_string(
+  "stages_dir",
+  "",
+  "A stage store: upstream stages (SFT, reward model) live there, named by their config's "
+  "hash, and are shared by every sweep given the same store; default <workdir>/stages.",
+)
+
+
+def stages_dir() -> str:
+  return _STAGES_DIR.value
 
 
 def make_executor():

@@ -10,6 +10,8 @@ launcher's one-line message.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import sys
@@ -28,15 +30,31 @@ def run_job(path: str) -> None:
   root = workdir
   for _ in job.name.split("/"):
     root = os.path.dirname(root)
-  init = {field: os.path.join(root, name) for field, name in job.init.items()}
+  init = {field: runner.stage_path(root, name, job.stages_dir) for field, name in job.init.items()}
   config = runner.build_config(job.spec, job.overrides, job.section, init, f"the job {job.name}")
   logging.info("sweep job %s: running in %s", job.name, workdir)
-  result = config_utils.run(config, workdir)
+  with _exclusive(workdir, wait=not job.is_cell):
+    result = config_utils.run(config, workdir)
   if job.is_cell:
     utils.write_json_atomic(
       os.path.join(workdir, runner.DONE_FILE),
       {"fingerprint": job.fingerprint, "result": utils.jsonable(result)},
     )
+
+
+@contextlib.contextmanager
+def _exclusive(workdir: str, wait: bool):
+  """Holds `<workdir>/.sweep_lock` while the job runs: a stage in a store shared by two
+  sweeps is trained by one of them while the other waits, then finds it finished (`wait`);
+  a second process on a cell is refused."""
+  with open(os.path.join(workdir, ".sweep_lock"), "w") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+      raise errors.ConfigError(
+        f"{workdir} is being run by another process (a second sweep on the same workdir?)."
+      ) from None
+    yield
 
 
 def main(argv: list[str]) -> None:

@@ -5,7 +5,10 @@ A sweep's workdir:
     <workdir>/sweep.json                the plan: config, sweep file, overrides, cells, stages
     <workdir>/stages/<section>-<hash>/  an upstream stage (SFT, reward model, ...), one per
                                         distinct config of that section: cells whose `sft`
-                                        (and `reward`) sections are equal share one
+                                        (and `reward`) sections are equal share one; with
+                                        a stage store (`stages_dir`, --stages_dir) the
+                                        stages live there instead, shared by every sweep
+                                        that uses the store
     <workdir>/cells/<name>/             one cell, a normal run folder; <name> is its overrides,
                                         e.g. "kl.init_coef=0.01+seed=1"
     <dir>/sweep_job.json                what a stage or cell runs (read by rlhf_jax.sweeps.job)
@@ -92,6 +95,7 @@ class Job:
   fingerprint: str = ""  # hash of the job's config, with init fields holding job names
   setting: dict[str, Any] = dataclasses.field(default_factory=dict)  # a cell's non-seed keys
   seeds: dict[str, Any] = dataclasses.field(default_factory=dict)  # a cell's seed keys
+  stages_dir: str = ""  # the stage store (absolute) holding the stages; "" = <root>/stages
 
   @property
   def is_cell(self) -> bool:
@@ -106,9 +110,21 @@ class Plan:
   root: str
   stages: list[Job]
   cells: list[Job]
+  stages_dir: str = ""  # a stage store shared across sweeps (absolute); "" = <root>/stages
 
   def workdir(self, job: Job) -> str:
-    return os.path.join(self.root, job.name)
+    return os.path.join(self.root, job.name) if job.is_cell else self.stage_path(job.name)
+
+  def stage_path(self, name: str) -> str:
+    """The folder of the stage job `name` ("stages/<section>-<hash>")."""
+    return stage_path(self.root, name, self.stages_dir)
+
+
+def stage_path(root: str, name: str, stages_dir: str = "") -> str:
+  """Where the stage job `name` lives: in the store `stages_dir`, else under `root`."""
+  if stages_dir:
+    return os.path.join(stages_dir, name.removeprefix(f"{STAGES_DIR}/"))
+  return os.path.join(root, name)
 
 
 def _format(value: Any) -> str:
@@ -199,6 +215,7 @@ def plan(
   cells: Sequence[Mapping[str, Any]],
   config_spec: str | None,
   overrides: Mapping[str, Any] | None = None,
+  stages_dir: str = "",
 ) -> Plan:
   """The stages and cells of a sweep, every config built and validated (nothing runs).
 
@@ -208,11 +225,14 @@ def plan(
       cell's config file instead of `config_spec`.
     config_spec: the config file, "FILE[:ARG]", of cells without a `config` key.
     overrides: keys set on every cell before its own (the command line's --set).
+    stages_dir: a stage store: the upstream stages live there, named by their config's hash,
+      so sweeps that use one store train each distinct stage once between them.
   Raises:
     ConfigError: a missing config, an unknown key or a wrong value (naming the cell), two
       cells with one name.
   """
   root = os.path.abspath(root)
+  stages_dir = os.path.abspath(stages_dir) if stages_dir else ""
   stages: dict[str, Job] = {}
   jobs: list[Job] = []
   varying = varying_keys(cells)
@@ -238,7 +258,9 @@ def plan(
       fingerprint = _fingerprint(child)
       stage = f"{STAGES_DIR}/{section}-{fingerprint[:10]}"
       if stage not in stages:
-        stages[stage] = Job(stage, spec, merged, section, handed, level, fingerprint)
+        stages[stage] = Job(
+          stage, spec, merged, section, handed, level, fingerprint, stages_dir=stages_dir
+        )
       init[field] = stage
     job = Job(
       f"{CELLS_DIR}/{name}",
@@ -248,6 +270,7 @@ def plan(
       level=len(init),
       setting={k: v for k, v in original.items() if k in varying and not hyper.is_seed_key(k)},
       seeds={k: v for k, v in original.items() if hyper.is_seed_key(k)},
+      stages_dir=stages_dir,
     )
     if "config" in job.setting:  # the config file by its name: "ppo", "dpo_runlocal"
       job.setting["config"] = _format(job.setting["config"])
@@ -255,7 +278,7 @@ def plan(
     if any(j.name == job.name for j in jobs):
       raise errors.ConfigError(f"The sweep has the cell {name} twice.")
     jobs.append(job)
-  return Plan(root, list(stages.values()), jobs)
+  return Plan(root, list(stages.values()), jobs, stages_dir)
 
 
 def write_plan(plan_: Plan, meta: Mapping[str, Any]) -> None:
@@ -400,7 +423,7 @@ def records(plan_: Plan, outcomes: Mapping[str, Outcome]) -> list[dict[str, Any]
       "setting": dict(job.setting),
       "seeds": dict(job.seeds),
       "workdir": workdir,
-      "stages": {field: os.path.join(plan_.root, name) for field, name in job.init.items()},
+      "stages": {field: plan_.stage_path(name) for field, name in job.init.items()},
       "metrics": {},
       "curve": [],
     }

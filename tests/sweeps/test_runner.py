@@ -1,5 +1,6 @@
 """The sweep's grid, plan, shared stages, reuse, failures and executors, on a fake trainer."""
 
+import fcntl
 import json
 import os
 import signal
@@ -137,6 +138,37 @@ def test_a_sweep_runs_reuses_and_reports(tmp_path):
   plan = runner.plan(str(workdir), grid, CONFIG, {"base": 0.7})
   with pytest.raises(errors.ConfigError, match=r"with another config.*differing: base"):
     runner.write_plan(plan, {})
+
+
+def test_sweeps_share_the_stages_of_a_store(tmp_path):
+  """Two sweeps (other knobs, other workdirs) with one --stages_dir train the stage once;
+  a job already running in a cell's folder is refused."""
+  sweep_file = tmp_path / "knob.py"
+  sweep_file.write_text(
+    "from rlhf_jax.sweeps import hyper\n\n\ndef get_sweep(arg):\n"
+    "  return hyper.product([hyper.sweep('knob', [float(arg)]), hyper.seeds(1)])\n"
+  )
+  store = tmp_path / "store"
+  for knob in ("0.1", "0.2"):
+    args = (f"--sweep={sweep_file}:{knob}", f"--stages_dir={store}")
+    result = _sweep(tmp_path / f"sweep_{knob}", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / f"sweep_{knob}" / "stages").exists()
+  (stage,) = store.iterdir()
+  assert stage.name.startswith("sft-") and _calls(stage) == 1
+  for knob in ("0.1", "0.2"):
+    (cell,) = (tmp_path / f"sweep_{knob}" / "cells").iterdir()
+    assert _calls(cell) == 1
+    job = json.loads((cell / runner.JOB_FILE).read_text())
+    assert job["stages_dir"] == str(store)
+  with open(cell / ".sweep_lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    held = subprocess.run(
+      [sys.executable, "-m", "rlhf_jax.sweeps.job", str(cell / runner.JOB_FILE)],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+  assert held.returncode == 2, held.stderr[-2000:]
+  assert "is being run by another process" in held.stderr and "Traceback" not in held.stderr
 
 
 def test_failed_cells_are_named_and_the_rest_reported(tmp_path):
