@@ -41,6 +41,7 @@ import numpy as np
 from rlhf_jax import config_spec as cs
 from rlhf_jax import errors, sharding, stages, utils
 from rlhf_jax.data import prompts as prompts_lib
+from rlhf_jax.monitor import detectors
 
 JUDGES = ("auto", "gold", "proxy", "rm:DIR", "package.module:function")
 NUM_BOOTSTRAP = 1000
@@ -323,8 +324,8 @@ class Evaluator:
       step, line, params=params, prompts=self.prompts, responses=texts, proxy=a["proxy"],
       judge=judged, lengths=a["lengths"], kl=a["kl"], entropy=a["entropy"],
       member_scores=a.get("members"),
-      prompt_tokens=_unpad(self.tokens[:n], self.mask[:n]),
-      response_tokens=_unpad(a["tokens"], a["response_mask"]),
+      prompt_tokens=detectors.unpad(self.tokens[:n], self.mask[:n]),
+      response_tokens=detectors.unpad(a["tokens"], a["response_mask"]),
     )  # fmt: skip
     return {**line, **monitored}
 
@@ -336,10 +337,3 @@ def _mean_token_entropy(logits, mask):
   entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
   mask = mask.astype(jnp.float32)
   return jnp.sum(entropy * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
-
-
-def _unpad(tokens, mask) -> list[list[int]]:
-  return [
-    [int(t) for t, m in zip(row, keep, strict=True) if m]
-    for row, keep in zip(tokens, mask, strict=True)
-  ]

@@ -342,13 +342,15 @@ def write_preference_jsonl(
   `path` and the line the record would have had. With `skip_invalid`, such records are left
   out (e.g. the testbed's rare pair of identical texts labelled as a strict preference).
   Fields are written as given (NumPy scalars as Python numbers, NaN as null, extra fields
-  kept), atomically: a temp file in the same folder, renamed into place.
+  kept), atomically: a temp file in the same folder, renamed into place. An empty id field
+  (`rater_id`, `pair_id`, `shown_order` = "", the value reading gives an absent one) is
+  left out, so records read from a file are written back as they were.
   """
   path = os.fspath(path)
   written = 0
   with utils.atomic_open(path) as f:
     for record in records:
-      plain = utils.jsonable(record)
+      plain = {k: v for k, v in utils.jsonable(record).items() if not (k in _ID_FIELDS and v == "")}
       line = written + 1
       try:
         validate_preference(plain, lambda m, field: DataError(path, line, m, field))

@@ -66,7 +66,7 @@ def unpad(tokens: Any, mask: Any) -> list[list[int]]:
   tokens, mask = np.asarray(tokens), np.asarray(mask).astype(bool)
   if tokens.shape != mask.shape or tokens.ndim != 2:
     raise ValueError(f"Need [B, T] tokens and mask of one shape; got {tokens.shape}, {mask.shape}.")
-  return [[int(t) for t in row[m]] for row, m in zip(tokens, mask, strict=True)]
+  return [row[m].tolist() for row, m in zip(tokens, mask, strict=True)]
 
 
 def floats(values: Any) -> np.ndarray:

@@ -222,6 +222,12 @@ def generate(
   )
 
 
+def output_shardings(mesh) -> SampleOutput:
+  """A `SampleOutput` of shardings: every field split by rows over the mesh's batch axes."""
+  batch, vector = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
+  return SampleOutput(batch, batch, batch, batch, vector, vector)
+
+
 def make_sampler(
   model: Any,
   config: SamplerConfig,
@@ -240,10 +246,12 @@ def make_sampler(
   if mesh is None:
     return jax.jit(fn)
   batch = sharding.batch_sharding(mesh, 2)
-  vector = sharding.batch_sharding(mesh, 1)
   replicated = jax.sharding.NamedSharding(mesh, jax.P())
-  out = SampleOutput(batch, batch, batch, batch, vector, vector)
-  jitted = jax.jit(fn, in_shardings=(param_shardings, batch, batch, replicated), out_shardings=out)
+  jitted = jax.jit(
+    fn,
+    in_shardings=(param_shardings, batch, batch, replicated),
+    out_shardings=output_shardings(mesh),
+  )
 
   def run(params, prompt_tokens, prompt_mask, rng):
     with sharding.use_mesh(mesh, rules):

@@ -322,7 +322,7 @@ def make_programs(
   None: the scores come from the host (`iteration`'s `score_on_host`), sharded by row."""
   rep = common.replicated(mesh)
   batch_sh, vec_sh = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
-  sample_sh = sampler_lib.SampleOutput(batch_sh, batch_sh, batch_sh, batch_sh, vec_sh, vec_sh)
+  sample_sh = sampler_lib.output_shardings(mesh)
   host_sh = () if rm_score is not None else (vec_sh,)
   experience = jax.jit(
     functools.partial(make_experience, module=module, rm_score=rm_score, s=s),

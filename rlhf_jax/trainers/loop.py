@@ -415,8 +415,7 @@ class Loop:
     gate = self.gate(k, rdir, all_labels)
     train_file = os.path.join(rdir, "train_labels.jsonl")
     if jax.process_index() == 0:
-      kept = [_unset_ids(r) for r in quality_gate.keep(all_labels, gate)]
-      preferences.write_preference_jsonl(kept, train_file)
+      preferences.write_preference_jsonl(quality_gate.keep(all_labels, gate), train_file)
     new_reward = os.path.join(rdir, "reward")
     data = {"data.source": "jsonl", "data.train_files": (train_file,)}
     data["data.eval_files"] = tuple(evals)
@@ -457,14 +456,6 @@ class Loop:
       utils.write_json_atomic(os.path.join(rdir, "round.json"), utils.jsonable(result))
     logging.info("Round %d: %s", k, result)
     return result, new_policy, new_reward
-
-
-def _unset_ids(record: dict[str, Any]) -> dict[str, Any]:
-  """A record as read, less the empty id fields reading filled in (files may omit them)."""
-  return {k: v for k, v in record.items() if not (k in _ID_FIELDS and v == "")}
-
-
-_ID_FIELDS = ("rater_id", "pair_id", "shown_order")
 
 
 def _finite_mean(values) -> float | None:

@@ -474,8 +474,7 @@ def make_programs(
   """Jits `make_experience` and `update` for the state's shardings `state_sh` (see
   `state_shardings`); `ref_sh`: the reference parameters' (None: wherever they are)."""
   rep = common.replicated(mesh)
-  batch_sh, vec_sh = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
-  sample_sh = sampler_lib.SampleOutput(batch_sh, batch_sh, batch_sh, batch_sh, vec_sh, vec_sh)
+  batch_sh, sample_sh = sharding.batch_sharding(mesh, 2), sampler_lib.output_shardings(mesh)
   experience = jax.jit(
     functools.partial(make_experience, nets=nets, rm_score=rm_score, s=s),
     in_shardings=(state_sh, ref_sh, batch_sh, batch_sh, sample_sh),

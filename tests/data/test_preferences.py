@@ -21,6 +21,7 @@ from rlhf_jax.data.preferences import (
   TestbedPreferences,
   build_preferences,
   build_testbed_preferences,
+  read_preferences,
   write_preference_jsonl,
 )
 
@@ -293,6 +294,17 @@ def test_write_preference_jsonl_validates_and_is_atomic(tmp_path):
   assert len(path.read_text().splitlines()) == 2  # The old file is untouched.
   assert sorted(os.listdir(path.parent)) == ["prefs.jsonl"]  # No temp file left.
   assert write_preference_jsonl(bad, path, skip_invalid=True) == 1
+
+  # Records as read (empty id fields filled in) are written back as they were.
+  path.write_text(
+    json.dumps(GOOD) + "\n" + json.dumps({**GOOD, "shown_order": "rejected_first"}) + "\n"
+  )
+  read = read_preferences(path)
+  assert read[0]["shown_order"] == "" and read[0]["rater_id"] == ""
+  again = tmp_path / "again.jsonl"
+  assert write_preference_jsonl(read, again) == 2
+  assert read_preferences(again) == read
+  assert "shown_order" not in json.loads(again.read_text().splitlines()[0])
 
 
 def test_testbed_builder_matches_preference_pairs(tmp_path, monkeypatch):
