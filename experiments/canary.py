@@ -135,40 +135,36 @@ def checks(report: Mapping[str, Any], thresholds: Thresholds | None = None) -> l
   A check whose figure is missing or NaN (no reward model, no n-gram) is left out.
   """
   t = thresholds or Thresholds()
+  rep = report.get("repetition") or {}
+  length = report.get("length") or {}
+  # (name, figure, limit, its wording given the comparison's operator): flagged above.
+  limits = [
+    (
+      "kl", (report.get("kl") or {}).get("candidate_vs_baseline"), t.max_kl,
+      lambda x, op: f"kl: KL(candidate || baseline) = {x:.2f} nats per response {op} "
+      f"--max_kl={t.max_kl:g}",
+    ),
+    (
+      "repetition", rep.get("change"), t.max_repetition_increase,
+      lambda x, op: f"repetition: responses with a repeated {REPEAT_N}-gram "
+      f"{rep['baseline']['frac']:.2f} -> {rep['candidate']['frac']:.2f} ({x:+.2f} {op} "
+      f"--max_repetition_increase={t.max_repetition_increase:g})",
+    ),
+    (
+      "length", length.get("relative_change"), t.max_length_increase,
+      lambda x, op: f"length: mean response length {length['baseline_tokens']:.1f} "
+      f"-> {length['candidate_tokens']:.1f} tokens ({x:+.0%} {op} "
+      f"{t.max_length_increase:+.0%}, --max_length_increase={t.max_length_increase:g})",
+    ),
+  ]  # fmt: skip
   out = []
 
   def add(name, value, limit, flagged, text):
     out.append(dict(name=name, value=value, limit=limit, flagged=bool(flagged), text=text))
 
-  kl = (report.get("kl") or {}).get("candidate_vs_baseline")
-  if _finite(kl):
-    op = ">" if kl > t.max_kl else "<="
-    add(
-      "kl", kl, t.max_kl, kl > t.max_kl,
-      f"kl: KL(candidate || baseline) = {kl:.2f} nats per response {op} --max_kl={t.max_kl:g}",
-    )  # fmt: skip
-  rep = report.get("repetition") or {}
-  change = rep.get("change")
-  if _finite(change):
-    flagged = change > t.max_repetition_increase
-    op = ">" if flagged else "<="
-    add(
-      "repetition", change, t.max_repetition_increase, flagged,
-      f"repetition: responses with a repeated {REPEAT_N}-gram {rep['baseline']['frac']:.2f} -> "
-      f"{rep['candidate']['frac']:.2f} ({change:+.2f} {op} "
-      f"--max_repetition_increase={t.max_repetition_increase:g})",
-    )  # fmt: skip
-  length = report.get("length") or {}
-  rel = length.get("relative_change")
-  if _finite(rel):
-    flagged = rel > t.max_length_increase
-    op = ">" if flagged else "<="
-    add(
-      "length", rel, t.max_length_increase, flagged,
-      f"length: mean response length {length['baseline_tokens']:.1f} -> "
-      f"{length['candidate_tokens']:.1f} tokens ({rel:+.0%} {op} "
-      f"{t.max_length_increase:+.0%}, --max_length_increase={t.max_length_increase:g})",
-    )  # fmt: skip
+  for name, value, limit, words in limits:
+    if _finite(value):
+      add(name, value, limit, value > limit, words(value, ">" if value > limit else "<="))
   judges = report.get("judges") or {}
   primary = primary_judge(report)
   rm = judges.get("reward_model")

@@ -155,24 +155,22 @@ COLUMNS = (
 def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   """The rows of one method and budget over seeds: each column's mean, with its t interval
   under `<column>_ci` ([low, high]; NaN for one seed), in the runs' order."""
+  keys = ("method", "knob", "value", "label")
   cells = [
     {
       "status": "done",
-      "setting": {"label": r["label"]},
+      "name": r["workdir"],
+      "setting": {k: r[k] for k in keys},
       "seeds": {"seed": r["seed"]},
       "metrics": {column: r[column] for column in COLUMNS},
     }
     for r in rows
   ]
-  groups: dict[str, list[dict[str, Any]]] = {}
-  for r in rows:
-    groups.setdefault(r["label"], []).append(r)
   out = []
   for summary in sweep_report.aggregate(cells, metrics=COLUMNS):
-    group = groups[summary["setting"]["label"]]
-    merged = {k: group[0][k] for k in ("method", "knob", "value", "label")}
-    merged["seeds"] = [r["seed"] for r in group]
-    merged["workdirs"] = [r["workdir"] for r in group]
+    merged = dict(summary["setting"])
+    merged["seeds"] = [s["seed"] for s in summary["seeds"]]
+    merged["workdirs"] = summary["names"]
     for column, s in summary["metrics"].items():
       merged[column] = s["mean"]
       merged[f"{column}_ci"] = [s["low"], s["high"]]

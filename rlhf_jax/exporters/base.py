@@ -183,6 +183,44 @@ def sanitize(name: str, separator: str = "_") -> str:
   return out or "unnamed"
 
 
+class Names:
+  """A line's metric keys as an exporter's names, each name kept by the first key that took
+  it: a later key whose name is taken ("eval/x" beside "eval_x"), or reserved, is left out
+  with one warning per key.
+
+  Args:
+    exporter: its name, for the warning.
+    name_of: key -> the exporter's metric name.
+    reserved: names no key may take (the exporter's own series).
+  """
+
+  def __init__(self, exporter: str, name_of, reserved: Iterable[str] = ()):
+    self.exporter = exporter
+    self.name_of = name_of
+    self.reserved = frozenset(reserved)
+    self._owner: dict[str, str] = {}  # name -> the key that took it
+    self._skipped: set[str] = set()
+
+  def items(self, line: Mapping[str, Any]) -> list[tuple[str, str, float]]:
+    """(name, key, value) of the line's numeric metrics whose names are theirs."""
+    out = []
+    for key, value in numeric(line).items():
+      name = self.name_of(key)
+      owner = None if name in self.reserved else self._owner.setdefault(name, key)
+      if owner == key:
+        out.append((name, key, value))
+      elif key not in self._skipped:  # warned once per key
+        self._skipped.add(key)
+        logging.warning(
+          "%s: metric %r is not exported: its name %s is taken%s.",
+          self.exporter,
+          key,
+          name,
+          "" if owner is None else f" by {owner!r}",
+        )
+    return out
+
+
 def known_rules(run_config: Mapping[str, Any]) -> dict[str, str]:
   """rule -> severity of the enabled alert rules in the run's `monitor.alerts` section (empty
   when the stage has no monitor, or it is off): counters start at 0 for these, so a rate over

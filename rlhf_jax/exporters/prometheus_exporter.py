@@ -108,7 +108,7 @@ class PrometheusExporter(base.Exporter):
     self._written = 0.0
     rules = base.known_rules(context.run_config)
     self._alerts: dict[tuple[str, str], float] = {(r, s): 0.0 for r, s in rules.items()}
-    self._skipped: set[str] = set()
+    self._names = base.Names("Prometheus", metric_name, RESERVED)
     self.registry = CollectorRegistry(auto_describe=False)
     self.registry.register(_Collector(self))
     try:
@@ -127,21 +127,7 @@ class PrometheusExporter(base.Exporter):
     )
 
   def write(self, step: int, line: Mapping[str, Any]) -> None:
-    values = {}
-    for key, value in base.numeric(line).items():
-      name = metric_name(key)
-      known = values.get(name) or self._values.get(name)
-      if name in RESERVED or (known is not None and known[0] != key):
-        if key not in self._skipped:  # warned once per key
-          self._skipped.add(key)
-          logging.warning(
-            "Prometheus: metric %r is not exported: its name %s is taken%s.",
-            key,
-            name,
-            "" if name in RESERVED else f" by {known[0]!r}",
-          )
-        continue
-      values[name] = (key, value)
+    values = {name: (key, value) for name, key, value in self._names.items(line)}
     with self._lock:
       self._values.update(values)
       self._step = int(step)

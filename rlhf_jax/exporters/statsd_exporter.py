@@ -80,6 +80,8 @@ class StatsdExporter(base.Exporter):
     self.address = address
     self._socket = socket.socket(family, socket.SOCK_DGRAM)
     self.tags = f"run:{tag(context.run)},stage:{tag(context.stage)}"
+    step = f"{base.NAMESPACE}.step"
+    self._names = base.Names("DogStatsD", metric_name, {step, f"{base.NAMESPACE}.alerts"})
 
   def _send(self, lines: Iterable[str]) -> None:
     for datagram in datagrams(lines):
@@ -87,9 +89,9 @@ class StatsdExporter(base.Exporter):
 
   def write(self, step: int, line: Mapping[str, Any]) -> None:
     lines = [f"{base.NAMESPACE}.step:{int(step)}|g|#{self.tags}"]
-    for key, value in base.numeric(line).items():
+    for name, _, value in self._names.items(line):
       if math.isfinite(value):  # StatsD has no NaN
-        lines.append(f"{metric_name(key)}:{value:.10g}|g|#{self.tags}")
+        lines.append(f"{name}:{value:.10g}|g|#{self.tags}")
     self._send(lines)
 
   def alerts(self, alerts: Iterable[Any]) -> None:

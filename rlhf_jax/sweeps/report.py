@@ -129,7 +129,7 @@ def aggregate(
     confidence: the t intervals' coverage.
   Returns:
     Rows {"label", "setting", "n_cells" (all), "n_done", "n_failed" (status "failed"),
-    "seeds" (the done cells' seed dicts), "failed" ([{"name", "seeds", "status",
+    "seeds" (the done cells' seed dicts), "names" (theirs), "failed" ([{"name", "seeds", "status",
     "error"}] of the cells not done), "metrics" ({name: stats.summarize(...)}, over
     the done cells; a cell missing a metric counts in its n_nan)}.
   """
@@ -145,6 +145,7 @@ def aggregate(
         "n_done": len(done),
         "n_failed": sum(c.get("status") == "failed" for c in group),
         "seeds": [_seeds(c) for c in done],
+        "names": [c.get("name", "") for c in done],
         "failed": [
           {
             "name": c.get("name", ""),

@@ -377,16 +377,18 @@ def open_source(config, source: str) -> tuple[checkpoint.Checkpointer, int]:
   if not os.path.isdir(directory):
     raise errors.ConfigError(f"{key} holds no checkpoints/ folder to continue from.")
   source_ckpt = checkpoint.Checkpointer(directory, max_to_keep=None, async_save=False)
-  step = source_ckpt.latest_intact_step()
-  if not step:
+  try:
+    step = source_ckpt.latest_intact_step()
+    if not step:
+      raise errors.ConfigError(f"{key} holds no intact checkpoint to continue from.")
+    if step >= config.total_steps:
+      raise errors.ConfigError(
+        f"{key} ended at step {step}; config.total_steps={config.total_steps} must be "
+        "larger (it counts the steps of that stage too)."
+      )
+  except BaseException:
     source_ckpt.close()
-    raise errors.ConfigError(f"{key} holds no intact checkpoint to continue from.")
-  if step >= config.total_steps:
-    source_ckpt.close()
-    raise errors.ConfigError(
-      f"{key} ended at step {step}; config.total_steps={config.total_steps} must be larger "
-      "(it counts the steps of that stage too)."
-    )
+    raise
   return source_ckpt, step
 
 

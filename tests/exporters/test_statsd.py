@@ -73,3 +73,15 @@ def test_an_unknown_host_is_a_config_error(tmp_path):
   section = {"statsd": {"enabled": True, "host": "no-such-host.invalid"}}
   with pytest.raises(cs.ConfigError, match=r"config\.exporters\.statsd\.host='no-such-host"):
     exporters.make(section, workdir=str(tmp_path), stage="ppo", primary=True)
+
+
+def test_a_name_taken_by_another_key_is_not_sent(tmp_path, agent):
+  port, receive = agent
+  section = {"statsd": {"enabled": True, "port": port}}
+  with exporters.make(section, workdir=str(tmp_path / "r"), stage="ppo", primary=True) as e:
+    e.write(1, {"a/b": 1.0, "a.b": 2.0, "step": 3.0})
+    first = receive()
+    e.write(2, {"a.b": 4.0, "a/b": 5.0})  # "a/b" keeps its name across lines
+    second = receive()
+  sent = [line.split("|")[0] for line in first + second]
+  assert sent == ["rlhf_jax.step:1", "rlhf_jax.a.b:1", "rlhf_jax.step:2", "rlhf_jax.a.b:5"]
