@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import config_spec as cs
+from rlhf_jax.models.transformer import project
 
 TARGETS = ("q", "k", "v", "o", "up", "gate", "down")
 # Leading axes of each projection's weight that the input contracts with; the rest are outputs.
@@ -133,8 +134,8 @@ def delta(module: nn.Module, name: str, x: jax.Array, weight: jax.Array, in_name
     keep = 1.0 - cfg.lora_dropout
     mask = jax.random.bernoulli(module.make_rng("dropout"), keep, x.shape)
     x = jnp.where(mask, x / keep, 0).astype(x.dtype)
-  hidden = jnp.tensordot(x, a.astype(dt), axes=n_in)
-  return jnp.tensordot(hidden, b.astype(dt), axes=1) * jnp.asarray(cfg.lora_alpha / r, dt)
+  hidden = project(x, a.astype(dt), n_in)
+  return project(hidden, b.astype(dt)) * jnp.asarray(cfg.lora_alpha / r, dt)
 
 
 def plain(cfg):

@@ -19,6 +19,7 @@ float32 whatever the compute dtype.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -207,6 +208,21 @@ def _attention_settings(cfg: ModelConfig, layer):
   return window, inv_freq
 
 
+def project(x: jax.Array, w: jax.Array, n_in: int = 1, **dot_kwargs) -> jax.Array:
+  """x [..., I1..In] contracted with w [I1..In, O1..Om] -> [..., O1..Om], as one 2-D matmul.
+
+  The same product as the einsum ("BTD,DNH->BTNH"), with the leading axes and each side's
+  axes flattened: XLA:CPU differentiates the 2-D form about 1.8x faster (the einsum's
+  weight gradient contracts over batch and length at once, which it lays out with large
+  transposing copies; benchmarks/peers measures it), and elsewhere the reshapes are free.
+  `dot_kwargs` go to `jnp.dot` (preferred_element_type).
+  """
+  lead, ins, outs = x.shape[: x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
+  rows = x.reshape(-1, math.prod(ins))
+  y = jnp.dot(rows, w.reshape(math.prod(ins), math.prod(outs)), **dot_kwargs)
+  return y.reshape(*lead, *outs)
+
+
 def _adapt(module, name, x, weight, y, in_names, out_names):
   """`y` (the projection `name` of `x` by `weight`) plus its LoRA adapter's output, if the
   config adapts `name` (`lora.delta`)."""
@@ -330,9 +346,9 @@ class Attention(nn.Module):
     wv = _param(self, "v", init, (d, k, h), ("embed", "kv_heads", "head_dim"), pdt)
     wo = _param(self, "o", out_init, (n, h, d), ("heads", "head_dim", "embed"), pdt)
 
-    q = jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt))
-    key = jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt))
-    val = jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt))
+    q = project(x, wq.astype(dt))
+    key = project(x, wk.astype(dt))
+    val = project(x, wv.astype(dt))
     if cfg.lora_rank:  # low-rank adapters (models/lora.py), x A B added to each projection
       q = _adapt(self, "q", x, wq, q, ("embed",), ("heads", "head_dim"))
       key = _adapt(self, "k", x, wk, key, ("embed",), ("kv_heads", "head_dim"))
@@ -381,7 +397,7 @@ class Attention(nn.Module):
       probs = jax.nn.softmax(logits, axis=-1).astype(dt)
       out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, val).reshape(b, t, n, h)
     heads_out = out
-    out = jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt))
+    out = project(out, wo.astype(dt), 2)
     if cfg.lora_rank:
       out = _adapt(self, "o", heads_out, wo, out, ("heads", "head_dim"), ("embed",))
     if cfg.use_bias:
@@ -403,7 +419,7 @@ class Mlp(nn.Module):
     out_init = nn.initializers.normal(cfg.init_std / (2 * cfg.num_layers) ** 0.5)
     zeros = nn.initializers.zeros
     w_up = _param(self, "up", init, (d, f), ("embed", "mlp"), pdt)
-    up = jnp.einsum("BTD,DF->BTF", x, w_up.astype(dt))
+    up = project(x, w_up.astype(dt))
     if cfg.lora_rank:
       up = _adapt(self, "up", x, w_up, up, ("embed",), ("mlp",))
     if cfg.use_bias:
@@ -412,7 +428,7 @@ class Mlp(nn.Module):
       hidden = nn.gelu(up, approximate=True)
     else:
       w_gate = _param(self, "gate", init, (d, f), ("embed", "mlp"), pdt)
-      gate = jnp.einsum("BTD,DF->BTF", x, w_gate.astype(dt))
+      gate = project(x, w_gate.astype(dt))
       if cfg.lora_rank:
         gate = _adapt(self, "gate", x, w_gate, gate, ("embed",), ("mlp",))
       if cfg.use_bias:
@@ -421,7 +437,7 @@ class Mlp(nn.Module):
       hidden = act(gate) * up
     hidden = constrain(hidden, ("act_batch", "act_len", "act_mlp"))
     w_down = _param(self, "down", out_init, (f, d), ("mlp", "embed"), pdt)
-    out = jnp.einsum("BTF,FD->BTD", hidden, w_down.astype(dt))
+    out = project(hidden, w_down.astype(dt))
     if cfg.lora_rank:
       out = _adapt(self, "down", hidden, w_down, out, ("mlp",), ("embed",))
     if cfg.use_bias:
@@ -526,9 +542,7 @@ class Transformer(nn.Module):
   def attend(self, x: jax.Array) -> jax.Array:
     """Tied output embedding: [B, T, D] -> [B, T, V] float32."""
     dt = jnp.dtype(self.config.dtype)
-    return jnp.einsum(
-      "BTD,VD->BTV", x, self.embedding.astype(dt), preferred_element_type=jnp.float32
-    )
+    return project(x, self.embedding.astype(dt).T, preferred_element_type=jnp.float32)
 
 
 def _default_inputs(tokens, positions, attn_mask):
@@ -589,9 +603,7 @@ class LanguageModel(nn.Module):
       logits = self.trunk.attend(head_in)
     else:
       dt = jnp.dtype(self.config.dtype)
-      logits = jnp.einsum(
-        "BTD,DV->BTV", head_in, self.lm_head.astype(dt), preferred_element_type=jnp.float32
-      )
+      logits = project(head_in, self.lm_head.astype(dt), preferred_element_type=jnp.float32)
     if self.config.final_logit_softcap:
       cap = self.config.final_logit_softcap
       logits = jnp.tanh(logits / cap) * cap
