@@ -44,8 +44,10 @@ class Kind:
   extra: str | None = None
 
   def missing_package(self, fields: Mapping[str, Any], key: str) -> cs.ConfigError | None:
-    """The error for an exporter switched on without its package (None: fine)."""
-    if self.module is None or importlib.util.find_spec(self.module) is not None:
+    """The error for an exporter switched on without its package (None: fine, or off)."""
+    if not self.is_on(fields) or self.module is None:
+      return None
+    if importlib.util.find_spec(self.module) is not None:
       return None
     return self.package_error(fields, key)
 

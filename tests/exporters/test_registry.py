@@ -75,6 +75,18 @@ def test_a_missing_package_names_the_key_and_the_extra(monkeypatch, section, pac
     exporters.make(section, workdir="/tmp/x", stage="sft", primary=True)
 
 
+def test_exporters_that_are_off_need_no_package(monkeypatch):
+  # The core install has none of the optional clients: a default config must still run.
+  find_spec = importlib.util.find_spec
+  optional = {"wandb", "prometheus_client"}
+  monkeypatch.setattr(
+    importlib.util, "find_spec", lambda name, *a: None if name in optional else find_spec(name, *a)
+  )
+  exporters.CONFIG_SPEC.validate(exporters.exporters_section(), "config.exporters")
+  exporters.CONFIG_SPEC.validate({"wandb": {"project": "  "}}, "config.exporters")
+  assert not exporters.make(exporters.exporters_section(), workdir="/tmp/x", stage="sft")
+
+
 def test_only_the_primary_process_exports():
   section = {"prometheus": {"enabled": True}, "statsd": {"enabled": True}}
   exporter = exporters.make(section, workdir="/tmp/x", stage="ppo", primary=False)
