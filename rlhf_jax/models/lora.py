@@ -170,14 +170,6 @@ def stop_frozen(params: Any, pattern: str | None) -> Any:
   return jax.tree.map(lambda k, x: x if k else jax.lax.stop_gradient(x), keep, params)
 
 
-def switched_off(params: Any) -> Any:
-  """The same tree with every B zero: the adapted module then computes the base model."""
-  return _walk(
-    params,
-    lambda d: {k: jnp.zeros_like(v) if k.endswith(SUFFIX_B) else v for k, v in d.items()},
-  )
-
-
 def merged(params: Any, cfg) -> Any:
   """`merge(params, cfg)` when `cfg` has adapters, else `params` unchanged."""
   return merge(params, cfg) if cfg.lora_rank else params

@@ -541,7 +541,9 @@ class LoraPolicy:
   parameters; from then on the reference is the state's own base (`lora.base`), and
   `reference_view(current)` is what the evaluator treats as the SFT policy: the adapted
   module with the state's base and zero adapters (exactly the SFT policy), read anew at
-  every evaluation.
+  every evaluation. The training programs run the reference as the plain module on
+  `lora.base(params)` (no adapter products); the evaluator keeps the adapted module so that
+  the policy and its reference share one compiled sampler and log-prob program.
   """
 
   def __init__(self, sft: stages.Policy, section, seed: int, mesh, rules):

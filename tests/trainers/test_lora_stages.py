@@ -141,7 +141,7 @@ def test_ppo_with_adapters_uses_its_base_as_the_reference(sft_stage, mesh, tmp_p
   assert changed == {"q", "v", "o", "up", "down"}
 
 
-def test_rloo_with_adapters_uses_its_switched_off_policy_as_the_reference(sft_stage, tmp_path):
+def test_rloo_with_adapters_uses_its_base_as_the_reference(sft_stage, tmp_path):
   config = _config("rloo", policy_init=sft_stage, reward_init=f"hf:{FIXTURES}/qwen2_rm")
   config.data.update(source="jsonl", prompts=os.path.join(EXAMPLES, "prompts.jsonl"))
   # Scored as they are: 8 new tokens rarely end with EOS, and a constant missing-EOS score
