@@ -203,17 +203,7 @@ def logps_fn(module, s: Settings):
 
 
 def make_experience(
-  state,
-  ref_params,
-  prompt,
-  pmask,
-  sample,
-  host_scores=None,
-  *,
-  module,
-  rm_score,
-  s: Settings,
-  ref_module=None,
+  state, ref_params, prompt, pmask, sample, host_scores=None, *, module, rm_score, s: Settings
 ):
   """One rollout's training arrays and statistics, in one program after sampling.
 
@@ -230,9 +220,10 @@ def make_experience(
     logp = sample.logprobs
   else:
     logp, _ = logps(state["policy"], full, fmask, response)
-  if ref_params is None:  # LoRA: the reference is the policy's own frozen base
+  ref_logps = logps
+  if ref_params is None:  # LoRA: the reference is the policy's own frozen base, run plain
     ref_params = lora.base(state["policy"])
-  ref_logps = logps if ref_module is None else logps_fn(ref_module, s)
+    ref_logps = logps_fn(module.clone(config=lora.plain(module.config)), s)
   ref_logp = jax.lax.stop_gradient(ref_logps(ref_params, full, fmask, response)[0])
   raw = rm_score(full, fmask, rmask) if host_scores is None else host_scores
   scores = adv_lib.penalize_missing_eos(raw, sample.has_eos, s.missing_eos_score)
@@ -327,29 +318,16 @@ class Programs(NamedTuple):
 
 
 def make_programs(
-  module,
-  sample_fn,
-  rm_score,
-  state_sh,
-  ref_sh,
-  mesh,
-  *,
-  tx,
-  lr_schedule,
-  s: Settings,
-  ref_module=None,
+  module, sample_fn, rm_score, state_sh, ref_sh, mesh, *, tx, lr_schedule, s: Settings
 ) -> Programs:
   """Jits `make_experience` and `update` for the state's shardings `state_sh`. `rm_score`
-  None: the scores come from the host (`iteration`'s `score_on_host`), sharded by row.
-  `ref_module`: the reference's module (the plain model when `module` has adapters)."""
+  None: the scores come from the host (`iteration`'s `score_on_host`), sharded by row."""
   rep = common.replicated(mesh)
   batch_sh, vec_sh = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
   sample_sh = sampler_lib.output_shardings(mesh)
   host_sh = () if rm_score is not None else (vec_sh,)
   experience = jax.jit(
-    functools.partial(
-      make_experience, module=module, rm_score=rm_score, s=s, ref_module=ref_module
-    ),
+    functools.partial(make_experience, module=module, rm_score=rm_score, s=s),
     in_shardings=(state_sh, ref_sh, batch_sh, batch_sh, sample_sh, *host_sh),
   )
   update_fn = jax.jit(
@@ -431,7 +409,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     ref_sh = None if adapted else ref.shardings  # LoRA: the reference is in the state
     programs = make_programs(
       policy.module, sample_fn, rm_score, state_sh, ref_sh, mesh, tx=tx,
-      lr_schedule=lr_schedule, s=s, ref_module=sft.module,
+      lr_schedule=lr_schedule, s=s,
     )  # fmt: skip
 
     def score_on_host(prompt, sample) -> tuple[jax.Array, ...]:
