@@ -4,7 +4,9 @@ import glob
 import json
 import os
 import pickle
+import types
 
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
@@ -303,3 +305,61 @@ def test_malformed_chat_names_file_line_and_field(tmp_path, record, field, messa
   assert str(info.value).startswith(f"{path}:3: ") and message in str(info.value)
   assert (info.value.line, info.value.field) == (3, field)
   assert "\n" not in str(info.value)
+
+
+def _tfds_decoded(source):
+  """Every record as TFDS's own NumPy decoder gives it (the reference for the fast parser)."""
+  data_source = source._data_source
+  return [data_source[i] for i in range(len(data_source))]
+
+
+def test_stored_examples_parse_as_tfds_decodes_them(tmp_path):
+  path = _write_jsonl(tmp_path / "mixed.jsonl", [RECORDS[0], CHAT, *RECORDS[1:]])
+  source = build_sft_jsonl([path], tmp_path / "data").source()
+  assert source._parser is not None  # the fast path is the one taken
+  raw = source._data_source.data_source
+  for i, want in enumerate(_tfds_decoded(source)):
+    assert builders.same_record(source._parser.parse(raw[i]), want), i
+
+
+def test_a_parser_that_disagrees_with_tfds_falls_back_to_it(tmp_path, monkeypatch, caplog):
+  path = _write_jsonl(tmp_path / "sft.jsonl", RECORDS)
+  builder = build_sft_jsonl([path], tmp_path / "data")
+  monkeypatch.setattr(builders.ScalarExamples, "parse", lambda self, b: {"prompt": b"wrong"})
+  source = builder.source()
+  assert source._parser is None
+  assert "using TFDS's decoder" in caplog.text
+  assert _read_all(source) == _expected(RECORDS)
+
+
+def test_the_fast_parser_is_only_for_scalar_features():
+  class DataSource(types.SimpleNamespace):  # what ScalarExamples reads of a TFDS source
+    def __len__(self):
+      return 0
+
+  def source(features, **changes):
+    fields = {
+      "data_source": [],
+      "dataset_info": types.SimpleNamespace(features=tfds.features.FeaturesDict(features)),
+      "decoders": None,
+      "deserialize_method": tfds.decode.DeserializeMethod.DESERIALIZE_AND_DECODE,
+    }
+    return DataSource(**{**fields, **changes})
+
+  scalars = {"text": tfds.features.Text(), "n": tfds.features.Scalar(np.int64)}
+  assert builders.ScalarExamples.for_source(source(scalars)) is not None
+  vector = {**scalars, "v": tfds.features.Tensor(shape=(2,), dtype=np.int64)}
+  assert builders.ScalarExamples.for_source(source(vector)) is None
+  float32 = {**scalars, "f": tfds.features.Scalar(np.float32)}
+  assert builders.ScalarExamples.for_source(source(float32)) is None
+  assert builders.ScalarExamples.for_source(source(scalars, decoders={"text": 1})) is None
+  raw_bytes = tfds.decode.DeserializeMethod.RAW_BYTES
+  assert builders.ScalarExamples.for_source(source(scalars, deserialize_method=raw_bytes)) is None
+
+
+def test_same_record_compares_types_and_nan():
+  nan = {"x": np.array(float("nan")), "s": b"a"}
+  assert builders.same_record(nan, {"x": np.array(float("nan")), "s": b"a"})
+  assert not builders.same_record(nan, {"x": np.array(1.0), "s": b"a"})
+  assert not builders.same_record({"n": 1}, {"n": True})
+  assert not builders.same_record({"n": 1}, {"m": 1})

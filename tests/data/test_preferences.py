@@ -402,3 +402,15 @@ def test_an_empty_preference_file_is_an_error_naming_it(tmp_path):
   )
   with pytest.raises(DataError, match=f"{empty}: the file has no records"):
     build_preferences([_write_jsonl(tmp_path / "a.jsonl", [GOOD]), empty], tmp_path / "data")
+
+
+def test_stored_preferences_parse_as_tfds_decodes_them(tmp_path):
+  # NaN defaults (record 0, 3), float64 seconds, bools, ints as text: the fast parser
+  # (`builders.ScalarExamples`) gives what TFDS's own decoder gives, field for field.
+  from rlhf_jax.data import builders
+
+  source = build_preferences([_write_jsonl(tmp_path / "p.jsonl", RECORDS)], tmp_path / "d").source()
+  assert source._parser is not None
+  raw, data_source = source._data_source.data_source, source._data_source
+  for i in range(len(source)):
+    assert builders.same_record(source._parser.parse(raw[i]), data_source[i]), i

@@ -223,3 +223,27 @@ def test_rater_draws_respect_the_config():
   panel.taus = (0.5,)
   with pytest.raises(ValueError, match="per-rater"):
     make_raters(panel)
+
+
+def test_a_labelling_scores_each_distinct_response_once(pairs, monkeypatch):
+  # K-wise pairs repeat each response K-1 times; the gold reward is computed once for it,
+  # and the labels are what scoring every pair afresh gives.
+  from rlhf_jax.data.testbed import raters
+
+  prompt, a, b = pairs[0]
+  c = pairs[1][1]
+  triples = [(prompt, a, b), (prompt, a, c), (prompt, b, c)]
+  panel = panel_with()
+  rng, clocks = np.random.default_rng(3), panel._clocks(None)
+  fresh = [
+    panel._label_one(t, panel.raters[0], rng, clocks, pair_id=i, anchor=False)
+    for i, t in enumerate(triples)
+  ]
+  scored = []
+  real = raters.gold_lib.gold_reward
+  monkeypatch.setattr(
+    raters.gold_lib, "gold_reward", lambda p, r, config=None: scored.append(r) or real(p, r, config)
+  )
+  labels = panel.label(triples, np.random.default_rng(3), rater_ids=[0, 0, 0])
+  assert sorted(scored) == sorted({a, b, c})
+  assert labels == fresh

@@ -28,6 +28,7 @@ Each label is a record (a dict):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -185,8 +186,9 @@ class RaterPanel:
     elif len(rater_ids) != len(pairs):
       raise ValueError(f"{len(rater_ids)} rater ids for {len(pairs)} pairs.")
     clocks = self._clocks(start_time)
+    gold = functools.lru_cache(maxsize=1 << 16)(self.gold)  # a K-wise prompt's responses recur
     return [
-      self._label_one(pair, self.raters[int(r)], rng, clocks, pair_id=i, anchor=False)
+      self._label_one(pair, self.raters[int(r)], rng, clocks, pair_id=i, anchor=False, gold=gold)
       for i, (pair, r) in enumerate(zip(pairs, rater_ids, strict=True))
     ]
 
@@ -208,10 +210,11 @@ class RaterPanel:
     return np.full(len(self.raters), float(start))
 
   def _label_one(
-    self, pair, rater: Rater, rng, clocks: np.ndarray, pair_id: int, anchor: bool
+    self, pair, rater: Rater, rng, clocks: np.ndarray, pair_id: int, anchor: bool, gold=None
   ) -> dict[str, Any]:
     prompt, a, b = pair
-    gold_a, gold_b = self.gold(prompt, a), self.gold(prompt, b)
+    gold = gold or self.gold
+    gold_a, gold_b = gold(prompt, a), gold(prompt, b)
     a_first = bool(rng.random() < 0.5)
     # Draw every random number for every label, so one rater's answer does not shift the
     # random stream of the labels after it.
