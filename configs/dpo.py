@@ -58,6 +58,9 @@ def get_config(arg=None):
   config.data.testbed = testbed_config.default_config()
   # BOS + prompt + response + EOS, as the reward stage's rows.
   config.max_len = 48
+  # One row per pair, BOS + prompt + chosen + rejected, the prompt read once (exact; see
+  # rlhf_jax/rl/dpo.py); False: a chosen and a rejected row per pair.
+  config.prefix_sharing = True
 
   # Sampling for the eval (and for testbed pairs); DPO's log-probs are at temperature 1.
   config.prompt_len = 18  # BOS + the longest testbed prompt (17 tokens with the default

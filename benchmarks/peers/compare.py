@@ -1,7 +1,7 @@
 """Runs the peer benchmark side by side and prints the table: `bash benchmarks/peers/run.sh`.
 
     python -m benchmarks.peers.compare --trl_python=PY --tunix_python=PY [--runs=3]
-        [--repeats=5] [--tasks=ppo,dpo,grpo,train_step,decode] [--out=FILE]
+        [--repeats=5] [--tasks=ppo,dpo,dpo_two_rows,grpo,train_step,decode] [--out=FILE]
 
 For every task and run, this project's side (`ours.py`, in this interpreter) and the peer's
 (`tunix_side.py` or `trl_side.py`, in the peer's own interpreter) run one after the other in
@@ -23,7 +23,14 @@ from benchmarks.peers import shape
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
-PEER = {"ppo": "tunix", "dpo": "trl", "grpo": "trl", "train_step": "torch", "decode": "torch"}
+PEER = {
+  "ppo": "tunix",
+  "dpo": "trl",
+  "dpo_two_rows": "trl",
+  "grpo": "trl",
+  "train_step": "torch",
+  "decode": "torch",
+}
 
 
 def _args(argv: list[str]) -> dict[str, str]:

@@ -20,6 +20,7 @@ import optax
 from benchmarks.peers import shape
 from benchmarks.train_step import time_train_step
 from rlhf_jax import models, sharding
+from rlhf_jax.rl import dpo as dpo_lib
 from rlhf_jax.rl import sampler as sampler_lib
 from rlhf_jax.trainers import common, dpo, grpo, ppo, rl_common
 
@@ -126,19 +127,22 @@ def ppo_iteration(t: Setup):
   return run
 
 
-def dpo_step(t: Setup):
+def dpo_step(t: Setup, prefix_sharing: bool = True):
+  """The DPO trainer's update on the peer shape: pairs share their prompt (the first half of
+  each row), read once with `prefix_sharing` (the trainer's default) or in both rows."""
   s = dpo.Settings(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, soft_ties=False)
   params, params_sh = t.init(t.lm, 0)
   rng = np.random.default_rng(0)
   b, n = shape.DPO_PAIRS, shape.DPO_LEN
+  prompt = rng.integers(3, shape.VOCAB, (b, n // 2)).astype(np.int32)
+  prompt[:, 0] = shape.BOS
   batch = {}
   for side in ("chosen", "rejected"):
-    tokens = rng.integers(3, shape.VOCAB, (b, n)).astype(np.int32)
-    tokens[:, 0] = shape.BOS
+    tokens = np.concatenate([prompt, rng.integers(3, shape.VOCAB, (b, n // 2))], 1)
     loss_mask = np.arange(n)[None, :] >= n // 2  # the response: the second half
     batch.update(
       {
-        f"{side}_tokens": tokens,
+        f"{side}_tokens": tokens.astype(np.int32),
         f"{side}_mask": np.ones((b, n), bool),
         f"{side}_loss_mask": np.broadcast_to(loss_mask, (b, n)).copy(),
       }
@@ -150,6 +154,8 @@ def dpo_step(t: Setup):
     valid=np.ones(b, bool),
     target=np.ones(b, np.float32),
   )
+  if prefix_sharing:  # as `dpo.train` lays out its tables
+    batch = dpo.share_prompts(batch, dpo_lib.shared_row_length([batch]), shape.PAD)
   tx = optax.adam(shape.LR)
   init = functools.partial(dpo.init_state, tx=tx)
   state_sh = dict(
@@ -242,7 +248,13 @@ def main() -> None:
       t.cfg, t.mesh, RULES, shape.TRAIN_BATCH, shape.TRAIN_LEN, repeats, timer=timer
     )
   else:
-    build = dict(ppo=ppo_iteration, dpo=dpo_step, grpo=grpo_iteration, decode=decode)[task]
+    build = dict(
+      ppo=ppo_iteration,
+      dpo=dpo_step,
+      dpo_two_rows=functools.partial(dpo_step, prefix_sharing=False),
+      grpo=grpo_iteration,
+      decode=decode,
+    )[task]
     seconds = shape.timed(build(t), repeats)
   shape.emit("rlhf_jax", task, seconds, jax=jax.__version__)
 

@@ -22,8 +22,11 @@ TASKS = {
   "ppo": "one PPO iteration: 64 rollouts of a 32-token prompt + 32 new tokens, sampled, scored "
   "by a reward model, valued by a separate critic, against a reference; one epoch, one "
   "minibatch of 64, Adam on policy and critic",
-  "dpo": "one DPO optimizer step on 32 pairs of 64-token rows, the reference's log-probs "
-  "precomputed, Adam",
+  "dpo": "one DPO optimizer step on 32 pairs (a 32-token prompt, two 32-token responses), "
+  "the reference's log-probs precomputed, Adam; this project reads each prompt once "
+  "(its default, `prefix_sharing`), TRL runs two 64-token rows a pair",
+  "dpo_two_rows": "the same DPO step with two 64-token rows a pair on both sides "
+  "(`config.prefix_sharing=False` here)",
   "grpo": "one GRPO iteration: 16 prompts x 4 samples (32 + 32 tokens), rule reward, group "
   "baseline, one update, Adam",
   "train_step": "one AdamW next-token step on 64 x 64 tokens",
@@ -32,6 +35,7 @@ TASKS = {
 UNITS = {
   "ppo": "samples/s",
   "dpo": "steps/s",
+  "dpo_two_rows": "steps/s",
   "grpo": "s/iteration",
   "train_step": "GFLOP/s",
   "decode": "GFLOP/s",
@@ -81,7 +85,7 @@ def figure(task: str, seconds: float) -> float:
   """The task's figure in its unit from the median seconds of one repetition."""
   if task == "ppo":
     return ROLLOUTS / seconds
-  if task == "dpo":
+  if task in ("dpo", "dpo_two_rows"):
     return 1.0 / seconds
   if task == "grpo":
     return seconds

@@ -182,7 +182,7 @@ def main() -> None:
     raise SystemExit("PPO's peer is Tunix (tunix_side.py)")
   transformers.logging.set_verbosity_error()
   with tempfile.TemporaryDirectory() as out:
-    if task == "dpo":
+    if task in ("dpo", "dpo_two_rows"):  # TRL has one layout: two rows a pair
       seconds = dpo(repeats, out)
     elif task == "grpo":
       seconds = grpo(repeats, out)
@@ -192,7 +192,7 @@ def main() -> None:
       seconds = decode(repeats)
   import trl
 
-  side = "trl" if task in ("dpo", "grpo") else "torch"
+  side = "trl" if task in ("dpo", "dpo_two_rows", "grpo") else "torch"
   shape.emit(
     side, task, seconds, torch=torch.__version__, transformers=transformers.__version__,
     trl=trl.__version__, threads=torch.get_num_threads(),

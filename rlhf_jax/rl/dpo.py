@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rlhf_jax.rl.logprobs import shift_for_next_token, token_logprobs
 
@@ -88,6 +89,120 @@ def response_logps(
   """
   targets, target_mask = shift_for_next_token(tokens, loss_mask)
   return sequence_logps(token_logprobs(logits, targets, temperature), target_mask)
+
+
+# ----------------------------------------------------- shared-prompt rows
+#
+# A pair's chosen and rejected rows begin with the same BOS + prompt, so the prompt's hidden
+# states are the same in both. One row per pair, `BOS + prompt + chosen + rejected`, reads
+# the prompt once: the chosen tokens attend to the prompt and the chosen tokens before them,
+# the rejected tokens to the prompt and the rejected tokens before them (never to the
+# chosen ones), and both responses take positions from the prompt's end, so every logit is
+# the one the pair's own row gives (the same up to float rounding). The first token of each
+# response is predicted from the prompt's last position. A pair whose two prompts differ
+# (one was cut to fit max_len and the other not) puts its two rows side by side instead.
+
+SHARED_FIELDS = ("tokens", "mask", "segment", "positions", "source", "side")
+PROMPT, CHOSEN, REJECTED = 1, 2, 3  # segment ids (0: padding)
+_ROW = ("tokens", "mask", "loss_mask")
+
+
+def shared_row_length(tables, multiple: int = 8) -> int:
+  """The row length every pair of `tables` (pair tables with SFT-layout
+  {chosen,rejected}_{tokens,mask,loss_mask}) fits in shared-prompt layout, rounded up to
+  `multiple`: one compiled shape serves all of them."""
+  longest = max([1] + [len(row[0]) for table in tables for row in _layouts(table)])
+  return -(-longest // multiple) * multiple
+
+
+def _layouts(table):
+  """Per pair: its shared-prompt row unpadded, as (tokens, segment, position, source,
+  side) arrays (see `share_prompts`)."""
+  c_tokens, c_mask, c_loss = (table[f"chosen_{f}"] for f in _ROW)
+  r_tokens, r_mask, r_loss = (table[f"rejected_{f}"] for f in _ROW)
+  out = []
+  for i in range(len(c_tokens)):
+    c_len, r_len = int(c_mask[i].sum()), int(r_mask[i].sum())
+    p = _prompt_length(c_loss[i], c_len)
+    shared = (
+      p is not None
+      and p == _prompt_length(r_loss[i], r_len)
+      and np.array_equal(c_tokens[i, :p], r_tokens[i, :p])
+    )
+    p = p if shared else 0  # unshared: the two rows side by side
+    tokens = np.concatenate([c_tokens[i, :c_len], r_tokens[i, p:r_len]])
+    segment = np.repeat([PROMPT, CHOSEN, REJECTED], [p, c_len - p, r_len - p])
+    position = np.concatenate([np.arange(c_len), np.arange(p, r_len)])
+    source = np.arange(len(tokens)) - 1  # token k is predicted by the logits at k - 1 ...
+    if p and r_len > p:  # ... the rejected response's first by the prompt's last position
+      source[c_len] = p - 1
+    side = np.concatenate([c_loss[i, :c_len], 2 * r_loss[i, p:r_len]])
+    out.append((tokens, segment, position, np.maximum(source, 0), side))
+  return out
+
+
+def _prompt_length(loss_mask, length: int) -> int | None:
+  """Where the targets start, when they are the row's last tokens and something precedes
+  them (the layout every prompt/response row has); else None."""
+  targets = np.flatnonzero(loss_mask[:length])
+  if not len(targets) or targets[0] == 0 or len(targets) != length - targets[0]:
+    return None
+  return int(targets[0])
+
+
+def share_prompts(table, length: int, pad_id: int) -> dict[str, np.ndarray]:
+  """The shared-prompt rows [N, length] of a pair table's SFT-layout rows
+  ({chosen,rejected}_{tokens,mask,loss_mask} [N, T], `loader.sft_collate`'s layout).
+
+  Returns, each prefixed "shared_": tokens (int32, `pad_id` after the row), mask (bool,
+  real tokens), segment (int8: PROMPT, CHOSEN, REJECTED; 0 on padding), positions (int32:
+  each response on from the prompt's end), source (int32: the position whose logits
+  predict each token) and side (int8: 1 on the chosen response's targets, 2 on the
+  rejected one's, else 0). A pair without targets (left out for its length) is an empty
+  row.
+  """
+  rows = _layouts(table)
+  n = len(rows)
+  out = {
+    "tokens": np.full((n, length), pad_id, np.int32),
+    "mask": np.zeros((n, length), bool),
+    "segment": np.zeros((n, length), np.int8),
+    "positions": np.zeros((n, length), np.int32),
+    "source": np.zeros((n, length), np.int32),
+    "side": np.zeros((n, length), np.int8),
+  }
+  for i, (tokens, segment, position, source, side) in enumerate(rows):
+    k = len(tokens)
+    if k > length:
+      raise ValueError(f"pair {i} needs {k} tokens in shared-prompt layout; the rows hold {length}")
+    values = dict(tokens=tokens, mask=True, segment=segment, positions=position)
+    for name, value in {**values, "source": source, "side": side}.items():
+      out[name][i, :k] = value
+  return {f"shared_{k}": v for k, v in out.items()}
+
+
+def shared_attention_mask(segment: jax.Array) -> jax.Array:
+  """[B, L] segment ids -> [B, L, L] bool: causal, a response token sees the prompt and its
+  own response, a prompt token the prompt; padding sees and is seen by nothing."""
+  n = segment.shape[-1]
+  causal = jnp.tril(jnp.ones((n, n), jnp.bool_))
+  query, key = segment[:, :, None], segment[:, None, :]
+  return causal[None] & (key > 0) & ((key == PROMPT) | (key == query))
+
+
+def shared_response_logps(
+  logits: jax.Array, tokens: jax.Array, source: jax.Array, side: jax.Array, temperature=1.0
+) -> dict[str, jax.Array]:
+  """Sequence log-prob sums and target counts [B] of the chosen and rejected responses of
+  shared-prompt rows (`share_prompts`): {"chosen", "rejected", "chosen_len",
+  "rejected_len"}, what `response_logps` gives on the two rows."""
+  logits = logits.astype(jnp.float32) / temperature
+  logz = jax.nn.logsumexp(logits, axis=-1)  # [B, L]
+  rows = jnp.arange(tokens.shape[0])[:, None]
+  token_logps = logits[rows, source, tokens] - logz[rows, source]  # [B, L]
+  chosen, chosen_len = sequence_logps(token_logps, side == 1)
+  rejected, rejected_len = sequence_logps(token_logps, side == 2)
+  return dict(chosen=chosen, rejected=rejected, chosen_len=chosen_len, rejected_len=rejected_len)
 
 
 def dpo_loss(

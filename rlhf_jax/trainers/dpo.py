@@ -14,13 +14,17 @@ pairs (`reward_stage`, the default: DPO and the reward model learn from the
 same labels), from fresh panel-labelled SFT samples (`testbed`, as the
 reward trainer makes them) or from JSONL/Parquet files (`jsonl`). Every pair
 is tokenized once into SFT rows (`loader.sft_collate`: BOS + prompt +
-response + EOS). The reference's sequence log-probs of every train and eval
-pair are computed once, by a jitted batched pass of the SFT policy, and kept
-in `<workdir>/data/ref_logps.npz`, keyed by the tokenized data and the SFT
-stage (a stale file is rebuilt); a resumed run reuses it. The loader yields
-pair indices and its collate attaches the stored values, so an update is one
-forward-backward pass of the policy on [chosen; rejected] rows and no
-reference forward.
+response + EOS). With `config.prefix_sharing` (the default) the two rows of a pair
+become one, BOS + prompt + chosen + rejected, in which each response attends to the
+prompt and to itself only and the prompt is read once (`dpo_lib.share_prompts`; the
+log-probs are the two rows' own, tested): on the peer benchmark's shape, a 32-token
+prompt and two 32-token responses, that is 96 tokens a pair instead of 128. The
+reference's sequence log-probs of every train and eval pair are computed once, by a
+jitted batched pass of the SFT policy, and kept in `<workdir>/data/ref_logps.npz`,
+keyed by the tokenized data (its layout included) and the SFT stage (a stale file is
+rebuilt); a resumed run reuses it. The loader yields pair indices and its collate
+attaches the stored values, so an update is one forward-backward pass of the policy on
+the pairs' rows and no reference forward.
 
 Ties: by `config.ties`, "soft" (default) gives a tie pair the preference
 probability 1/2, as the reward model's loss does (sigmoid/conservative:
@@ -123,6 +127,7 @@ CONFIG_SPEC = cs.Spec(
       checks=(pairs_lib.check_pair_data,),
     ),
     "max_len": cs.Int(min=3),
+    "prefix_sharing": cs.Bool(),
     "loss_type": cs.Choice(*dpo_lib.LOSS_TYPES),
     "beta": cs.Float(gt=0),
     "label_smoothing": cs.Float(min=0, max=0.5),
@@ -326,10 +331,9 @@ class PairLogps:
 
   def __init__(self, module, param_sh, batch_size: int, mesh, rules):
     self.batch_size, self.mesh, self.rules = batch_size, mesh, rules
-    row_sh = sharding.batch_sharding(mesh, 2)
     self.fn = jax.jit(
       functools.partial(pair_logps, module=module),
-      in_shardings=(param_sh, dict.fromkeys(ROW_KEYS, row_sh)),
+      in_shardings=(param_sh, sharding.batch_sharding(mesh, 2)),  # every row field: [B, T]
     )
 
   def __call__(self, params, table) -> dict[str, np.ndarray]:
@@ -338,7 +342,7 @@ class PairLogps:
     for start in range(0, n, b):
       idx = np.arange(start, start + b) % n  # padding rows repeat the first pairs
       with sharding.use_mesh(self.mesh, self.rules):
-        rows = {k: sharding.global_from_full(table[k][idx], self.mesh) for k in ROW_KEYS}
+        rows = {k: sharding.global_from_full(table[k][idx], self.mesh) for k in row_keys(table)}
         out = self.fn(params, rows)
       outs.append({k: sharding.fetch(v)[: min(b, n - start)] for k, v in out.items()})
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
@@ -374,6 +378,24 @@ def attach_reference(tables, path: str, sft_dir: str, ref_logps) -> dict[str, An
 # ------------------------------------------------------ loss and update step
 
 ROW_KEYS = tuple(f"{side}_{name}" for side in ("chosen", "rejected") for name in ROW_FIELDS)
+SHARED_KEYS = tuple(f"shared_{name}" for name in dpo_lib.SHARED_FIELDS)
+
+
+def row_keys(table) -> tuple[str, ...]:
+  """The fields of a pair table (or batch) that hold its rows: shared-prompt or two-row."""
+  return SHARED_KEYS if SHARED_KEYS[0] in table else ROW_KEYS
+
+
+def share_prompts(table, length: int, pad_id: int) -> dict[str, np.ndarray]:
+  """A pair table (`tokenize_pairs`) with its two rows per pair replaced by one
+  shared-prompt row of `length` (`dpo_lib.share_prompts`)."""
+  rest = {k: v for k, v in table.items() if k not in ROW_KEYS}
+  return {**rest, **dpo_lib.share_prompts(table, length, pad_id)}
+
+
+def row_tokens(batch) -> float:
+  """The real tokens of a batch's rows: what a forward pass reads."""
+  return float(sum(batch[k].sum() for k in row_keys(batch) if k.endswith("_mask")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -394,8 +416,20 @@ class Settings:
 
 
 def pair_logps(params, batch, *, module, rngs=None):
-  """Sequence log-prob sums and token counts [B] of chosen and rejected rows, one pass
-  (`rngs`: {"dropout": key} in training, for LoRA dropout)."""
+  """Sequence log-prob sums and token counts [B] of chosen and rejected responses, one
+  pass over the batch's shared-prompt rows or its chosen and rejected rows (`rngs`:
+  {"dropout": key} in training, for LoRA dropout)."""
+  if SHARED_KEYS[0] in batch:
+    logits, *_ = module.apply(
+      {"params": params},
+      batch["shared_tokens"],
+      batch["shared_positions"],
+      dpo_lib.shared_attention_mask(batch["shared_segment"]),
+      rngs=rngs,
+    )
+    return dpo_lib.shared_response_logps(
+      logits, batch["shared_tokens"], batch["shared_source"], batch["shared_side"]
+    )
   cat = lambda name: jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]])
   tokens, mask = cat("tokens"), cat("mask")
   logits, *_ = module.apply(
@@ -538,6 +572,11 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     data_info[f"num_{split}_ties"] = int(table["tie"].sum())
     data_info[f"mean_{split}_target"] = float(table["target"].mean())
     data_info[f"num_{split}_too_long"] = int((~table["valid"]).sum())
+  row_len = 2 * config.max_len  # tokens a pair's rows hold
+  if config.prefix_sharing:
+    row_len = dpo_lib.shared_row_length(tables.values())
+    tables = {split: share_prompts(table, row_len, tok.pad_id) for split, table in tables.items()}
+    data_info["shared_row_length"] = row_len
   common.check_batch_fits(len(tables["train"]["tie"]), batch_size, "training pairs")
   # One compiled forward pass serves the reference pass and the held-out pair eval.
   logps = PairLogps(policy.module, policy.shardings, batch_size, mesh, rules)
@@ -600,9 +639,9 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     cfg_model = policy.module.config
     loop = common.bookkeeping(
       run,
-      # Chosen and rejected rows, forward and backward.
-      flops_per_step=2 * batch_size * config.max_len
-      * cfg_model.train_flops_per_token(config.max_len),
+      # A pair's rows (one shared-prompt row, or chosen and rejected), forward and backward.
+      flops_per_step=batch_size * row_len
+      * cfg_model.train_flops_per_token(row_len if config.prefix_sharing else config.max_len),
       dtype=cfg_model.dtype,
       metric_keys=("loss", "rewards/accuracies", "eval/gold_reward"),
     )  # fmt: skip
@@ -614,7 +653,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
         state, step_metrics = update_fn(state, sharding.host_to_global(local, mesh))
       step += 1
       preempted = run.ckpt.preemption_requested(step)
-      tokens = float(local["chosen_mask"].sum() + local["rejected_mask"].sum())
+      tokens = row_tokens(local)
       loop.after_update(
         step,
         step_metrics,

@@ -265,3 +265,90 @@ def test_resume_after_kill_and_after_sigterm_is_exact(reward_runlocal, tmp_path)
       with np.load(tmp_path / name / ref_file) as stored:
         for key in straight.files:
           np.testing.assert_array_equal(stored[key], straight[key])
+
+
+# ------------------------------------------------------------ shared-prompt rows
+
+
+def _pair_table(max_len=14, vocab=40, pad=0, bos=1, eos=2):
+  """SFT-layout rows of five pairs: shared prompts of several lengths, one pair whose
+  prompts differ (as when one row's prompt was cut to fit), one left out (all padding)."""
+  rng = np.random.default_rng(0)
+  words = lambda n: list(rng.integers(3, vocab, n))
+  pairs = [(words(p), words(c), words(r)) for p, c, r in ((3, 4, 6), (6, 2, 5), (1, 7, 1))]
+  pairs.append((None, words(5), words(3)))  # prompts differ
+  pairs.append(None)  # left out
+  table = {}
+  for side in ("chosen", "rejected"):
+    tokens = np.full((len(pairs), max_len), pad, np.int32)
+    loss = np.zeros((len(pairs), max_len), bool)
+    for i, pair in enumerate(pairs):
+      if pair is None:
+        continue
+      prompt = pair[0] if pair[0] is not None else words(2 if side == "chosen" else 4)
+      response = pair[1] if side == "chosen" else pair[2]
+      row = [bos, *prompt, *response, eos]
+      tokens[i, : len(row)] = row
+      loss[i, len(prompt) + 1 : len(row)] = True
+    table.update(
+      {f"{side}_tokens": tokens, f"{side}_mask": tokens != pad, f"{side}_loss_mask": loss}
+    )
+  n = len(pairs)
+  table.update(
+    tie=np.zeros(n, bool), valid=np.arange(n) < n - 1, target=np.ones(n, np.float32),
+    ref_chosen=np.full(n, -20.0, np.float32), ref_rejected=np.full(n, -21.0, np.float32),
+  )  # fmt: skip
+  return table
+
+
+def test_shared_prompt_rows_give_the_two_rows_log_probs_and_gradients(tmp_path):
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+
+  from rlhf_jax import models
+  from rlhf_jax.rl import dpo as dpo_lib
+
+  cfg = models.get_model_config(
+    "tiny", vocab_size=40, d_model=32, num_layers=2, mlp_dim=64, num_heads=4, num_kv_heads=2
+  )
+  module = models.LanguageModel(cfg)
+  params = jax.jit(lambda key: models.init_params(module, key))(jax.random.key(0))
+  two_rows = _pair_table()
+  length = dpo_lib.shared_row_length([two_rows])
+  # 3 + 1 + 6 + 1 + (6 + 1) = 18 tokens for pair 0; the unshared pair: 2 + 5 + 1 + 3 + ...
+  assert length % 8 == 0 and length < 2 * two_rows["chosen_tokens"].shape[1]
+  shared = dpo.share_prompts(two_rows, length, pad_id=0)
+  assert dpo.row_keys(shared) == dpo.SHARED_KEYS and dpo.row_keys(two_rows) == dpo.ROW_KEYS
+  assert not set(dpo.ROW_KEYS) & set(shared)
+  # Pair 0: BOS + 3 prompt tokens read once; both responses start at position 4.
+  segment, positions = shared["shared_segment"][0], shared["shared_positions"][0]
+  assert segment[:4].tolist() == [dpo_lib.PROMPT] * 4
+  assert positions[4] == 4 and positions[4 + 5] == 4  # chosen: 4 tokens + EOS
+  assert shared["shared_source"][0][4 + 5] == 3  # the rejected's first: the prompt's end
+  # The pair whose prompts differ holds its two rows side by side; the left-out one nothing.
+  assert dpo_lib.PROMPT not in shared["shared_segment"][3]
+  assert not shared["shared_mask"][4].any()
+  assert dpo.row_tokens(shared) < dpo.row_tokens(two_rows)
+  # The stored reference log-probs are keyed by the layout too (they differ by rounding).
+  (tmp_path / "export.json").write_text('{"kind": "policy", "step": 1}')
+  keys = {dpo.ref_logps_key({"train": t}, str(tmp_path)) for t in (two_rows, shared)}
+  assert len(keys) == 2
+
+  logps = jax.jit(functools.partial(dpo.pair_logps, module=module))
+  want, got = logps(params, two_rows), logps(params, shared)
+  for key in ("chosen", "rejected", "chosen_len", "rejected_len"):
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=key)
+  assert np.all(np.asarray(want["chosen"])[:4] < 0)
+
+  s = dpo.Settings(beta=0.1, loss_type="sigmoid", label_smoothing=0.0, soft_ties=True)
+
+  def loss(p, batch):
+    per_pair, _, weight, _ = dpo.pair_terms(dpo.pair_logps(p, batch, module=module), batch, s=s)
+    return dpo.weighted_mean(per_pair, weight)
+
+  grads = [jax.jit(jax.grad(loss))(params, table) for table in (two_rows, shared)]
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+  assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads[0])) > 0
