@@ -30,7 +30,7 @@ import numpy as np
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.sharding import constrain, logical_to_spec
 
-Cache = dict[str, jax.Array]
+Cache = dict[str, jax.Array] | tuple[dict[str, jax.Array], ...]  # stacked, or one dict a layer
 
 # A large finite negative: a fully masked row (a left-pad query) then gets a
 # uniform softmax instead of NaN; its output is never used.
@@ -88,13 +88,26 @@ def segment_attention_mask(segment_ids: jax.Array) -> jax.Array:
 
 
 def init_cache(config: ModelConfig, batch_size: int, num_slots: int) -> Cache:
-  """An empty KV cache: {"k", "v"} of [L, B, S, K, H] in the compute dtype."""
-  shape = (config.num_layers, batch_size, num_slots, config.kv_heads, config.head_size)
+  """An empty KV cache in the compute dtype: with `scan_layers`, {"k", "v"} of [L, B, S, K,
+  H]; with unrolled layers, a tuple of L such dicts of [B, S, K, H], one a layer, so that a
+  decoding step updates each layer's buffer in place (slicing a stacked cache and stacking
+  it again copies the whole cache every step: ~20% of a small model's decoding on CPU)."""
+  shape = (batch_size, num_slots, config.kv_heads, config.head_size)
+  if config.scan_layers:
+    zeros = jnp.zeros((config.num_layers, *shape), jnp.dtype(config.dtype))
+    return {"k": zeros, "v": zeros}
   zeros = jnp.zeros(shape, jnp.dtype(config.dtype))
-  return {"k": zeros, "v": zeros}
+  return tuple({"k": zeros, "v": zeros} for _ in range(config.num_layers))
 
 
 CACHE_AXES = ("cache_layers", "cache_batch", "cache_len", "cache_kv_heads", "cache_head_dim")
+
+
+def _constrain_cache(cache):
+  """The cache's logical sharding, stacked ({"k", "v"} [L, ...]) or one dict a layer."""
+  if isinstance(cache, dict):
+    return {name: constrain(c, CACHE_AXES) for name, c in cache.items()}
+  return tuple({name: constrain(c, CACHE_AXES[1:]) for name, c in d.items()} for d in cache)
 
 
 class Norm(nn.Module):
@@ -522,21 +535,27 @@ class Transformer(nn.Module):
       x = x + jnp.take(self.pos_embedding, positions, axis=0).astype(dt)
     x = constrain(x, ("act_batch", "act_len", "act_embed"))
     if cache is not None:
-      cache = {name: constrain(c, CACHE_AXES) for name, c in cache.items()}
+      cache = _constrain_cache(cache)
     per_layer = layer_inputs(cfg)
     if cfg.scan_layers:
+      if not isinstance(cache, dict | None):
+        raise ValueError("scanned layers take a stacked cache: init_cache with scan_layers")
       x, cache = self.layers(x, cache, positions, attn_mask, cache_index, per_layer)
     else:
+      stacked = isinstance(cache, dict)
       new = []
       for i, layer in enumerate(self.layers):
-        layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+        if cache is None:
+          layer_cache = None
+        else:
+          layer_cache = jax.tree.map(lambda c: c[i], cache) if stacked else cache[i]
         settings = None if per_layer is None else jax.tree.map(lambda a: a[i], per_layer)
         x, layer_cache = layer(x, layer_cache, positions, attn_mask, cache_index, settings)
         new.append(layer_cache)
       if cache is not None:
-        cache = jax.tree.map(lambda *c: jnp.stack(c), *new)
+        cache = jax.tree.map(lambda *c: jnp.stack(c), *new) if stacked else tuple(new)
     if cache is not None:
-      cache = {name: constrain(c, CACHE_AXES) for name, c in cache.items()}
+      cache = _constrain_cache(cache)
     return self.final_norm(x), cache
 
   def attend(self, x: jax.Array) -> jax.Array:
