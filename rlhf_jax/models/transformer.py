@@ -8,8 +8,9 @@ Einsum axis legend:
 Every call takes explicit `positions` [B, T] and a boolean `attn_mask`
 [B, T, S] (query t may attend key s), so left-padded prompts, packed sequences
 and cached decoding all go through the same code. The KV cache is a plain
-pytree {"k", "v"} of [L, B, S, K, H] arrays passed in and returned; the
-`cache_index` says at which slot the T new keys are written.
+pytree passed in and returned (`init_cache`): {"k", "v"} of [L, B, S, K, H] with
+scanned layers, a tuple of per-layer {"k", "v"} of [B, S, K, H] with unrolled ones;
+the `cache_index` says at which slot the T new keys are written.
 
 Parameters carry logical axis names (see rlhf_jax/sharding.py); so do key
 activations, through `sharding.constrain`. Norms, softmax and logits run in
