@@ -384,7 +384,7 @@ class ScalarExamples:
 
   TFDS's generic decoder takes ~130 us a preference record on one CPU core, this ~20; the
   reward stage reads its 64k training pairs three times before training (length check,
-  confidence check, grouping) and ~400k records while training. `for_source` returns
+  confidence check, grouping) and ~190k records while training. `for_source` returns
   None, and the caller keeps TFDS's decoder, for any other dataset or data source, and
   when the first record does not decode to what TFDS gives.
   """

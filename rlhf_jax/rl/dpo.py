@@ -183,7 +183,8 @@ def share_prompts(table, length: int, pad_id: int) -> dict[str, np.ndarray]:
 
 def shared_attention_mask(segment: jax.Array) -> jax.Array:
   """[B, L] segment ids -> [B, L, L] bool: causal, a response token sees the prompt and its
-  own response, a prompt token the prompt; padding sees and is seen by nothing."""
+  own response, a prompt token the prompt; no token sees padding (what a padding position
+  sees is never read)."""
   n = segment.shape[-1]
   causal = jnp.tril(jnp.ones((n, n), jnp.bool_))
   query, key = segment[:, :, None], segment[:, None, :]
