@@ -393,6 +393,23 @@ def share_prompts(table, length: int, pad_id: int) -> dict[str, np.ndarray]:
   return {**rest, **dpo_lib.share_prompts(table, length, pad_id)}
 
 
+def shares_exactly(model_config, row_len: int) -> bool:
+  """Whether shared-prompt rows of `row_len` give the two rows' log-probs under this model:
+  a sliding window counts row slots, and in a shared row the rejected response sits
+  further from its prompt than in its own row, so a window shorter than the row would cut
+  what it sees (two rows a pair are used then, logged)."""
+  window = model_config.sliding_window
+  if window and window < row_len:
+    logging.info(
+      "prefix_sharing: the model's sliding window (%d) is shorter than the shared rows (%d); "
+      "two rows a pair instead.",
+      window,
+      row_len,
+    )
+    return False
+  return True
+
+
 def row_tokens(batch) -> float:
   """The real tokens of a batch's rows: what a forward pass reads."""
   return float(sum(batch[k].sum() for k in row_keys(batch) if k.endswith("_mask")))
@@ -573,10 +590,13 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     data_info[f"mean_{split}_target"] = float(table["target"].mean())
     data_info[f"num_{split}_too_long"] = int((~table["valid"]).sum())
   row_len = 2 * config.max_len  # tokens a pair's rows hold
-  if config.prefix_sharing:
-    row_len = dpo_lib.shared_row_length(tables.values())
+  shared_len = dpo_lib.shared_row_length(tables.values()) if config.prefix_sharing else 0
+  shared = config.prefix_sharing and shares_exactly(policy.module.config, shared_len)
+  if shared:
+    row_len = shared_len
     tables = {split: share_prompts(table, row_len, tok.pad_id) for split, table in tables.items()}
     data_info["shared_row_length"] = row_len
+  data_info["prefix_sharing"] = shared
   common.check_batch_fits(len(tables["train"]["tie"]), batch_size, "training pairs")
   # One compiled forward pass serves the reference pass and the held-out pair eval.
   logps = PairLogps(policy.module, policy.shardings, batch_size, mesh, rules)
@@ -641,7 +661,7 @@ def train(config: Any, workdir: str) -> dict[str, float]:
       run,
       # A pair's rows (one shared-prompt row, or chosen and rejected), forward and backward.
       flops_per_step=batch_size * row_len
-      * cfg_model.train_flops_per_token(row_len if config.prefix_sharing else config.max_len),
+      * cfg_model.train_flops_per_token(row_len if shared else config.max_len),
       dtype=cfg_model.dtype,
       metric_keys=("loss", "rewards/accuracies", "eval/gold_reward"),
     )  # fmt: skip

@@ -352,3 +352,7 @@ def test_shared_prompt_rows_give_the_two_rows_log_probs_and_gradients(tmp_path):
   for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
   assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads[0])) > 0
+  # A sliding window counts row slots: one shorter than the shared rows keeps two rows.
+  assert dpo.shares_exactly(cfg, length)
+  assert dpo.shares_exactly(cfg.replace(sliding_window=length), length)
+  assert not dpo.shares_exactly(cfg.replace(sliding_window=length - 1), length)
