@@ -107,12 +107,18 @@ PROMPT, CHOSEN, REJECTED = 1, 2, 3  # segment ids (0: padding)
 _ROW = ("tokens", "mask", "loss_mask")
 
 
+def shared_layouts(tables, multiple: int = 8) -> tuple[list[list], int]:
+  """Each pair table's unpadded shared-prompt rows (for `share_prompts`), and the row
+  length all of them fit, rounded up to `multiple`: one compiled shape serves them all.
+  Tables hold SFT-layout {chosen,rejected}_{tokens,mask,loss_mask}."""
+  layouts = [_layouts(table) for table in tables]
+  longest = max([1] + [len(row[0]) for rows in layouts for row in rows])
+  return layouts, -(-longest // multiple) * multiple
+
+
 def shared_row_length(tables, multiple: int = 8) -> int:
-  """The row length every pair of `tables` (pair tables with SFT-layout
-  {chosen,rejected}_{tokens,mask,loss_mask}) fits in shared-prompt layout, rounded up to
-  `multiple`: one compiled shape serves all of them."""
-  longest = max([1] + [len(row[0]) for table in tables for row in _layouts(table)])
-  return -(-longest // multiple) * multiple
+  """The row length every pair of `tables` fits in shared-prompt layout (`shared_layouts`)."""
+  return shared_layouts(tables, multiple)[1]
 
 
 def _layouts(table):
@@ -150,7 +156,7 @@ def _prompt_length(loss_mask, length: int) -> int | None:
   return int(targets[0])
 
 
-def share_prompts(table, length: int, pad_id: int) -> dict[str, np.ndarray]:
+def share_prompts(table, length: int, pad_id: int, layout=None) -> dict[str, np.ndarray]:
   """The shared-prompt rows [N, length] of a pair table's SFT-layout rows
   ({chosen,rejected}_{tokens,mask,loss_mask} [N, T], `loader.sft_collate`'s layout).
 
@@ -159,9 +165,9 @@ def share_prompts(table, length: int, pad_id: int) -> dict[str, np.ndarray]:
   each response on from the prompt's end), source (int32: the position whose logits
   predict each token) and side (int8: 1 on the chosen response's targets, 2 on the
   rejected one's, else 0). A pair without targets (left out for its length) is an empty
-  row.
+  row. `layout`: the table's rows from `shared_layouts`, when already made.
   """
-  rows = _layouts(table)
+  rows = _layouts(table) if layout is None else layout
   n = len(rows)
   out = {
     "tokens": np.full((n, length), pad_id, np.int32),

@@ -386,11 +386,11 @@ def row_keys(table) -> tuple[str, ...]:
   return SHARED_KEYS if SHARED_KEYS[0] in table else ROW_KEYS
 
 
-def share_prompts(table, length: int, pad_id: int) -> dict[str, np.ndarray]:
+def share_prompts(table, length: int, pad_id: int, layout=None) -> dict[str, np.ndarray]:
   """A pair table (`tokenize_pairs`) with its two rows per pair replaced by one
   shared-prompt row of `length` (`dpo_lib.share_prompts`)."""
   rest = {k: v for k, v in table.items() if k not in ROW_KEYS}
-  return {**rest, **dpo_lib.share_prompts(table, length, pad_id)}
+  return {**rest, **dpo_lib.share_prompts(table, length, pad_id, layout)}
 
 
 def shares_exactly(model_config, row_len: int) -> bool:
@@ -590,11 +590,16 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     data_info[f"mean_{split}_target"] = float(table["target"].mean())
     data_info[f"num_{split}_too_long"] = int((~table["valid"]).sum())
   row_len = 2 * config.max_len  # tokens a pair's rows hold
-  shared_len = dpo_lib.shared_row_length(tables.values()) if config.prefix_sharing else 0
+  layouts, shared_len = [], 0
+  if config.prefix_sharing:  # each pair's shared row, made once
+    layouts, shared_len = dpo_lib.shared_layouts(tables.values())
   shared = config.prefix_sharing and shares_exactly(policy.module.config, shared_len)
   if shared:
     row_len = shared_len
-    tables = {split: share_prompts(table, row_len, tok.pad_id) for split, table in tables.items()}
+    tables = {
+      split: share_prompts(table, row_len, tok.pad_id, layout)
+      for (split, table), layout in zip(tables.items(), layouts, strict=True)
+    }
     data_info["shared_row_length"] = row_len
   data_info["prefix_sharing"] = shared
   common.check_batch_fits(len(tables["train"]["tie"]), batch_size, "training pairs")
