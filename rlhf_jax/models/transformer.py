@@ -170,8 +170,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
   """
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
   sin, cos = jnp.sin(angles)[:, :, None], jnp.cos(angles)[:, :, None]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  # [x1 cos - x2 sin, x2 cos + x1 sin] as x * [cos, cos] + [x2, x1] * [-sin, sin]: the same
+  # products and sums, but one swap of x's halves instead of a concatenation of two
+  # computed halves, which XLA:CPU fuses about 5x slower (fwd + bwd).
+  xf = x.astype(jnp.float32)
+  x1, x2 = jnp.split(xf, 2, axis=-1)
+  swapped = jnp.concatenate([x2, x1], axis=-1)
+  out = xf * jnp.concatenate([cos, cos], -1) + swapped * jnp.concatenate([-sin, sin], -1)
   return out.astype(x.dtype)
 
 
