@@ -25,6 +25,7 @@ otherwise. Both have `render_prompt`, `sft_pieces` and `last_exchange`.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -35,6 +36,7 @@ ROLES = ("system", "user", "assistant")
 ROLE_PREFIX = {"system": "System: ", "user": "User: ", "assistant": "Assistant: "}
 GENERATION_PREFIX = ROLE_PREFIX["assistant"]
 TURN_END = "\n"
+RENDER_CACHE = 1 << 16  # chat-template renderings kept (`TemplateFormat.render`)
 
 Message = dict[str, str]
 Fail = Callable[[str, str | None], Exception]
@@ -250,6 +252,10 @@ class TemplateFormat:
     self._text = template
     self._compiled = None
     self._checked = False
+    # SFT renders every chat record again in every collate (each epoch, each resume):
+    # renderings are kept by their turns, so a record's template runs once while it is
+    # among the last RENDER_CACHE ones rendered.
+    self._cached_render = functools.lru_cache(maxsize=RENDER_CACHE)(self._render)
 
   def _check_turn_end(self) -> None:
     """Refuses a template whose assistant turns do not end with EOS (checked once)."""
@@ -269,11 +275,19 @@ class TemplateFormat:
 
   def render(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> str:
     """The template's text for `messages`, without a leading BOS text."""
+    try:
+      key = tuple(tuple(sorted(m.items())) for m in messages)
+      hash(key)
+    except TypeError:  # a turn holds a list or a dict (tool calls): rendered uncached
+      return self._render(tuple(tuple(m.items()) for m in messages), add_generation_prompt)
+    return self._cached_render(key, add_generation_prompt)
+
+  def _render(self, turns: tuple[tuple[tuple[str, Any], ...], ...], add_generation_prompt):
     if self._compiled is None:
       self._compiled = _compile(self._text, self.source)
     try:
       text = self._compiled.render(
-        messages=[dict(m) for m in messages],
+        messages=[dict(turn) for turn in turns],
         add_generation_prompt=add_generation_prompt,
         **self._special,
       )

@@ -247,3 +247,24 @@ def test_chat_template_jinja_file_wins_over_the_config(tmp_path):
   tok = HfTokenizer(str(directory))
   assert tok.chat_template == CHATML
   assert tok.chat_format.source.endswith("chat_template.jinja")
+
+
+def test_a_conversation_is_rendered_once_and_a_turn_with_a_list_uncached(monkeypatch):
+  """SFT renders its records again in every collate: the template runs once per distinct
+  rendering, gives the same text from the cache, and still renders turns it cannot key."""
+  fmt = chat.TemplateFormat(
+    CHATML, special_tokens={"eos_token": "<|im_end|>"}, bos_text="", eos_text="<|im_end|>",
+    source="chat_template",
+  )  # fmt: skip
+  first = fmt.sft_pieces([SYSTEM, U1, A1, U2, A2])
+  calls = []
+  real = fmt._compiled.render
+  monkeypatch.setattr(fmt._compiled, "render", lambda **kw: calls.append(kw) or real(**kw))
+  assert fmt.sft_pieces([SYSTEM, U1, A1, U2, A2]) == first and not calls
+  # An edited turn is a new rendering; the unchanged prefix (the first reply's opener) is not.
+  edited = dict(U2, content="And the toaster?")
+  pieces = fmt.sft_pieces([SYSTEM, U1, A1, edited, A2])
+  assert "toaster" in pieces[2].text and len(calls) == 2  # full text + the second opener
+  with_list = dict(U1, tags=["a", "b"])  # a list is not hashable: rendered each time
+  assert fmt.render([with_list], True) == fmt.render([U1], True)
+  assert fmt.render([with_list], True) and len(calls) == 5
