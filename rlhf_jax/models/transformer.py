@@ -313,8 +313,9 @@ def _fused_attention(q, key, val, attn_mask, scale: float, kernel: str) -> jax.A
   heads as they are), attn_mask [B, T, S] bool -> [B, T, N, H] in q's dtype.
 
   Masked logits get a large finite negative in both implementations, never -inf, so a fully
-  masked row (a left-pad query) gets a finite output: XLA's is `_MASK_VALUE` exactly (the
-  same uniform softmax as the einsum path), cuDNN's a bias of -2**41.
+  masked row (a left-pad query) gets a finite output: XLA's is `_MASK_VALUE` exactly (a
+  uniform softmax, as the einsum path's, which in a full pass is over its query block's
+  keys: `causal_blocks`), cuDNN's a bias of -2**41. Such a row's output is never read.
   """
   return jax.nn.dot_product_attention(
     q,
@@ -326,6 +327,23 @@ def _fused_attention(q, key, val, attn_mask, scale: float, kernel: str) -> jax.A
     is_causal=False,  # causality, padding, packing and windows are all in the mask
     implementation="cudnn" if kernel == "cudnn" else None,
   )
+
+
+def causal_blocks(t: int) -> list[tuple[int, int]]:
+  """The query blocks [start, end) a full pass of length `t` computes attention in.
+
+  Every mask this model is given is causal (a query never sees a later slot: causal,
+  packed-segment and shared-prompt masks alike), so a block of queries needs the keys up
+  to its end only, and the scores after it, about half of the T x T, are never computed.
+  On 2 CPU cores, attention's forward and backward over 4 layers (B x T = 2048-4096
+  tokens, 4 heads of 64): T 64 83 -> 68 ms with blocks of 32, T 96 85 -> 68, T 128
+  152 -> 135 with blocks of 64, T 256 303 -> 184. Short rows stay one block; at most 8
+  blocks, so long rows do not multiply the program's size.
+  """
+  if t < 64:
+    return [(0, t)]
+  size = 32 if t < 128 else max(64, -(-t // 8))
+  return [(start, min(start + size, t)) for start in range(0, t, size)]
 
 
 def _windowed(attn_mask: jax.Array, window, cache_index, t: int) -> jax.Array:
@@ -407,14 +425,27 @@ class Attention(nn.Module):
       )
     else:
       q = q.reshape(b, t, k, n // k, h)  # query head n uses kv head n // G
-      logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, key, preferred_element_type=jnp.float32)
-      logits = logits * scale
-      if cfg.attn_logit_softcap:
-        logits = jnp.tanh(logits / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
       attn_mask = _windowed(attn_mask, window, cache_index, t)
-      logits = jnp.where(attn_mask[:, None, None, :, :], logits, _MASK_VALUE)
-      probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-      out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, val).reshape(b, t, n, h)
+      outs = []
+      for start, end in [(0, t)] if cache is not None else causal_blocks(t):
+        # A full pass's query block [start, end) sees keys [0, end) only: the mask is
+        # causal, so the keys after the block are masked for every query in it.
+        keys = key.shape[1] if cache is not None else end
+        logits = jnp.einsum(
+          "BTKGH,BSKH->BKGTS",
+          q[:, start:end],
+          key[:, :keys],
+          preferred_element_type=jnp.float32,
+        )
+        logits = logits * scale
+        if cfg.attn_logit_softcap:
+          logits = jnp.tanh(logits / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
+        block_mask = attn_mask[:, None, None, start:end, :keys]
+        logits = jnp.where(block_mask, logits, _MASK_VALUE)
+        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+        outs.append(jnp.einsum("BKGTS,BSKH->BTKGH", probs, val[:, :keys]))
+      out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+      out = out.reshape(b, t, n, h)
     heads_out = out
     out = project(out, wo.astype(dt), 2)
     if cfg.lora_rank:

@@ -1,6 +1,7 @@
 """Tests for the transformer: layouts, equivalences, cached decoding, heads."""
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -435,3 +436,45 @@ def test_grown_trunk_starts_as_the_base_and_its_new_layers_train(style, scan):
       params["trunk"]["layers"]["attn"]["q"][2:], fresh["trunk"]["layers"]["attn"]["q"][2:]
     )
     assert not np.any(params["trunk"]["layers"]["attn"]["o"][2:])
+
+
+def test_causal_blocks_cover_the_row_once():
+  assert transformer.causal_blocks(63) == [(0, 63)]
+  assert transformer.causal_blocks(100) == [(0, 32), (32, 64), (64, 96), (96, 100)]
+  assert transformer.causal_blocks(256) == [(a, a + 64) for a in range(0, 256, 64)]
+  assert len(transformer.causal_blocks(4096)) == 8
+  for t in (64, 97, 130, 1000):
+    blocks = transformer.causal_blocks(t)
+    assert blocks[0][0] == 0 and blocks[-1][1] == t
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(blocks))
+
+
+@pytest.mark.parametrize("style", ["llama", "gemma"])
+def test_attention_in_causal_blocks_matches_one_block(style, monkeypatch):
+  """A full pass computes each query block against the keys up to its end: logits at real
+  tokens and gradients equal the whole T x T computation (GQA; soft-cap and window for
+  gemma), with left padding and two packed examples in a row."""
+  cfg = _config(style)
+  module = models.LanguageModel(cfg)
+  params = _init(module)
+  t = 100  # blocks of 32, the last one of 4
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(4, cfg.vocab_size, (2, t)).astype(np.int32)
+  segments = np.zeros((2, t), np.int32)
+  segments[0, 9:] = 1  # left padding
+  segments[1, :45], segments[1, 45:90] = 1, 2  # two packed examples, then padding
+  positions = models.positions_from_segments(segments)
+  mask = models.segment_attention_mask(segments)
+  real = segments > 0
+
+  def loss(p):
+    logits, _ = module.apply({"params": p}, tokens, positions, mask)
+    return jnp.sum(jnp.where(real[..., None], jax.nn.log_softmax(logits), 0.0)), logits
+
+  (got, got_logits), got_grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  monkeypatch.setattr(transformer, "causal_blocks", lambda t: [(0, t)])
+  (want, want_logits), want_grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  np.testing.assert_allclose(np.asarray(got_logits)[real], np.asarray(want_logits)[real], atol=2e-5)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5)  # summation order only
