@@ -640,6 +640,7 @@ class LanguageModel(nn.Module):
     cache: Cache | None = None,
     cache_index: jax.Array | int | None = None,
     last_only: bool = False,
+    logits_window: tuple[int, int] | None = None,
   ) -> tuple[jax.Array, Any]:
     """Returns (logits [B, T, V] float32, new cache), plus values [B, T] with a value head.
 
@@ -651,10 +652,17 @@ class LanguageModel(nn.Module):
       cache_index: slot at which the T new tokens are written into the cache.
       last_only: compute logits for the last position only ([B, 1, V]); used
         by the sampler's prefill, whose prompts are left-padded.
+      logits_window: (start, stop), static: logits for those positions only
+        ([B, stop - start, V]), e.g. the ones that predict a response. The LM head
+        and its gradient then skip the others (with a large vocabulary, the head is
+        a large share of a step, and [B, T, V] float32 logits of its memory). Values
+        (with a value head) stay [B, T].
     """
     positions, attn_mask = _default_inputs(tokens, positions, attn_mask)
     hidden, cache = self.trunk(tokens, positions, attn_mask, cache, cache_index)
-    head_in = hidden[:, -1:] if last_only else hidden
+    if last_only:
+      logits_window = (hidden.shape[1] - 1, hidden.shape[1])
+    head_in = hidden if logits_window is None else hidden[:, slice(*logits_window)]
     if self.config.tie_embeddings:
       logits = self.trunk.attend(head_in)
     else:

@@ -281,7 +281,7 @@ def critic_values(nets: Networks, value, full, fmask, s: Settings):
   positions = models.positions_from_mask(fmask)
   attn = models.causal_attention_mask(fmask)
   values = nets.value.apply({"params": value}, full, positions, attn)
-  return values[:, slice(s.prompt_len - 1, s.prompt_len + s.max_new_tokens - 1)]
+  return values[:, slice(*rl_common.response_window(s.prompt_len, s.max_new_tokens))]
 
 
 def forward(nets: Networks, policy, value, full, fmask, response, s: Settings):
@@ -292,14 +292,15 @@ def forward(nets: Networks, policy, value, full, fmask, response, s: Settings):
   """
   positions = models.positions_from_mask(fmask)
   attn = models.causal_attention_mask(fmask)
+  window = rl_common.response_window(s.prompt_len, s.max_new_tokens)
+  apply = functools.partial(nets.policy.apply, logits_window=window)
   if nets.value is None:
-    logits, _, values = nets.policy.apply({"params": policy}, full, positions, attn)
+    resp_logits, _, values = apply({"params": policy}, full, positions, attn)
   else:
-    logits, _ = nets.policy.apply({"params": policy}, full, positions, attn)
+    resp_logits, _ = apply({"params": policy}, full, positions, attn)
     values = nets.value.apply({"params": value}, full, positions, attn)
-  window = slice(s.prompt_len - 1, s.prompt_len + s.max_new_tokens - 1)
-  resp_logits = logits[:, window]
-  return token_logprobs(resp_logits, response, s.temperature), resp_logits, values[:, window]
+  values = values[:, slice(*window)]
+  return token_logprobs(resp_logits, response, s.temperature), resp_logits, values
 
 
 # ----------------------------------------------------------------- experience

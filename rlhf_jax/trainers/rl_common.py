@@ -131,6 +131,12 @@ LOSS_AGGREGATIONS = ("token_mean", "sequence_mean", "token_sum_norm")
 # ------------------------------------------------------ jittable functions
 
 
+def response_window(prompt_len: int, max_new_tokens: int) -> tuple[int, int]:
+  """The positions [start, stop) of a [prompt | response] row whose logits predict the
+  response tokens (position t predicts token t + 1)."""
+  return prompt_len - 1, prompt_len + max_new_tokens - 1
+
+
 def response_logps_fn(module, prompt_len: int, max_new_tokens: int, temperature: float):
   """f(params, full [B,P+N], fmask, response [B,N]) -> (log-probs [B,N], logits [B,N,V]).
 
@@ -140,13 +146,13 @@ def response_logps_fn(module, prompt_len: int, max_new_tokens: int, temperature:
   """
 
   def fn(params, full, fmask, response):
-    logits, *_ = module.apply(
+    resp_logits, *_ = module.apply(
       {"params": params},
       full,
       models.positions_from_mask(fmask),
       models.causal_attention_mask(fmask),
+      logits_window=response_window(prompt_len, max_new_tokens),
     )
-    resp_logits = logits[:, prompt_len - 1 : prompt_len + max_new_tokens - 1]
     return token_logprobs(resp_logits, response, temperature), resp_logits
 
   return fn

@@ -478,3 +478,30 @@ def test_attention_in_causal_blocks_matches_one_block(style, monkeypatch):
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5)  # summation order only
+
+
+@pytest.mark.parametrize("value_head", [False, True])
+def test_logits_window_is_the_slice_of_every_position_logits(value_head):
+  """The LM head on a window of positions (a response's) gives those positions' logits and
+  gradients; values stay per position."""
+  cfg = _config("untied")
+  module = models.LanguageModel(cfg, value_head=value_head)
+  params = _init(module)
+  tokens = np.asarray(jax.random.randint(jax.random.key(1), (2, 12), 4, cfg.vocab_size))
+
+  def head(p, window):
+    out = module.apply({"params": p}, tokens, logits_window=window)
+    logits = out[0] if window is not None else out[0][:, 4:11]
+    return jnp.sum(jax.nn.log_softmax(logits)[..., 5]), out
+
+  (got, got_out), got_grads = jax.value_and_grad(head, has_aux=True)(params, (4, 11))
+  (want, want_out), want_grads = jax.value_and_grad(head, has_aux=True)(params, None)
+  assert got_out[0].shape == (2, 7, cfg.vocab_size)
+  np.testing.assert_allclose(got_out[0], want_out[0][:, 4:11], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  if value_head:
+    assert got_out[2].shape == (2, 12)
+  last = module.apply({"params": params}, tokens, last_only=True)[0]
+  np.testing.assert_allclose(last, want_out[0][:, -1:], rtol=1e-6, atol=1e-6)
