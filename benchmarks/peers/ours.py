@@ -155,7 +155,7 @@ def dpo_step(t: Setup, prefix_sharing: bool = True):
     target=np.ones(b, np.float32),
   )
   if prefix_sharing:  # as `dpo.train` lays out its tables
-    batch = dpo.share_prompts(batch, dpo_lib.shared_row_length([batch]), shape.PAD)
+    batch = dpo.share_prompts(batch, dpo_lib.shared_widths([batch]), shape.PAD)
   tx = optax.adam(shape.LR)
   init = functools.partial(dpo.init_state, tx=tx)
   state_sh = dict(

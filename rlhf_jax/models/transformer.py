@@ -641,6 +641,7 @@ class LanguageModel(nn.Module):
     cache_index: jax.Array | int | None = None,
     last_only: bool = False,
     logits_window: tuple[int, int] | None = None,
+    logits_at: jax.Array | None = None,
   ) -> tuple[jax.Array, Any]:
     """Returns (logits [B, T, V] float32, new cache), plus values [B, T] with a value head.
 
@@ -657,12 +658,19 @@ class LanguageModel(nn.Module):
         and its gradient then skip the others (with a large vocabulary, the head is
         a large share of a step, and [B, T, V] float32 logits of its memory). Values
         (with a value head) stay [B, T].
+      logits_at: [B, K] int positions: logits there only ([B, K, V]), a window per row
+        in any order (DPO's shared-prompt rows: the positions that predict a target).
     """
     positions, attn_mask = _default_inputs(tokens, positions, attn_mask)
     hidden, cache = self.trunk(tokens, positions, attn_mask, cache, cache_index)
     if last_only:
       logits_window = (hidden.shape[1] - 1, hidden.shape[1])
     head_in = hidden if logits_window is None else hidden[:, slice(*logits_window)]
+    if logits_at is not None:  # rows of the flattened [B * T, D]: one plain gather
+      b, t, d = head_in.shape
+      rows = jnp.arange(b, dtype=jnp.int32)[:, None] * t + logits_at.astype(jnp.int32)
+      head_in = jnp.take(head_in.reshape(b * t, d), rows.reshape(-1), axis=0)
+      head_in = head_in.reshape(*logits_at.shape, d)
     if self.config.tie_embeddings:
       logits = self.trunk.attend(head_in)
     else:

@@ -101,23 +101,34 @@ def response_logps(
 # the one the pair's own row gives (the same up to float rounding). The first token of each
 # response is predicted from the prompt's last position. A pair whose two prompts differ
 # (one was cut to fit max_len and the other not) puts its two rows side by side instead.
+# The targets are listed apart, in slots of their own (the responses' tokens, the position
+# whose logits predict each, which response it belongs to), so the LM head runs on those
+# positions only, not on the prompt's.
 
-SHARED_FIELDS = ("tokens", "mask", "segment", "positions", "source", "side")
+SHARED_FIELDS = ("tokens", "mask", "segment", "positions", "targets", "source", "side")
+_TARGET_FIELDS = ("targets", "source", "side")  # [N, K]: the targets' own slots
 PROMPT, CHOSEN, REJECTED = 1, 2, 3  # segment ids (0: padding)
 _ROW = ("tokens", "mask", "loss_mask")
 
 
-def shared_layouts(tables, multiple: int = 8) -> tuple[list[list], int]:
-  """Each pair table's unpadded shared-prompt rows (for `share_prompts`), and the row
-  length all of them fit, rounded up to `multiple`: one compiled shape serves them all.
-  Tables hold SFT-layout {chosen,rejected}_{tokens,mask,loss_mask}."""
+def shared_layouts(tables, multiple: int = 8) -> tuple[list[list], tuple[int, int]]:
+  """Each pair table's unpadded shared-prompt rows (for `share_prompts`), and the widths
+  all of them fit, (row length, target slots), each rounded up to `multiple`: one compiled
+  shape serves them all. Tables hold SFT-layout {chosen,rejected}_{tokens,mask,loss_mask}."""
   layouts = [_layouts(table) for table in tables]
-  longest = max([1] + [len(row[0]) for rows in layouts for row in rows])
-  return layouts, -(-longest // multiple) * multiple
+  rows = [row for table_rows in layouts for row in table_rows]
+  longest = max([1] + [len(row[0]) for row in rows])
+  targets = max([1] + [int(np.count_nonzero(row[4])) for row in rows])
+  return layouts, (_round_up(longest, multiple), _round_up(targets, multiple))
 
 
-def shared_row_length(tables, multiple: int = 8) -> int:
-  """The row length every pair of `tables` fits in shared-prompt layout (`shared_layouts`)."""
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def shared_widths(tables, multiple: int = 8) -> tuple[int, int]:
+  """(row length, target slots) every pair of `tables` fits in shared-prompt layout
+  (`shared_layouts`)."""
   return shared_layouts(tables, multiple)[1]
 
 
@@ -156,17 +167,22 @@ def _prompt_length(loss_mask, length: int) -> int | None:
   return int(targets[0])
 
 
-def share_prompts(table, length: int, pad_id: int, layout=None) -> dict[str, np.ndarray]:
-  """The shared-prompt rows [N, length] of a pair table's SFT-layout rows
-  ({chosen,rejected}_{tokens,mask,loss_mask} [N, T], `loader.sft_collate`'s layout).
+def share_prompts(
+  table, widths: tuple[int, int], pad_id: int, layout=None
+) -> dict[str, np.ndarray]:
+  """The shared-prompt rows of a pair table's SFT-layout rows
+  ({chosen,rejected}_{tokens,mask,loss_mask} [N, T], `loader.sft_collate`'s layout), in
+  `widths` = (row length L, target slots K) (`shared_widths`).
 
-  Returns, each prefixed "shared_": tokens (int32, `pad_id` after the row), mask (bool,
-  real tokens), segment (int8: PROMPT, CHOSEN, REJECTED; 0 on padding), positions (int32:
-  each response on from the prompt's end), source (int32: the position whose logits
-  predict each token) and side (int8: 1 on the chosen response's targets, 2 on the
-  rejected one's, else 0). A pair without targets (left out for its length) is an empty
-  row. `layout`: the table's rows from `shared_layouts`, when already made.
+  Returns, each prefixed "shared_": the rows [N, L]: tokens (int32, `pad_id` after the
+  row), mask (bool, real tokens), segment (int8: PROMPT, CHOSEN, REJECTED; 0 on padding),
+  positions (int32: each response on from the prompt's end); and the targets [N, K], the
+  chosen response's then the rejected one's: targets (int32 token ids), source (int32:
+  the row position whose logits predict each) and side (int8: 1 chosen, 2 rejected, 0 on
+  empty slots). A pair without targets (left out for its length) is an empty row.
+  `layout`: the table's rows from `shared_layouts`, when already made.
   """
+  length, slots = widths
   rows = _layouts(table) if layout is None else layout
   n = len(rows)
   out = {
@@ -174,16 +190,23 @@ def share_prompts(table, length: int, pad_id: int, layout=None) -> dict[str, np.
     "mask": np.zeros((n, length), bool),
     "segment": np.zeros((n, length), np.int8),
     "positions": np.zeros((n, length), np.int32),
-    "source": np.zeros((n, length), np.int32),
-    "side": np.zeros((n, length), np.int8),
+    "targets": np.full((n, slots), pad_id, np.int32),
+    "source": np.zeros((n, slots), np.int32),
+    "side": np.zeros((n, slots), np.int8),
   }
   for i, (tokens, segment, position, source, side) in enumerate(rows):
-    k = len(tokens)
-    if k > length:
-      raise ValueError(f"pair {i} needs {k} tokens in shared-prompt layout; the rows hold {length}")
+    k, picked = len(tokens), np.flatnonzero(side)
+    if k > length or len(picked) > slots:
+      raise ValueError(
+        f"pair {i} needs {k} tokens and {len(picked)} target slots in shared-prompt layout; "
+        f"the rows hold {length} and {slots}"
+      )
     values = dict(tokens=tokens, mask=True, segment=segment, positions=position)
-    for name, value in {**values, "source": source, "side": side}.items():
+    for name, value in values.items():
       out[name][i, :k] = value
+    targets = dict(targets=tokens[picked], source=source[picked], side=side[picked])
+    for name, value in targets.items():
+      out[name][i, : len(picked)] = value
   return {f"shared_{k}": v for k, v in out.items()}
 
 
@@ -198,15 +221,18 @@ def shared_attention_mask(segment: jax.Array) -> jax.Array:
 
 
 def shared_response_logps(
-  logits: jax.Array, tokens: jax.Array, source: jax.Array, side: jax.Array, temperature=1.0
+  logits: jax.Array, targets: jax.Array, side: jax.Array, temperature=1.0
 ) -> dict[str, jax.Array]:
   """Sequence log-prob sums and target counts [B] of the chosen and rejected responses of
   shared-prompt rows (`share_prompts`): {"chosen", "rejected", "chosen_len",
-  "rejected_len"}, what `response_logps` gives on the two rows."""
-  logits = logits.astype(jnp.float32) / temperature
-  logz = jax.nn.logsumexp(logits, axis=-1)  # [B, L]
-  rows = jnp.arange(tokens.shape[0])[:, None]
-  token_logps = logits[rows, source, tokens] - logz[rows, source]  # [B, L]
+  "rejected_len"}, what `response_logps` gives on the two rows.
+
+  Args:
+    logits: [B, K, V], the logits at each target's source position (the LM head run at
+      `shared_source`, `LanguageModel(logits_at=)`).
+    targets, side: [B, K] `shared_targets` and `shared_side`.
+  """
+  token_logps = token_logprobs(logits, targets, temperature)  # [B, K]
   chosen, chosen_len = sequence_logps(token_logps, side == 1)
   rejected, rejected_len = sequence_logps(token_logps, side == 2)
   return dict(chosen=chosen, rejected=rejected, chosen_len=chosen_len, rejected_len=rejected_len)

@@ -386,11 +386,13 @@ def row_keys(table) -> tuple[str, ...]:
   return SHARED_KEYS if SHARED_KEYS[0] in table else ROW_KEYS
 
 
-def share_prompts(table, length: int, pad_id: int, layout=None) -> dict[str, np.ndarray]:
+def share_prompts(
+  table, widths: tuple[int, int], pad_id: int, layout=None
+) -> dict[str, np.ndarray]:
   """A pair table (`tokenize_pairs`) with its two rows per pair replaced by one
-  shared-prompt row of `length` (`dpo_lib.share_prompts`)."""
+  shared-prompt row of `widths` = (length, target slots) (`dpo_lib.share_prompts`)."""
   rest = {k: v for k, v in table.items() if k not in ROW_KEYS}
-  return {**rest, **dpo_lib.share_prompts(table, length, pad_id, layout)}
+  return {**rest, **dpo_lib.share_prompts(table, widths, pad_id, layout)}
 
 
 def shares_exactly(model_config, row_len: int) -> bool:
@@ -442,11 +444,10 @@ def pair_logps(params, batch, *, module, rngs=None):
       batch["shared_tokens"],
       batch["shared_positions"],
       dpo_lib.shared_attention_mask(batch["shared_segment"]),
+      logits_at=batch["shared_source"],  # the LM head on the targets' positions only
       rngs=rngs,
     )
-    return dpo_lib.shared_response_logps(
-      logits, batch["shared_tokens"], batch["shared_source"], batch["shared_side"]
-    )
+    return dpo_lib.shared_response_logps(logits, batch["shared_targets"], batch["shared_side"])
   cat = lambda name: jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]])
   tokens, mask = cat("tokens"), cat("mask")
   logits, *_ = module.apply(
@@ -590,17 +591,17 @@ def train(config: Any, workdir: str) -> dict[str, float]:
     data_info[f"mean_{split}_target"] = float(table["target"].mean())
     data_info[f"num_{split}_too_long"] = int((~table["valid"]).sum())
   row_len = 2 * config.max_len  # tokens a pair's rows hold
-  layouts, shared_len = [], 0
+  layouts, widths = [], (0, 0)
   if config.prefix_sharing:  # each pair's shared row, made once
-    layouts, shared_len = dpo_lib.shared_layouts(tables.values())
-  shared = config.prefix_sharing and shares_exactly(policy.module.config, shared_len)
+    layouts, widths = dpo_lib.shared_layouts(tables.values())
+  shared = config.prefix_sharing and shares_exactly(policy.module.config, widths[0])
   if shared:
-    row_len = shared_len
+    row_len = widths[0]
     tables = {
-      split: share_prompts(table, row_len, tok.pad_id, layout)
+      split: share_prompts(table, widths, tok.pad_id, layout)
       for (split, table), layout in zip(tables.items(), layouts, strict=True)
     }
-    data_info["shared_row_length"] = row_len
+    data_info["shared_row_length"], data_info["shared_target_slots"] = widths
   data_info["prefix_sharing"] = shared
   common.check_batch_fits(len(tables["train"]["tie"]), batch_size, "training pairs")
   # One compiled forward pass serves the reference pass and the held-out pair eval.

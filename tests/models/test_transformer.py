@@ -505,3 +505,8 @@ def test_logits_window_is_the_slice_of_every_position_logits(value_head):
     assert got_out[2].shape == (2, 12)
   last = module.apply({"params": params}, tokens, last_only=True)[0]
   np.testing.assert_allclose(last, want_out[0][:, -1:], rtol=1e-6, atol=1e-6)
+  at = np.array([[4, 10, 5], [0, 11, 11]])  # any positions per row, repeats allowed
+  picked = module.apply({"params": params}, tokens, logits_at=at)[0]
+  np.testing.assert_allclose(
+    picked, np.take_along_axis(np.asarray(want_out[0]), at[..., None], 1), rtol=1e-6, atol=1e-6
+  )

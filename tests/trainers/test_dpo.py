@@ -316,17 +316,23 @@ def test_shared_prompt_rows_give_the_two_rows_log_probs_and_gradients(tmp_path):
   module = models.LanguageModel(cfg)
   params = jax.jit(lambda key: models.init_params(module, key))(jax.random.key(0))
   two_rows = _pair_table()
-  length = dpo_lib.shared_row_length([two_rows])
+  length, slots = widths = dpo_lib.shared_widths([two_rows])
   # 3 + 1 + 6 + 1 + (6 + 1) = 18 tokens for pair 0; the unshared pair: 2 + 5 + 1 + 3 + ...
   assert length % 8 == 0 and length < 2 * two_rows["chosen_tokens"].shape[1]
-  shared = dpo.share_prompts(two_rows, length, pad_id=0)
+  assert slots % 8 == 0 and slots < length  # the prompts' positions have no target slot
+  shared = dpo.share_prompts(two_rows, widths, pad_id=0)
   assert dpo.row_keys(shared) == dpo.SHARED_KEYS and dpo.row_keys(two_rows) == dpo.ROW_KEYS
   assert not set(dpo.ROW_KEYS) & set(shared)
   # Pair 0: BOS + 3 prompt tokens read once; both responses start at position 4.
   segment, positions = shared["shared_segment"][0], shared["shared_positions"][0]
   assert segment[:4].tolist() == [dpo_lib.PROMPT] * 4
   assert positions[4] == 4 and positions[4 + 5] == 4  # chosen: 4 tokens + EOS
-  assert shared["shared_source"][0][4 + 5] == 3  # the rejected's first: the prompt's end
+  # Pair 0's targets: the chosen response (4 tokens + EOS), then the rejected one's.
+  side, source = shared["shared_side"][0], shared["shared_source"][0]
+  assert side[:12].tolist() == [1] * 5 + [2] * 7 and not side[12:].any()
+  assert source[:5].tolist() == [3, 4, 5, 6, 7]
+  assert source[5:12].tolist() == [3, 9, 10, 11, 12, 13, 14]  # first from the prompt's end
+  np.testing.assert_array_equal(shared["shared_targets"][0][:5], shared["shared_tokens"][0][4:9])
   # The pair whose prompts differ holds its two rows side by side; the left-out one nothing.
   assert dpo_lib.PROMPT not in shared["shared_segment"][3]
   assert not shared["shared_mask"][4].any()
