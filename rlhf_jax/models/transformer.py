@@ -659,7 +659,8 @@ class LanguageModel(nn.Module):
         a large share of a step, and [B, T, V] float32 logits of its memory). Values
         (with a value head) stay [B, T].
       logits_at: [B, K] int positions: logits there only ([B, K, V]), a window per row
-        in any order (DPO's shared-prompt rows: the positions that predict a target).
+        in any order (DPO's shared-prompt rows: the positions that predict a target);
+        counted within `logits_window` when both are given.
     """
     positions, attn_mask = _default_inputs(tokens, positions, attn_mask)
     hidden, cache = self.trunk(tokens, positions, attn_mask, cache, cache_index)

@@ -106,7 +106,6 @@ def response_logps(
 # positions only, not on the prompt's.
 
 SHARED_FIELDS = ("tokens", "mask", "segment", "positions", "targets", "source", "side")
-_TARGET_FIELDS = ("targets", "source", "side")  # [N, K]: the targets' own slots
 PROMPT, CHOSEN, REJECTED = 1, 2, 3  # segment ids (0: padding)
 _ROW = ("tokens", "mask", "loss_mask")
 
