@@ -28,6 +28,7 @@ Decisions (see also experiments/launch.py):
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import importlib.util
@@ -51,6 +52,7 @@ from ml_collections.config_flags.config_flags import UnsupportedOperationError
 from rlhf_jax import errors, utils
 
 CONFIG_FILENAME = "config.json"
+RUN_LOCK = ".run_lock"  # held by process 0 while a run is in its workdir
 TRAINERS_PACKAGE = "rlhf_jax.trainers"
 DEFAULT_RUNS_DIR = "runs"
 
@@ -709,7 +711,9 @@ def run(
   Raises:
     ConfigError: for a config that is not a ConfigDict, lacks `trainer`, names an unknown
       trainer, has a field its trainer's spec refuses (the stage graph's, see `validate`) or
-      holds values JSON cannot store.
+      holds values JSON cannot store, or whose workdir another process is running in
+      (process 0 holds `<workdir>/.run_lock` for the whole run, so a second launcher, study
+      or sweep on the same folder is refused before it writes anything).
   """
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"Expected a ConfigDict, got {_type_name(config)} (get_config's result).")
@@ -724,32 +728,34 @@ def run(
   validate(config)  # The whole stage graph, before anything is written or trained.
   text = config_to_json(config)  # Refuses non-JSON values before anything is written.
   logging.info("Resolved config:\n%s", text)
-  if jax.process_index() == 0:
-    path = write_config_json(config, workdir)
-    logging.info("Wrote %s", path)
-  top = timings is None
-  timings = [] if timings is None else timings
-  try:
-    config = resolve_upstream(config, workdir, timings=timings)
-    logging.info("Running %s.train with workdir %s", config.trainer, workdir)
-    start = time.perf_counter()
-    result = train(config, workdir)
-    timings.append(
-      dict(
-        stage=str(config.trainer),
-        workdir=workdir,
-        seconds=round(time.perf_counter() - start, 2),
-        reused=False,
+  with contextlib.ExitStack() as held:
+    if jax.process_index() == 0:
+      held.enter_context(utils.exclusive_dir(workdir, RUN_LOCK))
+      path = write_config_json(config, workdir)
+      logging.info("Wrote %s", path)
+    top = timings is None
+    timings = [] if timings is None else timings
+    try:
+      config = resolve_upstream(config, workdir, timings=timings)
+      logging.info("Running %s.train with workdir %s", config.trainer, workdir)
+      start = time.perf_counter()
+      result = train(config, workdir)
+      timings.append(
+        dict(
+          stage=str(config.trainer),
+          workdir=workdir,
+          seconds=round(time.perf_counter() - start, 2),
+          reused=False,
+        )
       )
-    )
-    if top:
-      _report_timings(timings, workdir)
-    return result
-  except errors.Error as error:
-    # The innermost stage is the one at fault (an upstream stage trained on demand).
-    if getattr(error, "stage", None) is None:
-      error.stage = workdir
-    raise
+      if top:
+        _report_timings(timings, workdir)
+      return result
+    except errors.Error as error:
+      # The innermost stage is the one at fault (an upstream stage trained on demand).
+      if getattr(error, "stage", None) is None:
+        error.stage = workdir
+      raise
 
 
 # ------------------------------------------------------------------------------------------------

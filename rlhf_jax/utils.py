@@ -87,3 +87,39 @@ def write_jsonl_atomic(path: str, records: Iterable[Mapping[str, Any]]) -> None:
   with atomic_open(path) as f:
     for record in records:
       f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+
+
+@contextlib.contextmanager
+def exclusive_dir(directory: str, lock_name: str, *, wait: bool = False) -> Iterator[None]:
+  """Holds an exclusive lock on `<directory>/<lock_name>` for the `with` block.
+
+  The lock is an advisory `flock` on that file: the kernel drops it when the holder exits,
+  killed or not, so it is never left stale. The holder writes its host, pid and start time
+  into the file. With `wait`, a second caller blocks until the holder is done; without it,
+  the second caller gets a ConfigError that names the directory and the holder (one line).
+  Two opens of the same file in one process count as two holders. `directory` is created.
+  """
+  import fcntl  # POSIX only; imported here so the module loads anywhere
+  import socket
+  import time
+
+  from rlhf_jax import errors
+
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, lock_name)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+      holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "unknown"
+      raise errors.ConfigError(
+        f"{directory} is in use by another process ({holder}): wait for it to finish or "
+        "use another workdir."
+      ) from None
+    os.ftruncate(fd, 0)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+    os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {stamp}".encode(), 0)
+    yield
+  finally:
+    os.close(fd)  # also releases the lock

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import fcntl
 import glob
 import json
 import os
@@ -211,6 +212,7 @@ CASES = [
   C("ckpt_all_manifest_garbled", RESUME, "{tmp}/work/checkpoints", "checksum manifest"),
   C("workdir_tokenizer_garbled", RESUME, "{tmp}/work/tokenizer.model", "not a readable SentencePiece model"),
   C("workdir_metrics_garbled", RESUME, "{tmp}/work/metrics.jsonl:2", "not a metrics line"),
+  C("workdir_in_use", RESUME, "{tmp}/work is in use by another process (host test, pid "),
   C("stage_export_garbled", [RM, "--config.policy_init={tmp}/work"], "config.policy_init", "{tmp}/work/export.json is unreadable"),
   C("stage_trained_past_export", [RM, "--config.policy_init={tmp}/work"], "config.policy_init", "trained past its export"),
   C("stage_export_deleted", [RM, "--config.policy_init={tmp}/work"], "config.policy_init", "export.json is missing"),
@@ -345,6 +347,17 @@ def _checkpoint_past_export(work):
   shutil.copytree(step, os.path.join(work, "checkpoints", str(int(os.path.basename(step)) + 10)))
 
 
+_HELD: list[int] = []  # lock files this process holds while the cases run
+
+
+def _hold_run_lock(work):
+  """Another process (this one) is running in `work`: it holds the run's lock."""
+  fd = os.open(os.path.join(work, ".run_lock"), os.O_RDWR | os.O_CREAT)
+  fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  os.write(fd, f"host test, pid {os.getpid()}, since now".encode())
+  _HELD.append(fd)
+
+
 DAMAGE = {
   "ckpt_all_altered": _each_step(_flip_array_bytes),
   "ckpt_all_state_empty": _each_step(_empty_state),
@@ -355,6 +368,7 @@ DAMAGE = {
   "stage_export_garbled": _garble_file("export.json"),
   "stage_trained_past_export": _checkpoint_past_export,
   "stage_export_deleted": lambda work: os.remove(os.path.join(work, "export.json")),
+  "workdir_in_use": _hold_run_lock,
 }
 
 
@@ -486,6 +500,8 @@ def _run_cases(root: pathlib.Path) -> dict[str, Result]:
       case.id: (d.returncode, d.stdout + d.stderr) for case, d in zip(forked, done, strict=True)
     }
     runs.update({name: future.result() for name, future in cold.items()})
+  while _HELD:
+    os.close(_HELD.pop())
   return {
     name: Result(*runs[name], before[name], _trusted(folders[name]), folders[name])
     for name in folders

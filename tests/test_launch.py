@@ -14,7 +14,7 @@ import ml_collections
 import pytest
 
 from configs import common
-from rlhf_jax import config_utils
+from rlhf_jax import config_utils, utils
 from tests.fixtures import dummy_trainer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -336,6 +336,60 @@ def test_rerun_with_changed_config_warns(tmp_path, caplog):
     config_utils.write_config_json(config, workdir)
   assert "differs from this run's config in: optim.lr." in caplog.text
   assert config_utils.read_config_json(workdir).optim.lr == 1.0
+
+
+_HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(os.path.join(sys.argv[1], ".run_lock"), os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, f"host elsewhere, pid {os.getpid()}, since then".encode())
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_run_in_a_workdir_is_refused_until_the_first_one_dies(tmp_path):
+  """Two processes never train in one folder: the second is refused before it writes
+  anything, and the lock dies with its holder (killed, not stale)."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  holder = subprocess.Popen(
+    [sys.executable, "-c", _HOLDER, str(workdir)], stdout=subprocess.PIPE, text=True
+  )
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(config_utils.ConfigError) as refused:
+      config_utils.run(_dummy_config(), str(workdir))
+    assert str(refused.value) == (
+      f"{workdir} is in use by another process (host elsewhere, pid {holder.pid}, since then): "
+      "wait for it to finish or use another workdir."
+    )
+    assert sorted(os.listdir(workdir)) == [".run_lock"]  # no config.json, no trainer output
+  finally:
+    holder.kill()
+    holder.wait()
+  record = config_utils.run(_dummy_config(), str(workdir))
+  assert record["workdir"] == str(workdir)
+  assert f"pid {os.getpid()}," in (workdir / ".run_lock").read_text()
+
+
+def test_the_run_lock_is_held_while_the_trainer_runs_and_let_go_after(tmp_path, monkeypatch):
+  workdir = str(tmp_path / "run")
+  seen = []
+
+  def probe(config, workdir):
+    with pytest.raises(config_utils.ConfigError, match="is in use by another process"):
+      with utils.exclusive_dir(workdir, config_utils.RUN_LOCK):
+        pass
+    seen.append(workdir)
+    raise config_utils.ConfigError("the trainer failed")
+
+  monkeypatch.setattr(dummy_trainer, "train", probe)
+  with pytest.raises(config_utils.ConfigError, match="the trainer failed"):
+    config_utils.run(_dummy_config(), workdir)
+  assert seen == [workdir]
+  with utils.exclusive_dir(workdir, config_utils.RUN_LOCK):  # released on the error too
+    pass
 
 
 def test_run_refuses_config_without_trainer(tmp_path):

@@ -43,3 +43,32 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path):
     raise RuntimeError("interrupted")
   assert path.read_text() == "old"
   assert os.listdir(tmp_path) == ["kept.txt"]
+
+
+def test_exclusive_dir_refuses_a_second_holder_or_waits_for_the_first(tmp_path):
+  import threading
+
+  folder = str(tmp_path / "new")
+  order = []
+  with utils.exclusive_dir(folder, "lock"):
+    holder = (tmp_path / "new" / "lock").read_text()
+    assert holder.startswith("host ") and f", pid {os.getpid()}, since " in holder
+    with pytest.raises(config_utils.ConfigError) as refused:
+      with utils.exclusive_dir(folder, "lock"):
+        pass
+    assert str(refused.value) == (
+      f"{folder} is in use by another process ({holder}): wait for it to finish or use "
+      "another workdir."
+    )
+
+    def waiter():
+      with utils.exclusive_dir(folder, "lock", wait=True):
+        order.append("waiter")
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    thread.join(0.3)
+    assert thread.is_alive() and order == []  # blocked on the holder
+    order.append("holder done")
+  thread.join(10)
+  assert order == ["holder done", "waiter"]

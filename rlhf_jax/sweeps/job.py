@@ -10,8 +10,6 @@ launcher's one-line message.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import sys
@@ -20,6 +18,8 @@ from absl import app, logging
 
 from rlhf_jax import config_utils, errors, utils
 from rlhf_jax.sweeps import runner
+
+SWEEP_LOCK = ".sweep_lock"
 
 
 def run_job(path: str) -> None:
@@ -33,28 +33,16 @@ def run_job(path: str) -> None:
   init = {field: runner.stage_path(root, name, job.stages_dir) for field, name in job.init.items()}
   config = runner.build_config(job.spec, job.overrides, job.section, init, f"the job {job.name}")
   logging.info("sweep job %s: running in %s", job.name, workdir)
-  with _exclusive(workdir, wait=not job.is_cell):
+  # A stage in a store shared by two sweeps is trained by one of them while the other waits,
+  # then finds it finished; a second process on a cell is refused (the run's own lock refuses
+  # a second launcher or study in the folder).
+  with utils.exclusive_dir(workdir, SWEEP_LOCK, wait=not job.is_cell):
     result = config_utils.run(config, workdir)
   if job.is_cell:
     utils.write_json_atomic(
       os.path.join(workdir, runner.DONE_FILE),
       {"fingerprint": job.fingerprint, "result": utils.jsonable(result)},
     )
-
-
-@contextlib.contextmanager
-def _exclusive(workdir: str, wait: bool):
-  """Holds `<workdir>/.sweep_lock` while the job runs: a stage in a store shared by two
-  sweeps is trained by one of them while the other waits, then finds it finished (`wait`);
-  a second process on a cell is refused."""
-  with open(os.path.join(workdir, ".sweep_lock"), "w") as lock:
-    try:
-      fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
-      raise errors.ConfigError(
-        f"{workdir} is being run by another process (a second sweep on the same workdir?)."
-      ) from None
-    yield
 
 
 def main(argv: list[str]) -> None:

@@ -168,7 +168,7 @@ def test_sweeps_share_the_stages_of_a_store(tmp_path):
       cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
   assert held.returncode == 2, held.stderr[-2000:]
-  assert "is being run by another process" in held.stderr and "Traceback" not in held.stderr
+  assert "is in use by another process" in held.stderr and "Traceback" not in held.stderr
 
 
 def test_failed_cells_are_named_and_the_rest_reported(tmp_path):
