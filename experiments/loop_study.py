@@ -13,19 +13,25 @@ the current policy's samples. One-round cells have no reward model to select wit
 run once, as random selection. All cells share one SFT stage (`--sft`, or trained into
 <workdir>/sft) and one set of held-out pairs (<workdir>/eval_pairs.jsonl) on which every
 reward model is measured. Finished cells are reused and interrupted ones resume (rerun the
-command until it completes).
+command until it completes); `--report_only` writes the report from the finished cells
+without running any. Each cell holds its folder's lock while it runs (a second process on
+it is refused), so two studies with overlapping seeds cannot train one cell side by side.
 
 Writes to the workdir:
   loop_study.md    per cell, mean and standard deviation over seeds of the final gold reward
                    (and its gain over SFT), the final reward model's accuracy on the held-out
-                   pairs, KL to SFT, labels used
+                   pairs, KL to SFT, labels used; then each multi-round cell against one
+                   round, paired by seed: the difference in final gold and in reward-model
+                   accuracy with its 95% t interval and Holm-corrected p (resolved or not),
+                   and the labels at which its gold first reached the one-round run's final
+                   gold (a share of the budget, per seed: did it need half the labels?)
   loop_study.json  the same, and every round of every run
   loop_study.png   reward-model accuracy and gold reward against labels used, per cell
 """
 
 from __future__ import annotations
 
-import json
+import itertools
 import math
 import os
 import sys
@@ -36,6 +42,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from rlhf_jax import config_utils, errors, utils
+from rlhf_jax.sweeps import stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,6 +70,7 @@ def define_flags() -> None:
   flags.DEFINE_float(
     "candidates_per_label", 3.0, "Candidate pairs sampled per pair to label (each round)."
   )
+  flags.DEFINE_bool("report_only", False, "Report the finished cells; run none.")
 
 
 def cells(rounds: Sequence[int], strategies: Sequence[str]) -> list[tuple[int, str]]:
@@ -141,6 +149,96 @@ def summarize(results: dict[str, dict[int, dict[str, Any]]]) -> list[dict[str, A
   return rows
 
 
+BASELINE = "rounds=1,strategy=random"
+
+
+def labels_to_reach(run: dict[str, Any], target: float) -> float | None:
+  """The labels at which a run's gold reward first reached `target`: linear between its
+  points (0 labels at the SFT policy's gold, then each round's labels and policy gold);
+  None when it never did."""
+  first = run["rounds"][0]["policy"]
+  points = [(0.0, first["gold_reward"] - first["gold_reward_gain"])]
+  points += [(float(r["labels_total"]), r["policy"]["gold_reward"]) for r in run["rounds"]]
+  if points[0][1] >= target:
+    return 0.0
+  for (n0, g0), (n1, g1) in itertools.pairwise(points):
+    if g1 >= target:
+      return n0 + (n1 - n0) * (target - g0) / (g1 - g0)
+  return None
+
+
+def against_one_round(
+  results: dict[str, dict[int, dict[str, Any]]], confidence: float = 0.95
+) -> list[dict[str, Any]]:
+  """Each other cell against the one-round cell, paired by seed.
+
+  For the final gold reward and the final reward model's accuracy: the mean difference
+  (cell - one round) over the shared seeds, its t interval, p and Holm's p over the family
+  of both metrics' comparisons (`stats.paired_difference`, `stats.holm`). And per seed, the
+  share of the one-round run's labels at which the cell's gold first reached that run's
+  final gold (`labels_to_reach`; None: never). Only seeds both cells ran are compared. Empty without
+  a one-round cell.
+  """
+  if BASELINE not in results:
+    return []
+  finals = {
+    "gold": lambda run: run["rounds"][-1]["policy"]["gold_reward"],
+    "rm_accuracy": lambda run: run["rounds"][-1]["reward_eval_accuracy"],
+  }
+  base = results[BASELINE]
+  rows = {name: {"cell": name} for name in results if name != BASELINE}
+  for name, row in rows.items():
+    shared = [seed for seed in results[name] if seed in base]  # pairs only, never unmatched
+    for metric, get in finals.items():
+      row[metric] = stats.paired_difference(
+        {seed: get(results[name][seed]) for seed in shared},
+        {seed: get(base[seed]) for seed in shared},
+        confidence,
+      )
+  # Holm over the whole family: 2 metrics x (cells - 1) tests of "differs from one round".
+  family = [rows[name][metric] for name in rows for metric in finals]
+  alpha = 1.0 - confidence
+  for test, p in zip(family, stats.holm([t["p_value"] for t in family]), strict=True):
+    test["p_holm"], test["resolved_holm"] = p, bool(p < alpha)
+  for name, row in rows.items():
+    shares = {}
+    for seed, run in results[name].items():
+      if seed in base:
+        target = finals["gold"](base[seed])
+        reached = labels_to_reach(run, target)
+        budget = base[seed]["rounds"][-1]["labels_total"]
+        shares[seed] = None if reached is None else reached / budget
+    row["labels_share_to_reach_one_round_gold"] = shares
+  return list(rows.values())
+
+
+def _diff(test: dict[str, Any]) -> str:
+  if not math.isfinite(test["mean"]):
+    return "no seed in common"
+  if not math.isfinite(test["low"]):
+    return f"{test['mean']:+.3f} (one seed, no interval)"
+  mark = "resolved" if test["resolved_holm"] else "not resolved"
+  return (
+    f"{test['mean']:+.3f} [{test['low']:+.3f}, {test['high']:+.3f}], "
+    f"p {test['p_holm']:.2f} ({mark})"
+  )
+
+
+def comparison_table(rows: Sequence[dict[str, Any]]) -> str:
+  lines = [
+    "| cell | gold - one round | RM accuracy - one round | share of the labels at which "
+    "gold reached one round's, per seed |",
+    "|---|---|---|---|",
+  ]
+  for r in rows:
+    shares = r["labels_share_to_reach_one_round_gold"]
+    reached = ", ".join(
+      f"{seed}: " + ("never" if v is None else f"{v:.2f}") for seed, v in sorted(shares.items())
+    )
+    lines.append(f"| {r['cell']} | {_diff(r['gold'])} | {_diff(r['rm_accuracy'])} | {reached} |")
+  return "\n".join(lines)
+
+
 def _cell(value: float, std: float, digits: int = 3) -> str:
   if math.isnan(std):
     return f"{value:.{digits}f}"
@@ -196,12 +294,20 @@ def plot(results: dict[str, dict[int, dict[str, Any]]], path: str) -> None:
 
 
 def report(workdir: str, results, note: str = "") -> str:
+  """Writes loop_study.md/.json/.png into `workdir`; returns the Markdown tables."""
   rows = summarize(results)
-  text = table(rows)
+  versus = against_one_round(results)
+  text = table(rows) + "\n\n+- is the standard deviation over seeds."
+  if versus:
+    text += (
+      "\n\nAgainst one round, paired by seed (95% t intervals; p Holm-corrected over the "
+      "table's tests):\n\n" + comparison_table(versus)
+    )
   with utils.atomic_open(os.path.join(workdir, "loop_study.md")) as f:
     f.write(f"# The feedback loop at one label budget\n\n{note}\n\n{text}\n")
   utils.write_json_atomic(
-    os.path.join(workdir, "loop_study.json"), {"rows": rows, "runs": results, "note": note}
+    os.path.join(workdir, "loop_study.json"),
+    {"rows": rows, "against_one_round": versus, "runs": results, "note": note},
   )
   plot(results, os.path.join(workdir, "loop_study.png"))
   return text
@@ -231,30 +337,40 @@ def main(argv: list[str]) -> None:
     sys.stderr.write(f"FATAL flag error: --rounds and --seeds take integers: {error}\n")
     sys.exit(errors.EXIT_CODE)
   grid = cells(rounds, FLAGS.strategies)
+  results: dict[str, dict[int, dict[str, Any]]] = {}
+  missing = []
   try:
     os.makedirs(workdir, exist_ok=True)
-    sft = ensure_sft(workdir, size)
-    per_label = FLAGS.candidates_per_label
-    first = cell_config(size, grid[0][0], grid[0][1], seeds[0], total, sft, (), per_label)
-    first.eval_files = ()
-    evals = loop.Loop(first, workdir).eval_files()  # one held-out set for every cell
-    results: dict[str, dict[int, dict[str, Any]]] = {}
+    if not FLAGS.report_only:
+      sft = ensure_sft(workdir, size)
+      per_label = FLAGS.candidates_per_label
+      first = cell_config(size, grid[0][0], grid[0][1], seeds[0], total, sft, (), per_label)
+      first.eval_files = ()
+      evals = loop.Loop(first, workdir).eval_files()  # one held-out set for every cell
     for seed in seeds:
       for r, strategy in grid:
-        config = cell_config(size, r, strategy, seed, total, sft, evals, per_label)
         cell_dir = os.path.join(workdir, cell_name(r, strategy), f"seed={seed}")
-        if not os.path.exists(os.path.join(cell_dir, "loop.json")):
+        done = os.path.join(cell_dir, "loop.json")
+        if not os.path.exists(done):
+          if FLAGS.report_only:
+            missing.append(os.path.relpath(cell_dir, workdir))
+            continue
+          config = cell_config(size, r, strategy, seed, total, sft, evals, per_label)
           logging.info("Cell %s seed %d", cell_name(r, strategy), seed)
           config_utils.run(config, cell_dir)
-        with open(os.path.join(cell_dir, "loop.json")) as f:
-          results.setdefault(cell_name(r, strategy), {})[seed] = json.load(f)
+        results.setdefault(cell_name(r, strategy), {})[seed] = utils.read_json(done)
   except errors.Error as error:
     sys.stderr.write("\n".join(error.lines()) + "\n")
+    sys.exit(errors.EXIT_CODE)
+  if not results:
+    sys.stderr.write(f"FATAL no finished cell in {workdir} to report.\n")
     sys.exit(errors.EXIT_CODE)
   note = (
     f"size={size}: {total} labels per run (plus the panel's anchor pairs), "
     f"{SIZES[size]['reward_steps']} reward-model steps and {SIZES[size]['rl_steps']} PPO "
-    f"iterations split over the rounds; seeds {seeds}; SFT {sft}."
+    f"iterations split over the rounds; seeds {seeds}"
+    + ("." if FLAGS.report_only else f"; SFT {sft}.")
+    + (f" Not finished, left out: {', '.join(missing)}." if missing else "")
   )
   print(report(workdir, results, note))
   print(f"\nWrote {os.path.join(workdir, 'loop_study.md')} and loop_study.json/.png")

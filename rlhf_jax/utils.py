@@ -19,6 +19,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from rlhf_jax import errors
+
 
 def _file_mode() -> int:
   umask = os.umask(0)
@@ -76,6 +78,15 @@ def jsonable(value: Any) -> Any:
   return value
 
 
+def read_json(path: str | os.PathLike[str]) -> Any:
+  """The JSON value in `path`; a DataError naming the file when it is missing or damaged."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (OSError, ValueError) as error:
+    raise errors.DataError(path, 0, f"not readable JSON ({error})") from None
+
+
 def write_json_atomic(path: str, obj: Any) -> None:
   """Writes `obj` as indented JSON with sorted keys, atomically."""
   with atomic_open(path) as f:
@@ -102,8 +113,6 @@ def exclusive_dir(directory: str, lock_name: str, *, wait: bool = False) -> Iter
   import fcntl  # POSIX only; imported here so the module loads anywhere
   import socket
   import time
-
-  from rlhf_jax import errors
 
   os.makedirs(directory, exist_ok=True)
   path = os.path.join(directory, lock_name)
