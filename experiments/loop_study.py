@@ -176,8 +176,8 @@ def against_one_round(
   (cell - one round) over the shared seeds, its t interval, p and Holm's p over the family
   of both metrics' comparisons (`stats.paired_difference`, `stats.holm`). And per seed, the
   share of the one-round run's labels at which the cell's gold first reached that run's
-  final gold (`labels_to_reach`; None: never). Only seeds both cells ran are compared. Empty without
-  a one-round cell.
+  final gold (`labels_to_reach`; None: never). Only seeds both cells ran are compared.
+  Empty without a one-round cell.
   """
   if BASELINE not in results:
     return []
@@ -340,8 +340,8 @@ def main(argv: list[str]) -> None:
   results: dict[str, dict[int, dict[str, Any]]] = {}
   missing = []
   try:
-    os.makedirs(workdir, exist_ok=True)
     if not FLAGS.report_only:
+      os.makedirs(workdir, exist_ok=True)
       sft = ensure_sft(workdir, size)
       per_label = FLAGS.candidates_per_label
       first = cell_config(size, grid[0][0], grid[0][1], seeds[0], total, sft, (), per_label)

@@ -151,3 +151,4 @@ def test_report_only_reports_the_finished_cells_and_names_the_rest(tmp_path):
   assert "rounds=1,strategy=random/seed=1/loop.json: not readable JSON" in bad.stderr
   empty = _study("--report_only", f"--workdir={tmp_path / 'none'}")
   assert empty.returncode == 2 and "FATAL no finished cell in" in empty.stderr
+  assert not (tmp_path / "none").exists()  # a report writes nowhere new
